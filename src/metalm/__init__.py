@@ -1,0 +1,39 @@
+"""metalm: meta-learning with language models.
+
+Example:
+    >>> import metalm
+    >>> report = metalm.run(metalm.load_config(None, ["train.steps=50"]))
+    >>> print(report.to_markdown())
+"""
+
+from metalm.config import RunConfig, load_config
+from metalm.data import DataSource, Episode, EpisodeSampler, LabeledTextDataset
+from metalm.errors import MetalmError
+from metalm.evaluate import MethodResult
+from metalm.learners import LEARNERS, LearnerConfig, MetaLearner, build_learner
+from metalm.models import EncoderConfig, TextEncoder
+from metalm.report import EvalReport
+from metalm.run import evaluate_run, resume_run, run
+from metalm.trainer import MetaTrainer
+
+__all__ = [
+    "LEARNERS",
+    "DataSource",
+    "EncoderConfig",
+    "Episode",
+    "EpisodeSampler",
+    "EvalReport",
+    "LabeledTextDataset",
+    "LearnerConfig",
+    "MetaLearner",
+    "MetaTrainer",
+    "MetalmError",
+    "MethodResult",
+    "RunConfig",
+    "TextEncoder",
+    "build_learner",
+    "evaluate_run",
+    "load_config",
+    "resume_run",
+    "run",
+]

@@ -1,0 +1,97 @@
+"""Atomic checkpoints: safetensors weights, `weights_only` optimizer state, JSON progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from metalm.errors import MetalmError
+
+WEIGHTS = "learner.safetensors"
+OPTIM = "optimizer.pt"
+STATE = "state.json"
+
+
+def save_weights_atomic(module: nn.Module, path: Path) -> None:
+    """Write `module`'s weights to `path` (safetensors) via a temporary file + rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(module, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    if not path.exists():
+        raise MetalmError(f"{path}: no such weights file")
+    missing, unexpected = load_model(module, str(path), strict=False)
+    if unexpected:
+        raise MetalmError(f"{path}: weights do not fit this learner (unexpected {unexpected[:3]})")
+
+
+def save_checkpoint(
+    directory: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+) -> None:
+    """Write a complete checkpoint to `directory`, replacing the old one atomically.
+
+    The new checkpoint is built in `<dir>.tmp` and renamed into place; a crash at any
+    moment leaves either the old or the new checkpoint whole (see `find_checkpoint`).
+    """
+    tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(module, str(tmp / WEIGHTS))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / OPTIM,
+    )
+    (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    _fsync_dir(tmp)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint: `directory`, or `<dir>.old` if a swap was cut short."""
+    for candidate in (directory, directory.with_name(directory.name + ".old")):
+        if (candidate / STATE).exists():
+            return candidate
+    return None
+
+
+def load_checkpoint(
+    directory: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; returns the progress state."""
+    load_weights(module, directory / WEIGHTS)
+    blob = torch.load(directory / OPTIM, weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    return json.loads((directory / STATE).read_text(encoding="utf-8"))
+
+
+def _fsync_dir(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())

@@ -1,0 +1,153 @@
+"""`metalm <command>`: a thin shell over the Python API (`metalm.run` and friends)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from metalm.errors import MetalmError
+
+
+def _config(args: argparse.Namespace):
+    from metalm.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from metalm.data import BUILTIN_DATASETS, builtin_dataset
+    from metalm.data.dataset import BUILTIN_SPLITS
+
+    licenses = {
+        "banking77": "CC BY 4.0 (Casanueva et al. 2020)",
+        "clinc150": "CC BY 3.0 (Larson et al. 2019)",
+    }
+    print("| dataset | classes | " + " | ".join(BUILTIN_SPLITS) + " | license |")
+    print("|---" * (len(BUILTIN_SPLITS) + 3) + "|")
+    for name in sorted(BUILTIN_DATASETS):
+        sizes = [len(builtin_dataset(name, split)) for split in BUILTIN_SPLITS]
+        classes = len(builtin_dataset(name, "train").classes)
+        print(f"| {name} | {classes} | " + " | ".join(map(str, sizes)) + f" | {licenses[name]} |")
+    print("\nAttribution: see src/metalm/data/builtin/NOTICE.md (shipped with the package).")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from metalm.config import EpisodeConfig
+    from metalm.tasks import build_pools
+
+    config = _config(args)
+    pools = build_pools(config.data)
+    shape = EpisodeConfig(
+        args.n_way or config.episode.n_way,
+        args.k_shot or config.episode.k_shot,
+        args.q_queries or config.episode.q_queries,
+    )
+    sampler = pools.sampler(args.pool, shape, config.seed, config.data.drop_small_classes)
+    episode = sampler.sample(args.index)
+    print(
+        f"{args.pool} episode {args.index}: {shape.n_way}-way {shape.k_shot}-shot, "
+        f"{shape.q_queries} queries per class, from {sampler.dataset.name}"
+    )
+    for label, name in enumerate(episode.label_names):
+        print(f"\n[{label}] {name}")
+        for text, y in zip(episode.support_texts, episode.support_labels, strict=True):
+            if y == label:
+                print(f"  support: {text}")
+        for text, y in zip(episode.query_texts, episode.query_labels, strict=True):
+            if y == label:
+                print(f"  query:   {text}")
+
+
+def _print_report(report) -> None:
+    print()
+    print(report.to_markdown())
+    print(f"\nresults: {report.run_dir}/report.md, report.json, accuracy.png")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from metalm.run import resume_run, run
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise MetalmError("--resume continues a run with its saved config; drop -c/overrides")
+        report = resume_run(args.resume, progress=not args.quiet)
+    else:
+        report = run(_config(args), progress=not args.quiet)
+    _print_report(report)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from metalm.run import evaluate_run, run
+
+    if args.run:
+        report = evaluate_run(args.run, args.overrides, progress=not args.quiet)
+    else:
+        config = _config(args)
+        config.train.steps = 0
+        report = run(config, progress=not args.quiet)
+    _print_report(report)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from metalm.config import load_config
+    from metalm.run import run
+
+    print(
+        "metalm demo: meta-train protonet on CLINC150 classes, test on BANKING77 "
+        "beside frozen and finetune\n"
+    )
+    report = run(load_config(args.config, args.overrides), progress=not args.quiet)
+    _print_report(report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metalm", description="Meta-learning with language models."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", help="YAML config file (see configs/)")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        return p
+
+    sub.add_parser("datasets", help="list the built-in datasets").set_defaults(func=cmd_datasets)
+    sample = with_config(sub.add_parser("sample", help="print one episode to check the data"))
+    sample.add_argument("--pool", choices=["train", "val", "test"], default="train")
+    sample.add_argument("--index", type=int, default=0)
+    sample.add_argument("--n-way", type=int)
+    sample.add_argument("--k-shot", type=int)
+    sample.add_argument("--q-queries", type=int)
+    sample.set_defaults(func=cmd_sample)
+    train = with_config(sub.add_parser("train", help="meta-train, then evaluate"))
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    train.set_defaults(func=cmd_train)
+    ev = with_config(sub.add_parser("eval", help="evaluate without training, or a finished run"))
+    ev.add_argument("--run", metavar="RUN_DIR", help="re-evaluate this run's best learner")
+    ev.set_defaults(func=cmd_eval)
+    demo = with_config(sub.add_parser("demo", help="the main job on the embedded defaults"))
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        args.func(args)
+    except MetalmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Typed run configuration: dataclasses, YAML files, `a.b=value` overrides.
+
+Unknown keys and wrong types are errors that list what is valid.
+
+Example:
+    >>> cfg = load_config(None, ["learner.name=frozen", "train.steps=0"])
+    >>> cfg.learner.name, cfg.train.steps
+    ('frozen', 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metalm.data.sources import DataSource
+from metalm.errors import MetalmError
+from metalm.learners import (
+    FinetuneConfig,
+    FrozenConfig,
+    LearnerConfig,
+    ProtoNetConfig,
+    learner_class,
+)
+from metalm.models.encoder import EncoderConfig
+
+
+@dataclass
+class ClassesConfig:
+    """How classes are split into meta-train / meta-val / meta-test (disjoint).
+
+    `fractions` cut the training source's classes (seeded by `seed`); explicit lists,
+    when given, win. When the test source is another dataset, all its classes are test.
+    """
+
+    fractions: list[float] = field(default_factory=lambda: [0.8, 0.2, 0.0])
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where tasks come from. `val`/`test` default to the training source."""
+
+    train: DataSource = field(default_factory=lambda: DataSource("clinc150", "train"))
+    val: DataSource | None = None
+    test: DataSource | None = field(default_factory=lambda: DataSource("banking77", "test"))
+    classes: ClassesConfig = field(default_factory=ClassesConfig)
+    drop_small_classes: bool = False
+
+
+@dataclass
+class EpisodeConfig:
+    """Shape of meta-training episodes: N-way K-shot with Q queries per class."""
+
+    n_way: int = 5
+    k_shot: int = 5
+    q_queries: int = 5
+
+
+@dataclass
+class TrainConfig:
+    """The outer loop. `steps=0` skips meta-training (evaluation only)."""
+
+    steps: int = 300
+    meta_batch_size: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    schedule: str = "linear"
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    val_episodes: int = 100
+    patience: int = 0
+    checkpoint_every: int = 50
+    tensorboard: bool = True
+
+
+@dataclass
+class SettingConfig:
+    """One episodic evaluation setting."""
+
+    n_way: int = 5
+    k_shot: int = 1
+
+
+@dataclass
+class EvalConfig:
+    """Test protocol: `episodes` fixed test episodes per setting, full-way K-shot splits,
+    and baseline learners evaluated on the very same tasks."""
+
+    episodes: int = 600
+    q_queries: int = 15
+    settings: list[SettingConfig] = field(
+        default_factory=lambda: [SettingConfig(5, 1), SettingConfig(5, 5)]
+    )
+    full_way_shots: list[int] = field(default_factory=lambda: [5])
+    baselines: list[LearnerConfig] = field(
+        default_factory=lambda: [FrozenConfig(), FinetuneConfig()]
+    )
+    episodes_by_method: dict[str, int] = field(default_factory=dict)
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; saved beside its results as `config.yaml`."""
+
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str = ""
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    learner: LearnerConfig = field(default_factory=ProtoNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# -- parsing -------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _parse(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [t for t in options if t is not type(None)]
+        return _parse(inner[0], value, where)
+    if tp is LearnerConfig or (isinstance(tp, type) and issubclass(tp, LearnerConfig)):
+        return parse_learner_config(value, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and tp is DataSource:
+            return DataSource(value)
+        if not isinstance(value, dict):
+            raise MetalmError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise MetalmError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_parse(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MetalmError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {
+            _parse(key_type, k, where): _parse(value_type, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise MetalmError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise MetalmError(f"{where}: unknown key {unknown[0]!r}; valid keys are {names}")
+    kwargs = {k: _parse(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_learner_config(value: Any, where: str = "learner") -> LearnerConfig:
+    """The typed config of the learner named in `value["name"]`."""
+    if isinstance(value, LearnerConfig):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or "name" not in value:
+        raise MetalmError(f"{where}: expected a mapping with a 'name' key, got {value!r}")
+    cls = learner_class(str(value["name"])).config_class
+    return from_dict(cls, value, where)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain data (for YAML/JSON) from a config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """`set_dotted(d, "a.b", 1)` sets d["a"]["b"] = 1, creating mappings on the way."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings; values are parsed as YAML (`5`, `true`, `[1, 2]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise MetalmError(f"override {item!r} must look like key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if key == "learner.name" and isinstance(data.get("learner"), dict):
+            # switching learner: keep only the keys the new learner knows
+            known = {f.name for f in dataclasses.fields(learner_class(str(value)).config_class)}
+            data["learner"] = {k: v for k, v in data["learner"].items() if k in known}
+        set_dotted(data, key, value)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise MetalmError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise MetalmError(f"{path}: not a valid YAML file ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise MetalmError(f"{path}: a config file must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file at `path`, then `overrides`; fully validated."""
+    data = to_dict(RunConfig())
+    if path is not None:
+        data = _merge(data, read_yaml(path))
+    return from_dict(RunConfig, apply_overrides(data, list(overrides or [])))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if key == "learner" and isinstance(value, dict) and "name" in value:
+            out[key] = dict(value)  # a learner section replaces the default learner whole
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

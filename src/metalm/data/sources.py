@@ -1,0 +1,64 @@
+"""Where a dataset comes from: a built-in name, a CSV/JSONL path, or `hf:<name-or-dir>`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from metalm.data.dataset import (
+    BUILTIN_DATASETS,
+    LabeledTextDataset,
+    builtin_dataset,
+    from_hf,
+    load_csv,
+    load_jsonl,
+)
+from metalm.errors import MetalmError
+
+
+@dataclass
+class DataSource:
+    """One labeled text source.
+
+    `source` is a built-in name (`banking77`, `clinc150`), a `.csv`/`.jsonl` path, or
+    `hf:<hub name or local dataset directory>`.
+
+    Example:
+        >>> DataSource("banking77", split="train_5").load().name
+        'banking77/train_5'
+    """
+
+    source: str = "clinc150"
+    split: str = "train"
+    text_column: str = "text"
+    label_column: str = "label"
+    hf_config: str | None = None
+
+    def load(self) -> LabeledTextDataset:
+        return load_source(self)
+
+    def with_split(self, split: str) -> DataSource:
+        return DataSource(self.source, split, self.text_column, self.label_column, self.hf_config)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source in BUILTIN_DATASETS
+
+
+def load_source(spec: DataSource) -> LabeledTextDataset:
+    """Load `spec`; unknown names and unreadable files raise `MetalmError`."""
+    if spec.source.startswith("hf:"):
+        return from_hf(
+            spec.source[3:], spec.split, spec.text_column, spec.label_column, spec.hf_config
+        )
+    if spec.is_builtin:
+        return builtin_dataset(spec.source, spec.split)
+    suffix = Path(spec.source).suffix.lower()
+    if suffix == ".csv":
+        return load_csv(spec.source, spec.text_column, spec.label_column)
+    if suffix in (".jsonl", ".json"):
+        return load_jsonl(spec.source, spec.text_column, spec.label_column)
+    raise MetalmError(
+        f"unknown dataset {spec.source!r}; give a built-in name {sorted(BUILTIN_DATASETS)}, "
+        "a .csv or .jsonl file, or hf:<name or directory>"
+    )

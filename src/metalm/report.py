@@ -1,0 +1,142 @@
+"""`EvalReport`: the results of a run as JSON, Markdown and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metalm.evaluate import MethodResult, mean_ci95
+
+BASELINE = "frozen"
+
+
+@dataclass
+class EvalReport:
+    """Accuracy ± 95% CI of each method under each protocol, on the same test tasks.
+
+    Example:
+        >>> report = metalm.run(metalm.load_config("configs/demo.yaml"))
+        >>> print(report.to_markdown())
+    """
+
+    results: list[MethodResult]
+    train: dict[str, Any] = field(default_factory=dict)
+    run_dir: str = ""
+
+    def find(self, method: str, protocol: str) -> MethodResult | None:
+        for result in self.results:
+            if result.method == method and result.protocol == protocol:
+                return result
+        return None
+
+    def paired_difference(self, result: MethodResult) -> tuple[float, float] | None:
+        """Mean accuracy difference to `frozen` on the same episodes, with its 95% CI."""
+        base = self.find(BASELINE, result.protocol)
+        if base is None or base is result or result.episodes < 2:
+            return None
+        n = min(len(base.per_episode), len(result.per_episode))
+        diffs = np.asarray(result.per_episode[:n]) - np.asarray(base.per_episode[:n])
+        return mean_ci95(diffs)
+
+    def as_dict(self) -> dict[str, Any]:
+        rows = []
+        for result in self.results:
+            row = result.as_dict()
+            diff = self.paired_difference(result)
+            row["vs_frozen"] = None if diff is None else {"mean": diff[0], "ci95": diff[1]}
+            rows.append(row)
+        return {"results": rows, "train": self.train, "run_dir": self.run_dir}
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| method | protocol | test data | accuracy % (±95% CI) | Δ vs frozen (paired) "
+            "| episodes | adapt s/task | predict texts/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.results:
+            diff = self.paired_difference(r)
+            delta = "" if diff is None else f"{100 * diff[0]:+.2f} ± {100 * diff[1]:.2f}"
+            lines.append(
+                f"| {r.method} | {r.protocol} | {r.dataset} | "
+                f"{100 * r.accuracy:.2f} ± {100 * r.ci95:.2f} | {delta} | {r.episodes} | "
+                f"{r.adapt_seconds:.3f} | {r.predict_texts_per_second:.0f} |"
+            )
+        return "\n".join(lines)
+
+    def write(self, run_dir: str | Path) -> None:
+        """`report.json`, `report.md` and `accuracy.png` (and `training.png` if trained)."""
+        run_dir = Path(run_dir)
+        self.run_dir = str(run_dir)
+        (run_dir / "report.json").write_text(json.dumps(self.as_dict(), indent=1))
+        header = "# metalm report\n\n"
+        if self.train:
+            header += (
+                f"Meta-trained {self.train.get('steps')} steps; best validation accuracy "
+                f"{self.train.get('best_val_accuracy')} at step {self.train.get('best_step')}.\n\n"
+            )
+        (run_dir / "report.md").write_text(header + self.to_markdown() + "\n")
+        plot_accuracy(self, run_dir / "accuracy.png")
+        if (run_dir / "log.jsonl").exists():
+            plot_training(run_dir / "log.jsonl", run_dir / "training.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(report: EvalReport, path: Path) -> None:
+    """Grouped bars: accuracy of each method per protocol, with 95% CI error bars."""
+    plt = _pyplot()
+    protocols = list(dict.fromkeys(r.protocol for r in report.results))
+    methods = list(dict.fromkeys(r.method for r in report.results))
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(protocols)), 4))
+    for m, method in enumerate(methods):
+        xs, ys, errs = [], [], []
+        for p, protocol in enumerate(protocols):
+            result = report.find(method, protocol)
+            if result is not None:
+                xs.append(p + (m - (len(methods) - 1) / 2) * width)
+                ys.append(100 * result.accuracy)
+                errs.append(100 * result.ci95)
+        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=method)
+    ax.set_xticks(range(len(protocols)), protocols)
+    low = min((100 * r.accuracy for r in report.results), default=0)
+    ax.set_ylim(max(0, low - 15), 100)
+    ax.set_ylabel("accuracy % (95% CI)")
+    ax.legend(loc="lower right")
+    ax.set_title(f"few-shot accuracy on {report.results[0].dataset}" if report.results else "")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(log_path: Path, path: Path) -> None:
+    """Training loss and validation accuracy against step."""
+    plt = _pyplot()
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["loss"] for r in records], color="tab:blue", alpha=0.6, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("meta-training loss", color="tab:blue")
+    val = [(r["step"], r["val_accuracy"]) for r in records if "val_accuracy" in r]
+    if val:
+        twin = ax.twinx()
+        twin.plot(*zip(*val, strict=True), "o-", color="tab:red", label="val accuracy")
+        twin.set_ylabel("validation accuracy", color="tab:red")
+    ax.set_title("meta-training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,189 @@
+"""`run(config)`: meta-train a learner, then evaluate it beside baselines. The CLI,
+the benchmarks and the tests all go through here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from metalm.config import RunConfig, SettingConfig, load_config, save_config
+from metalm.data.episodes import Episode, EpisodeSampler
+from metalm.errors import MetalmError
+from metalm.evaluate import MethodResult, evaluate_episodes
+from metalm.learners import LearnerConfig, MetaLearner, build_learner
+from metalm.models.encoder import TextEncoder
+from metalm.report import EvalReport
+from metalm.tasks import TaskPools, build_pools
+from metalm.trainer import BEST_WEIGHTS, CHECKPOINT_DIR, MetaTrainer
+
+CONFIG_FILE = "config.yaml"
+
+
+def _run_dir(config: RunConfig) -> Path:
+    name = config.run_name or f"{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.output_dir) / name
+
+
+def _test_samplers(
+    config: RunConfig, pools: TaskPools
+) -> list[tuple[SettingConfig, EpisodeSampler]]:
+    return [
+        (
+            setting,
+            EpisodeSampler(
+                pools.test,
+                setting.n_way,
+                setting.k_shot,
+                config.eval.q_queries,
+                config.eval.seed,
+                config.data.drop_small_classes,
+            ),
+        )
+        for setting in config.eval.settings
+    ]
+
+
+def evaluate_learner(
+    learner: MetaLearner,
+    method: str,
+    config: RunConfig,
+    pools: TaskPools,
+    progress: bool = True,
+) -> list[MethodResult]:
+    """Every test protocol of `config` for one learner, on the same fixed tasks."""
+    episodes = config.eval.episodes_by_method.get(method, config.eval.episodes)
+    results = []
+    for setting, sampler in _test_samplers(config, pools):
+        chosen: list[Episode] = [sampler.sample(i) for i in range(episodes)]
+        protocol = f"{setting.n_way}-way {setting.k_shot}-shot"
+        results.append(
+            evaluate_episodes(
+                learner, chosen, method, protocol, pools.test_source_name, progress=progress
+            )
+        )
+    for shots, episode in sorted(pools.full_way.items()):
+        results.append(
+            evaluate_episodes(
+                learner,
+                [episode],
+                method,
+                f"full-way {shots}-shot",
+                pools.test_source_name,
+                progress=progress,
+            )
+        )
+    return results
+
+
+def _baselines(config: RunConfig) -> list[LearnerConfig]:
+    return [b for b in config.eval.baselines if b.name != config.learner.name]
+
+
+def run(
+    config: RunConfig,
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Meta-train `config.learner` (if it learns and `train.steps > 0`), then evaluate it
+    and the baselines on the same test tasks; results go to the run directory.
+
+    Example:
+        >>> report = run(load_config("configs/demo.yaml", ["train.steps=20"]))
+        >>> print(report.to_markdown())
+    """
+    torch.manual_seed(config.seed)
+    encoder = TextEncoder.from_config(config.model)
+    learner = build_learner(encoder, config.learner)
+    pools = build_pools(config.data, config.eval.full_way_shots)
+    train_sampler = pools.sampler(
+        "train", config.episode, config.seed, config.data.drop_small_classes
+    )
+    val_sampler = (
+        pools.sampler("val", config.episode, config.seed + 1, config.data.drop_small_classes)
+        if pools.val is not None
+        else None
+    )
+    _test_samplers(config, pools)  # validates N, K, Q against the test classes up front
+
+    run_dir = Path(resume) if resume else _run_dir(config)
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise MetalmError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+            "or pick another run_name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+
+    train_summary: dict = {}
+    if learner.meta_trainable and config.train.steps > 0:
+        trainer = MetaTrainer(
+            learner, train_sampler, val_sampler, config.train, run_dir, progress=progress
+        )
+        train_summary = asdict(trainer.fit(resume=resume is not None))
+
+    results = evaluate_learner(learner, config.learner.name, config, pools, progress)
+    baselines = _baselines(config)
+    if baselines:
+        fresh = TextEncoder.from_config(config.model)  # baselines start from the pretrained weights
+        for baseline in baselines:
+            results += evaluate_learner(
+                build_learner(fresh, baseline), baseline.name, config, pools, progress
+            )
+    report = EvalReport(results=results, train=train_summary)
+    report.write(run_dir)
+    return report
+
+
+def resume_run(run_dir: str | Path, progress: bool = True) -> EvalReport:
+    """Continue a run from its last checkpoint with the config it was started with."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise MetalmError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    if (
+        not (run_dir / CHECKPOINT_DIR).exists()
+        and not (run_dir / (CHECKPOINT_DIR + ".old")).exists()
+    ):
+        raise MetalmError(f"{run_dir}: no checkpoint to resume from")
+    return run(load_config(run_dir / CONFIG_FILE), resume=run_dir, progress=progress)
+
+
+def load_trained_learner(run_dir: str | Path) -> tuple[RunConfig, MetaLearner]:
+    """The learner of a finished run, with its best weights."""
+    from metalm.checkpoint import load_weights
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG_FILE)
+    learner = build_learner(TextEncoder.from_config(config.model), config.learner)
+    for weights in (run_dir / BEST_WEIGHTS, run_dir / CHECKPOINT_DIR / "learner.safetensors"):
+        if weights.exists():
+            load_weights(learner, weights)
+            break
+    return config, learner
+
+
+def evaluate_run(
+    run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True
+) -> EvalReport:
+    """Evaluate a finished run's best learner (and the baselines) again, e.g. with
+    more episodes (`eval.episodes=1000`); the report replaces the run's report."""
+    from metalm.config import apply_overrides, from_dict, to_dict
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise MetalmError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    config, learner = load_trained_learner(run_dir)
+    if overrides:
+        config = from_dict(RunConfig, apply_overrides(to_dict(config), overrides))
+    pools = build_pools(config.data, config.eval.full_way_shots)
+    results = evaluate_learner(learner, config.learner.name, config, pools, progress)
+    fresh = TextEncoder.from_config(config.model)
+    for baseline in _baselines(config):
+        results += evaluate_learner(
+            build_learner(fresh, baseline), baseline.name, config, pools, progress
+        )
+    report = EvalReport(results=results)
+    report.write(run_dir)
+    return report

@@ -1,0 +1,242 @@
+"""The outer loop: meta-batches of episodes, AdamW, schedule, validation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from metalm.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights_atomic,
+)
+from metalm.config import TrainConfig
+from metalm.data.episodes import EpisodeSampler
+from metalm.errors import MetalmError
+from metalm.evaluate import validation_accuracy
+from metalm.learners.base import MetaLearner
+
+CHECKPOINT_DIR = "checkpoint"
+BEST_WEIGHTS = "best.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Warm-up then `linear`/`cosine` decay to zero, or `constant`."""
+    if cfg.schedule not in ("linear", "cosine", "constant"):
+        raise MetalmError(
+            f"train.schedule must be linear, cosine or constant, got {cfg.schedule!r}"
+        )
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_step: int | None
+    best_val_accuracy: float | None
+    val_history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class MetaTrainer:
+    """Meta-trains `learner` on episodes of `train_sampler`, validating on `val_sampler`.
+
+    Episode `i` of step `s` is `train_sampler.sample(s * meta_batch_size + i)`, so a run
+    resumed from a checkpoint sees exactly the episodes the uninterrupted run would.
+
+    Example:
+        >>> trainer = MetaTrainer(learner, train_sampler, val_sampler, TrainConfig(), "runs/x")
+        >>> result = trainer.fit()
+    """
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        train_sampler: EpisodeSampler,
+        val_sampler: EpisodeSampler | None,
+        config: TrainConfig,
+        run_dir: str | Path,
+        progress: bool = True,
+    ):
+        for name in ("steps", "meta_batch_size", "eval_every", "checkpoint_every"):
+            if getattr(config, name) < (0 if name == "steps" else 1):
+                raise MetalmError(f"train.{name} must be positive, got {getattr(config, name)}")
+        self.learner = learner
+        self.train_sampler = train_sampler
+        self.val_sampler = val_sampler
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        params = [p for p in learner.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "best_step": None,
+            "best_val_accuracy": None,
+            "evals_without_improvement": 0,
+            "val_history": [],
+            "stopped_early": False,
+        }
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    def resume(self) -> int:
+        """Restore the last checkpoint; returns the step training continues from."""
+        found = find_checkpoint(self.checkpoint_dir)
+        if found is None:
+            raise MetalmError(f"{self.run_dir}: no checkpoint to resume from")
+        self.state = load_checkpoint(found, self.learner, self.optimizer, self.scheduler)
+        self._truncate_log(self.state["step"])
+        return int(self.state["step"])
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start = self.resume() if resume else 0
+        writer = self._tensorboard()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc="meta-train",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+                for step in range(start, cfg.steps):
+                    if self.state["stopped_early"]:
+                        break
+                    began = time.perf_counter()
+                    loss = self._step(step)
+                    record = {
+                        "step": step + 1,
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "seconds": time.perf_counter() - began,
+                    }
+                    self.state["step"] = step + 1
+                    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                        record["val_accuracy"] = self._validate(step + 1)
+                        bar.set_postfix(loss=f"{loss:.3f}", val=f"{record['val_accuracy']:.3f}")
+                    else:
+                        bar.set_postfix(loss=f"{loss:.3f}")
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    if writer is not None:
+                        for key in ("loss", "lr", "val_accuracy"):
+                            if key in record:
+                                writer.add_scalar(f"train/{key}", record[key], step + 1)
+                    if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                        self._save()
+                    bar.update(1)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if self.state["stopped_early"] and self.state["step"] < cfg.steps:
+            self._save()
+        best = self.run_dir / BEST_WEIGHTS
+        if best.exists():
+            load_weights(self.learner, best)
+        return TrainResult(
+            steps=self.state["step"],
+            best_step=self.state["best_step"],
+            best_val_accuracy=self.state["best_val_accuracy"],
+            val_history=list(self.state["val_history"]),
+            stopped_early=self.state["stopped_early"],
+        )
+
+    def _step(self, step: int) -> float:
+        cfg = self.config
+        self.learner.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(cfg.meta_batch_size):
+            episode = self.train_sampler.sample(step * cfg.meta_batch_size + i)
+            loss = self.learner.meta_loss(episode) / cfg.meta_batch_size
+            if not torch.isfinite(loss):
+                raise MetalmError(
+                    f"the meta-training loss became {loss.item()} at step {step + 1}; "
+                    f"lower train.lr (now {cfg.lr}) or raise train.warmup_steps; the last "
+                    f"good checkpoint is kept in {self.checkpoint_dir}"
+                )
+            loss.backward()
+            total += loss.item()
+        if cfg.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total
+
+    def _validate(self, step: int) -> float:
+        if self.val_sampler is None:
+            return float("nan")
+        accuracy = validation_accuracy(self.learner, self.val_sampler, self.config.val_episodes)
+        self.state["val_history"].append({"step": step, "val_accuracy": accuracy})
+        best = self.state["best_val_accuracy"]
+        if best is None or accuracy > best:
+            self.state.update(best_val_accuracy=accuracy, best_step=step)
+            self.state["evals_without_improvement"] = 0
+            save_weights_atomic(self.learner, self.run_dir / BEST_WEIGHTS)
+        else:
+            self.state["evals_without_improvement"] += 1
+            patience = self.config.patience
+            if patience and self.state["evals_without_improvement"] >= patience:
+                self.state["stopped_early"] = True
+        return accuracy
+
+    def _save(self) -> None:
+        save_checkpoint(
+            self.checkpoint_dir, self.learner, self.optimizer, self.scheduler, self.state
+        )
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines past the checkpoint (and a line half-written by a crash)."""
+        path = self.run_dir / LOG_FILE
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def _tensorboard(self):
+        if not self.config.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
