@@ -29,7 +29,7 @@ def save_weights_atomic(module: nn.Module, path: Path) -> None:
 def load_weights(module: nn.Module, path: Path) -> None:
     if not path.exists():
         raise MetalmError(f"{path}: no such weights file")
-    missing, unexpected = load_model(module, str(path), strict=False)
+    _missing, unexpected = load_model(module, str(path), strict=False)
     if unexpected:
         raise MetalmError(f"{path}: weights do not fit this learner (unexpected {unexpected[:3]})")
 

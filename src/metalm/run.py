@@ -109,6 +109,12 @@ def run(
     _test_samplers(config, pools)  # validates N, K, Q against the test classes up front
 
     run_dir = Path(resume) if resume else _run_dir(config)
+    trainer = None
+    if learner.meta_trainable and config.train.steps > 0:
+        # built before the run directory exists: it validates config.train
+        trainer = MetaTrainer(
+            learner, train_sampler, val_sampler, config.train, run_dir, progress=progress
+        )
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise MetalmError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir} "
@@ -118,10 +124,7 @@ def run(
     save_config(config, run_dir / CONFIG_FILE)
 
     train_summary: dict = {}
-    if learner.meta_trainable and config.train.steps > 0:
-        trainer = MetaTrainer(
-            learner, train_sampler, val_sampler, config.train, run_dir, progress=progress
-        )
+    if trainer is not None:
         train_summary = asdict(trainer.fit(resume=resume is not None))
 
     results = evaluate_learner(learner, config.learner.name, config, pools, progress)

@@ -133,11 +133,12 @@ class MetaTrainer:
                     if self.state["stopped_early"]:
                         break
                     began = time.perf_counter()
+                    lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
                     loss = self._step(step)
                     record = {
                         "step": step + 1,
                         "loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": lr,
                         "seconds": time.perf_counter() - began,
                     }
                     self.state["step"] = step + 1

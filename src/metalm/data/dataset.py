@@ -84,7 +84,7 @@ class LabeledTextDataset:
         )
 
     def drop_small_classes(self, minimum: int) -> tuple[LabeledTextDataset, list[str]]:
-        """Remove classes with fewer than `minimum` rows; returns the new dataset and the dropped."""
+        """Drop classes with fewer than `minimum` rows; returns the dataset and the dropped."""
         small = [c for c, n in self.class_counts().items() if n < minimum]
         if not small:
             return self, []

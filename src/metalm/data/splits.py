@@ -48,8 +48,11 @@ def split_classes(
     ordered = sorted(set(classes))
     order = np.random.default_rng(seed).permutation(len(ordered))
     shuffled = [ordered[i] for i in order]
+    # cut at rounded cumulative shares, so a zero share always gets no classes
     n_train = round(fractions[0] * len(shuffled))
-    n_val = round(fractions[1] * len(shuffled))
+    n_val = round((fractions[0] + fractions[1]) * len(shuffled)) - n_train
+    if fractions[2] == 0:
+        n_val = len(shuffled) - n_train
     return ClassSplit(
         shuffled[:n_train], shuffled[n_train : n_train + n_val], shuffled[n_train + n_val :]
     )

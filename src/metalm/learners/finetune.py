@@ -25,12 +25,15 @@ ENCODER_PREFIX = "encoder."
 class FinetuneConfig(LearnerConfig):
     """Per-task fine-tuning on the support set, then predict.
 
-    `train_encoder=False` trains the linear head alone on frozen embeddings.
+    Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): `head_steps` steps train the
+    head alone on frozen embeddings (cheap), then `steps` steps train encoder and head
+    together. `train_encoder=False` skips the second phase.
     `head_init`: `zero` (classic) or `prototype` (weights from class means).
     """
 
     name: str = "finetune"
-    steps: int = 30
+    head_steps: int = 300
+    steps: int = 20
     lr: float = 3e-5
     head_lr: float = 1e-2
     weight_decay: float = 0.01
@@ -64,40 +67,52 @@ class Finetune(MetaLearner):
 
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
         cfg = self.config
+        if cfg.head_steps < 0 or cfg.steps < 0:
+            raise MetalmError("learner.head_steps and learner.steps must be >= 0")
         labels, n_way = as_labels(support_labels, torch.device("cpu"))
-        start = self.encoder.embed(support_texts)
-        weight, bias = init_head(start, labels, n_way, cfg.head_init)
+        frozen = self.encoder.embed(support_texts)
+        weight, bias = init_head(frozen, labels, n_way, cfg.head_init)
         head = {"head.weight": weight.requires_grad_(), "head.bias": bias.requires_grad_()}
-        groups = [{"params": list(head.values()), "lr": cfg.head_lr}]
-        encoder_params: dict[str, Tensor] = {}
-        if cfg.train_encoder:
-            encoder_params = {
-                name: p.detach().clone().requires_grad_()
-                for name, p in self.encoder.model.named_parameters()
-            }
-            groups.append({"params": list(encoder_params.values()), "lr": cfg.lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(cfg.seed)
-        was_training = self.encoder.training
-        self.encoder.eval()
-        try:
-            with torch.enable_grad():
-                for _ in range(cfg.steps):
-                    rows = torch.randperm(len(support_texts), generator=generator)[: cfg.batch_size]
-                    if cfg.train_encoder:
-                        features = self.encoder([support_texts[i] for i in rows], encoder_params)
-                    else:
-                        features = start[rows]
-                    logits = features @ head["head.weight"].T + head["head.bias"]
-                    loss = nn.functional.cross_entropy(logits, labels[rows])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-        finally:
-            self.encoder.train(was_training)
+        head_optimizer = torch.optim.AdamW(
+            head.values(), lr=cfg.head_lr, weight_decay=cfg.weight_decay
+        )
+        head_steps = cfg.head_steps + (0 if cfg.train_encoder else cfg.steps)
+        with torch.enable_grad():
+            for _ in range(head_steps):
+                rows = torch.randperm(len(support_texts), generator=generator)[: cfg.batch_size]
+                _step(head_optimizer, _head_loss(head, frozen[rows], labels[rows]))
+            encoder_params = self._finetune(support_texts, labels, head, generator)
         state = {k: v.detach() for k, v in head.items()}
         state.update({ENCODER_PREFIX + k: v.detach() for k, v in encoder_params.items()})
         return state
+
+    def _finetune(self, texts, labels, head, generator) -> dict[str, Tensor]:
+        """Joint steps on fast copies of the encoder weights (the model is untouched)."""
+        cfg = self.config
+        if not cfg.train_encoder or cfg.steps == 0:
+            return {}
+        params = {
+            name: p.detach().clone().requires_grad_()
+            for name, p in self.encoder.model.named_parameters()
+        }
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": list(head.values()), "lr": cfg.head_lr},
+                {"params": list(params.values()), "lr": cfg.lr},
+            ],
+            weight_decay=cfg.weight_decay,
+        )
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            for _ in range(cfg.steps):
+                rows = torch.randperm(len(texts), generator=generator)[: cfg.batch_size]
+                features = self.encoder([texts[i] for i in rows], params)
+                _step(optimizer, _head_loss(head, features, labels[rows]))
+        finally:
+            self.encoder.train(was_training)
+        return params
 
     @torch.no_grad()
     def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
@@ -106,3 +121,14 @@ class Finetune(MetaLearner):
         }
         features = self.encoder.embed(query_texts, params=params or None)
         return features @ state["head.weight"].T + state["head.bias"]
+
+
+def _head_loss(head: dict[str, Tensor], features: Tensor, labels: Tensor) -> Tensor:
+    logits = features @ head["head.weight"].T + head["head.bias"]
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
