@@ -83,6 +83,8 @@ def evaluate_episodes(
     For a single episode (full-way), the interval is over the query texts.
     """
     learner.eval()
+    if timing_episodes:
+        learner.encoder.embed(episodes[0].query_texts[:8])  # warm-up, not timed
     timed = [_timed(learner, ep) for ep in episodes[:timing_episodes]]
     rest = episodes[len(timed) :]
     accuracies = [t[0] for t in timed]
@@ -97,9 +99,11 @@ def evaluate_episodes(
         mean, ci = p, Z95 * math.sqrt(max(p * (1 - p), 1e-12) / n)
     else:
         mean, ci = mean_ci95(accuracies)
-    adapt = float(np.median([t[1] for t in timed]))
-    query_texts = sum(len(ep.query_texts) for ep in episodes[: len(timed)])
-    predict = query_texts / max(sum(t[2] for t in timed), 1e-9)
+    adapt, predict = float("nan"), float("nan")
+    if timed:
+        adapt = float(np.median([t[1] for t in timed]))
+        query_texts = sum(len(ep.query_texts) for ep in episodes[: len(timed)])
+        predict = query_texts / max(sum(t[2] for t in timed), 1e-9)
     first = episodes[0]
     return MethodResult(
         method=method,

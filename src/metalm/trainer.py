@@ -189,9 +189,16 @@ class MetaTrainer:
                 )
             loss.backward()
             total += loss.item()
-        if cfg.grad_clip > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
+        if not torch.isfinite(norm):
+            raise MetalmError(
+                f"the meta-gradient became {norm.item()} at step {step + 1}; lower train.lr "
+                f"(now {cfg.lr}) or set train.grad_clip; the last good checkpoint is kept "
+                f"in {self.checkpoint_dir}"
+            )
         self.optimizer.step()
         self.scheduler.step()
         return total

@@ -71,7 +71,9 @@ class TextEncoder(nn.Module):
 
         path = config.name_or_path or default_model_path()
         verbosity = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 path, trust_remote_code=config.trust_remote_code
@@ -84,6 +86,8 @@ class TextEncoder(nn.Module):
             ) from None
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         return cls(model, tokenizer, config)
 
     @property

@@ -1,0 +1,475 @@
+"""Tests for the outer loop and its checkpoints: SIGKILL + resume equivalence, atomic
+checkpoint swaps, the lr schedule, best weights / early stopping, non-finite losses.
+
+Everything runs on the tiny random BERT of `conftest.py` (or on a toy module).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+from torch import nn
+
+from metalm.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights_atomic,
+)
+from metalm.cli import main
+from metalm.config import TrainConfig, load_config, save_config
+from metalm.errors import MetalmError
+from metalm.learners import build_learner
+from metalm.models.encoder import TextEncoder
+from metalm.tasks import build_pools
+from metalm.trainer import MetaTrainer, lr_lambda
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Net(nn.Module):
+    """A toy module with dropout, so that the torch RNG matters to training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.drop(x))
+
+
+def _toy(seed: int = 0):
+    torch.manual_seed(seed)
+    net = _Net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(TrainConfig(steps=10, warmup_steps=2))
+    )
+    return net, optimizer, scheduler
+
+
+def _toy_step(net: nn.Module, optimizer, scheduler) -> None:
+    net.train()
+    loss = net(torch.randn(8, 4)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"tensor {key!r} differs"
+
+
+def _assert_same_optimizer_state(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for index, slots in a["state"].items():
+        assert slots.keys() == b["state"][index].keys()
+        for name, value in slots.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][index][name]))
+
+
+def _trainer(model_dir: Path, output_dir: Path, **extra: object) -> MetaTrainer:
+    """A MetaTrainer on the tiny model, built the way `metalm.run.run` builds it."""
+    config = load_config(None, tiny_overrides(model_dir, output_dir, **extra))
+    torch.manual_seed(config.seed)
+    learner = build_learner(TextEncoder.from_config(config.model), config.learner)
+    pools = build_pools(config.data, config.eval.full_way_shots)
+    drop = config.data.drop_small_classes
+    train = pools.sampler("train", config.episode, config.seed, drop)
+    val = pools.sampler("val", config.episode, config.seed + 1, drop)
+    return MetaTrainer(learner, train, val, config.train, output_dir / "run", progress=False)
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _leftovers(run_dir: Path) -> list[str]:
+    """Temporary files/directories of interrupted writes, and half-swapped checkpoints."""
+    found = list(run_dir.rglob("*.tmp")) + list(run_dir.rglob("*.old"))
+    return sorted(str(p.relative_to(run_dir)) for p in found)
+
+
+# ------------------------------------------------------- resume after SIGKILL (key test)
+
+STEPS = 10
+KILL_AFTER = 7  # checkpoints at 4, 8: the kill lands between them, after the eval at 6
+KILL_EXTRA = {
+    "train.steps": STEPS,
+    "train.checkpoint_every": 4,
+    "train.eval_every": 2,
+    # with this lr the validation accuracy moves (here best at step 6 of 2, 4, 6, 8, 10),
+    # so the killed run has written a newer best.safetensors than its last checkpoint knows
+    "train.lr": 0.03,
+}
+TIMEOUT = 150.0
+
+
+def _cli(model_dir: Path, output_dir: Path) -> list[str]:
+    overrides = tiny_overrides(model_dir, output_dir, **KILL_EXTRA)
+    return [sys.executable, "-m", "metalm.cli", "-q", "train", *overrides]
+
+
+def _logged_steps(log: Path) -> list[int]:
+    """Steps of the complete lines of a log that another process is appending to."""
+    if not log.exists():
+        return []
+    complete = log.read_text(encoding="utf-8").split("\n")[:-1]
+    return [json.loads(line)["step"] for line in complete]
+
+
+def _finish(proc: subprocess.Popen, name: str, stderr: Path) -> None:
+    try:
+        proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"run {name} did not finish in {TIMEOUT:.0f} s")
+    assert proc.returncode == 0, f"run {name} failed:\n{stderr.read_text()[-3000:]}"
+
+
+def _report_rows(run_dir: Path) -> dict[tuple[str, str], dict]:
+    report = json.loads((run_dir / "report.json").read_text())
+    keep = ("accuracy", "ci95", "episodes", "per_episode", "vs_frozen")
+    return {(r["method"], r["protocol"]): {k: r[k] for k in keep} for r in report["results"]}
+
+
+def test_resume_after_sigkill_gives_the_same_results(tiny_model_dir: Path, tmp_path: Path):
+    # One torch thread in all three processes (as one machine would give them all the
+    # same count), which also lets runs A and B go side by side on two cores.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    err_a, err_b, err_resume = (tmp_path / f"{n}.err" for n in ("a", "b", "resume"))
+    deadline = time.monotonic() + TIMEOUT
+
+    with open(err_a, "w") as ea, open(err_b, "w") as eb:
+        proc_a = subprocess.Popen(
+            _cli(tiny_model_dir, tmp_path / "a"), env=env, stdout=subprocess.DEVNULL, stderr=ea
+        )
+        proc_b = subprocess.Popen(
+            _cli(tiny_model_dir, tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=eb
+        )
+    try:
+        while max(_logged_steps(run_b / "log.jsonl"), default=0) < KILL_AFTER:
+            if proc_b.poll() is not None:
+                pytest.fail(
+                    f"run B exited (rc {proc_b.returncode}) before logging step "
+                    f"{KILL_AFTER}:\n{err_b.read_text()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"run B did not reach step {KILL_AFTER} in {TIMEOUT:.0f} s")
+            time.sleep(0.01)
+        alive = proc_b.poll() is None
+        os.kill(proc_b.pid, signal.SIGKILL)
+        proc_b.wait(timeout=30)
+
+        killed_log = _logged_steps(run_b / "log.jsonl")
+        found = find_checkpoint(run_b / "checkpoint")  # may be checkpoint.old mid-swap
+        assert found is not None, f"no checkpoint after the kill (log {killed_log})"
+        killed_at = json.loads((found / "state.json").read_text())["step"]
+        assert alive and killed_at < STEPS and not (run_b / "report.json").exists(), (
+            f"the SIGKILL landed after run B had finished training (checkpoint at step "
+            f"{killed_at} of {STEPS}, log {killed_log}); the test needs a mid-run kill"
+        )
+
+        with open(err_resume, "w") as er:
+            resumed = subprocess.run(
+                [sys.executable, "-m", "metalm.cli", "-q", "train", "--resume", str(run_b)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=er,
+                timeout=max(10.0, deadline - time.monotonic()),
+            )
+        assert resumed.returncode == 0, f"resume failed:\n{err_resume.read_text()[-3000:]}"
+        _finish(proc_a, "A", err_a)
+    finally:
+        for proc in (proc_a, proc_b):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    context = f"(B killed after logging steps {killed_log}, resumed from step {killed_at})"
+    # the final evaluation: every method and protocol, down to each episode
+    rows_a, rows_b = _report_rows(run_a), _report_rows(run_b)
+    assert rows_a.keys() == rows_b.keys()
+    assert ("protonet", "3-way 1-shot") in rows_a
+    for key in rows_a:
+        assert rows_a[key] == rows_b[key], f"{key} differs {context}"
+    train_a = json.loads((run_a / "report.json").read_text())["train"]
+    train_b = json.loads((run_b / "report.json").read_text())["train"]
+    assert train_a == train_b, context
+    assert train_a["steps"] == STEPS and train_a["best_step"] is not None
+
+    # the log: every step exactly once, with the same loss, lr and validation accuracy
+    log_a, log_b = _log(run_a), _log(run_b)
+    assert [r["step"] for r in log_b] == list(range(1, STEPS + 1)), context
+    fields = ("step", "loss", "lr", "val_accuracy")
+    assert [[r.get(f) for f in fields] for r in log_a] == [
+        [r.get(f) for f in fields] for r in log_b
+    ], context
+
+    # weights: the best ones and the final checkpoint, bitwise
+    _assert_same_tensors(
+        load_file(run_a / "best.safetensors"), load_file(run_b / "best.safetensors")
+    )
+    _assert_same_tensors(
+        load_file(run_a / "checkpoint" / "learner.safetensors"),
+        load_file(run_b / "checkpoint" / "learner.safetensors"),
+    )
+    state_a = json.loads((run_a / "checkpoint" / "state.json").read_text())
+    assert state_a == json.loads((run_b / "checkpoint" / "state.json").read_text())
+    assert _leftovers(run_a) == [] and _leftovers(run_b) == []
+
+
+# ------------------------------------------------------------------ checkpoint helpers
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path: Path):
+    net, optimizer, scheduler = _toy(seed=0)
+    for _ in range(3):
+        _toy_step(net, optimizer, scheduler)
+    state = {"step": 3, "best_step": None, "val_history": [{"step": 2, "val_accuracy": 0.5}]}
+    save_checkpoint(tmp_path / "checkpoint", net, optimizer, scheduler, state)
+    saved_weights = _weights(net)
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    saved_lr = scheduler.get_last_lr()
+    rand_after_save = torch.rand(5)
+    _toy_step(net, optimizer, scheduler)  # what the uninterrupted run does next
+    continued = _weights(net)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+    fresh, fresh_optimizer, fresh_scheduler = _toy(seed=123)  # other weights, other RNG
+    assert not torch.equal(fresh.lin.weight, saved_weights["lin.weight"])
+    found = find_checkpoint(tmp_path / "checkpoint")
+    assert found == tmp_path / "checkpoint"
+    assert load_checkpoint(found, fresh, fresh_optimizer, fresh_scheduler) == state
+    _assert_same_tensors(_weights(fresh), saved_weights)
+    _assert_same_optimizer_state(fresh_optimizer.state_dict(), saved_optimizer)
+    assert fresh_scheduler.last_epoch == 3
+    assert fresh_scheduler.get_last_lr() == saved_lr
+    assert torch.equal(torch.rand(5), rand_after_save)
+    _toy_step(fresh, fresh_optimizer, fresh_scheduler)  # dropout + AdamW + schedule
+    _assert_same_tensors(_weights(fresh), continued)
+
+
+def test_find_checkpoint_falls_back_to_old_after_an_interrupted_swap(tmp_path: Path):
+    directory = tmp_path / "checkpoint"
+    assert find_checkpoint(directory) is None
+    net, optimizer, scheduler = _toy()
+    save_checkpoint(directory, net, optimizer, scheduler, {"step": 1})
+    _toy_step(net, optimizer, scheduler)
+    save_checkpoint(directory, net, optimizer, scheduler, {"step": 2})
+    step2 = _weights(net)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+    # a crash between `checkpoint -> checkpoint.old` and `checkpoint.tmp -> checkpoint`,
+    # with the next checkpoint half-written in checkpoint.tmp
+    os.replace(directory, tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp" / "learner.safetensors").write_bytes(b"\0" * 10)
+    assert find_checkpoint(directory) == tmp_path / "checkpoint.old"
+    other, other_optimizer, other_scheduler = _toy(seed=5)
+    state = load_checkpoint(find_checkpoint(directory), other, other_optimizer, other_scheduler)
+    assert state == {"step": 2}
+    _assert_same_tensors(_weights(other), step2)
+
+    # the next save completes the swap and clears both leftovers
+    save_checkpoint(directory, other, other_optimizer, other_scheduler, {"step": 3})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+    assert json.loads((directory / "state.json").read_text()) == {"step": 3}
+
+    # a crash while deleting checkpoint.old: the new checkpoint wins
+    (tmp_path / "checkpoint.old").mkdir()
+    (tmp_path / "checkpoint.old" / "state.json").write_text('{"step": 2}')
+    assert find_checkpoint(directory) == directory
+
+
+def test_weights_round_trip_and_mismatch(tmp_path: Path):
+    net, _, _ = _toy(seed=0)
+    path = tmp_path / "w.safetensors"
+    save_weights_atomic(net, path)
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
+    other, _, _ = _toy(seed=1)
+    load_weights(other, path)
+    _assert_same_tensors(_weights(other), _weights(net))
+    with pytest.raises(MetalmError, match="do not fit"):
+        load_weights(nn.Sequential(nn.Linear(2, 2)), path)
+    with pytest.raises(MetalmError, match="no such weights file"):
+        load_weights(net, tmp_path / "missing.safetensors")
+
+
+# ------------------------------------------------------------------------- lr schedule
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # steps=10, warmup=2: (s+1)/2 for s < 2, then decay over the 8 steps 2..9
+        ("linear", {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.75, 6: 0.5, 9: 0.125, 10: 0.0, 50: 0.0}),
+        ("cosine", {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.5 + 0.5**1.5, 6: 0.5, 10: 0.0, 50: 0.0}),
+        ("constant", {0: 0.5, 1: 1.0, 2: 1.0, 9: 1.0, 50: 1.0}),
+    ],
+)
+def test_lr_lambda_warms_up_then_decays(schedule: str, expected: dict[int, float]):
+    factor = lr_lambda(TrainConfig(steps=10, warmup_steps=2, schedule=schedule))
+    assert {s: factor(s) for s in expected} == pytest.approx(expected)
+    values = [factor(s) for s in range(2, 11)]
+    assert values == sorted(values, reverse=True)  # never rises after the warm-up
+
+
+def test_lr_lambda_without_warmup_and_bad_name():
+    factor = lr_lambda(TrainConfig(steps=4, warmup_steps=0, schedule="linear"))
+    assert [factor(s) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    with pytest.raises(MetalmError, match=r"train\.schedule"):
+        lr_lambda(TrainConfig(schedule="exponential"))
+
+
+# ----------------------------------------------------- best weights and early stopping
+
+
+def test_early_stopping_keeps_the_best_weights(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    extra = {
+        "train.steps": 20,
+        "train.eval_every": 2,
+        "train.checkpoint_every": 5,
+        "train.patience": 1,
+        "train.warmup_steps": 0,
+        "train.schedule": "cosine",
+    }
+    trainer = _trainer(tiny_model_dir, tmp_path, **extra)
+    run_dir = trainer.run_dir
+    scores = iter([0.5, 0.9, 0.4])  # evals at steps 2, 4, 6: best at 4, worse at 6 -> stop
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def scripted_validation(learner, sampler, episodes):
+        seen[trainer.state["step"]] = _weights(learner)
+        return next(scores)
+
+    monkeypatch.setattr("metalm.trainer.validation_accuracy", scripted_validation)
+    result = trainer.fit()
+
+    assert (result.steps, result.best_step, result.best_val_accuracy) == (6, 4, 0.9)
+    assert result.stopped_early and sorted(seen) == [2, 4, 6]
+    assert [h["step"] for h in result.val_history] == [2, 4, 6]
+    log = _log(run_dir)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("val_accuracy") for r in log if "val_accuracy" in r] == [0.5, 0.9, 0.4]
+    # each step logs the learning rate it trained with
+    factor = lr_lambda(trainer.config)
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * factor(s) for s in range(6)])
+
+    # the learner ends with the best (step 4) weights; the checkpoint holds step 6
+    assert any(not torch.equal(seen[4][k], seen[6][k]) for k in seen[4])
+    _assert_same_tensors(_weights(trainer.learner), seen[4])
+    _assert_same_tensors(load_file(run_dir / "best.safetensors"), seen[4])
+    _assert_same_tensors(load_file(run_dir / "checkpoint" / "learner.safetensors"), seen[6])
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 6 and state["stopped_early"] and state["best_step"] == 4
+    assert _leftovers(run_dir) == []
+
+    # resuming a stopped run (here from a half-swapped checkpoint) trains no further
+    os.replace(run_dir / "checkpoint", run_dir / "checkpoint.old")
+    again = _trainer(tiny_model_dir, tmp_path, **extra)
+    resumed = again.fit(resume=True)
+    assert (resumed.steps, resumed.best_step, resumed.stopped_early) == (6, 4, True)
+    assert sorted(seen) == [2, 4, 6]
+    assert [r["step"] for r in _log(run_dir)] == [1, 2, 3, 4, 5, 6]
+    _assert_same_tensors(_weights(again.learner), seen[4])
+    assert _leftovers(run_dir) == [] and (run_dir / "checkpoint" / "state.json").exists()
+
+
+def test_early_stopping_when_validation_cannot_improve(tiny_model_dir: Path, tmp_path: Path):
+    # lr=0: the weights never change, so the eval at step 4 ties the one at 2 -> stop
+    trainer = _trainer(
+        tiny_model_dir,
+        tmp_path,
+        **{"train.steps": 12, "train.eval_every": 2, "train.patience": 1, "train.lr": 0},
+    )
+    initial = _weights(trainer.learner)
+    result = trainer.fit()
+    assert result.stopped_early and result.steps == 4 < trainer.config.steps
+    assert result.best_step == 2 and len(result.val_history) == 2
+    assert result.val_history[0]["val_accuracy"] == result.val_history[1]["val_accuracy"]
+    assert [r["step"] for r in _log(trainer.run_dir)] == [1, 2, 3, 4]
+    state = json.loads((trainer.run_dir / "checkpoint" / "state.json").read_text())
+    assert state["stopped_early"] and state["step"] == 4
+    _assert_same_tensors(_weights(trainer.learner), initial)
+    _assert_same_tensors(load_file(trainer.run_dir / "best.safetensors"), initial)
+
+
+# --------------------------------------------------------------- failures the CLI reports
+
+
+def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # lr=1e30 sends the weights (and the learned logit scale) to ~1e29 after step 1,
+    # so step 2's loss is nan; a checkpoint is written after every step
+    overrides = tiny_overrides(
+        tiny_model_dir, tmp_path, **{"train.lr": 1e30, "train.checkpoint_every": 1}
+    )
+    capsys.readouterr()
+    assert main(["-q", "train", *overrides]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error:")
+    assert "loss" in lines[0] and "nan" in lines[0] and "train.lr" in lines[0]
+
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in _log(run_dir)] == [1]
+    assert not (run_dir / "report.json").exists()
+    assert _leftovers(run_dir) == []
+    trainer = _trainer(tiny_model_dir, tmp_path, **{"train.checkpoint_every": 1})
+    found = find_checkpoint(run_dir / "checkpoint")
+    assert found == run_dir / "checkpoint"
+    state = load_checkpoint(found, trainer.learner, trainer.optimizer, trainer.scheduler)
+    assert state["step"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.learner.parameters())
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    capsys.readouterr()
+    assert main(["-q", "train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(
+        load_config(None, tiny_overrides(tiny_model_dir, tmp_path)), run_dir / "config.yaml"
+    )
+    assert main(["-q", "train", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no checkpoint to resume from" in err
+    assert len(err.splitlines()) == 1
+
+    assert main(["-q", "train", "--resume", str(run_dir), "train.steps=3"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    trainer = MetaTrainer(_Net(), None, None, TrainConfig(), run_dir, progress=False)
+    with pytest.raises(MetalmError, match="no checkpoint to resume from"):
+        trainer.fit(resume=True)
