@@ -173,10 +173,11 @@ def test_finetune_is_deterministic(tiny_encoder, episode):
     assert torch.equal(a, b)
 
 
-def test_finetune_bad_head_init(tiny_encoder, episode):
-    learner = Finetune(tiny_encoder, FinetuneConfig(head_init="random"))
+def test_finetune_bad_config_fails_at_construction(tiny_encoder):
     with pytest.raises(MetalmError, match="head_init"):
-        learner.adapt(episode.support_texts, episode.support_labels)
+        Finetune(tiny_encoder, FinetuneConfig(head_init="random"))
+    with pytest.raises(MetalmError, match="steps"):
+        Finetune(tiny_encoder, FinetuneConfig(steps=-1))
 
 
 # -- evaluation ----------------------------------------------------------------------

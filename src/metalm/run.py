@@ -107,6 +107,10 @@ def run(
         else None
     )
     _test_samplers(config, pools)  # validates N, K, Q against the test classes up front
+    for baseline in _baselines(config):
+        build_learner(encoder, baseline)  # validates each baseline's config up front
+    if config.train.steps < 0:
+        raise MetalmError(f"train.steps must be >= 0, got {config.train.steps}")
 
     run_dir = Path(resume) if resume else _run_dir(config)
     trainer = None

@@ -65,10 +65,17 @@ class Finetune(MetaLearner):
     meta_trainable = False
     config: FinetuneConfig
 
+    def __init__(self, encoder, config: FinetuneConfig):
+        super().__init__(encoder, config)
+        if config.head_init not in ("zero", "prototype"):
+            raise MetalmError(
+                f"learner.head_init must be 'zero' or 'prototype', got {config.head_init!r}"
+            )
+        if config.head_steps < 0 or config.steps < 0:
+            raise MetalmError("learner.head_steps and learner.steps must be >= 0")
+
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
         cfg = self.config
-        if cfg.head_steps < 0 or cfg.steps < 0:
-            raise MetalmError("learner.head_steps and learner.steps must be >= 0")
         labels, n_way = as_labels(support_labels, torch.device("cpu"))
         frozen = self.encoder.embed(support_texts)
         weight, bias = init_head(frozen, labels, n_way, cfg.head_init)
