@@ -39,39 +39,67 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bench-fewshot", help="run directories")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args()
-    quick = [
-        "train.steps=10", "train.eval_every=5", "train.val_episodes=5",
-        "eval.episodes=20", "eval.episodes_by_method={finetune: 3}",
-    ] if args.quick else []
+    quick = (
+        [
+            "train.steps=10",
+            "train.eval_every=5",
+            "train.val_episodes=5",
+            "eval.episodes=20",
+            "eval.episodes_by_method={finetune: 3}",
+        ]
+        if args.quick
+        else []
+    )
     rows, runs = [], []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for source, target in PAIRS:
         overrides = [
-            f"data.train.source={source}", f"data.test.source={target}",
-            "data.test.split=test", "eval.full_way_shots=[5, 10]",
-            f"output_dir={args.runs}", f"run_name={source}-to-{target}-{stamp}",
-            *quick, *args.overrides,
+            f"data.train.source={source}",
+            f"data.test.source={target}",
+            "data.test.split=test",
+            "eval.full_way_shots=[5, 10]",
+            f"output_dir={args.runs}",
+            f"run_name={source}-to-{target}-{stamp}",
+            *quick,
+            *args.overrides,
         ]
         config = metalm.load_config(None, overrides)
         started = time.perf_counter()
         report = metalm.run(config)
         seconds = time.perf_counter() - started
-        runs.append({"source": source, "target": target, "overrides": overrides,
-                     "run_dir": report.run_dir, "train": report.train, "seconds": seconds})
+        runs.append(
+            {
+                "source": source,
+                "target": target,
+                "overrides": overrides,
+                "run_dir": report.run_dir,
+                "train": report.train,
+                "seconds": seconds,
+            }
+        )
         for row in report.as_dict()["results"]:
             row.pop("per_episode")
             rows.append({"meta_train": source if row["method"] == "protonet" else "-", **row})
     table = to_markdown(rows)
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "command": "python benchmarks/fewshot_intent.py " + " ".join(
-            (["--quick"] if args.quick else []) + args.overrides),
-        "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
-        "runs": runs, "results": rows, "published_full_way": {
-            f"{d} {k}-shot": v for (d, k), v in PUBLISHED.items()},
-    }, indent=1))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/fewshot_intent.py "
+                + " ".join((["--quick"] if args.quick else []) + args.overrides),
+                "machine": {
+                    "cpus": torch.get_num_threads(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                },
+                "runs": runs,
+                "results": rows,
+                "published_full_way": {f"{d} {k}-shot": v for (d, k), v in PUBLISHED.items()},
+            },
+            indent=1,
+        )
+    )
     print(f"\nwrote {args.out}")
 
 

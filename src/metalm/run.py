@@ -82,6 +82,21 @@ def _baselines(config: RunConfig) -> list[LearnerConfig]:
     return [b for b in config.eval.baselines if b.name != config.learner.name]
 
 
+def evaluate_with_baselines(
+    learner: MetaLearner, config: RunConfig, pools: TaskPools, progress: bool = True
+) -> list[MethodResult]:
+    """The learner, then each baseline on a fresh pretrained encoder, on the same tasks."""
+    results = evaluate_learner(learner, config.learner.name, config, pools, progress)
+    baselines = _baselines(config)
+    if baselines:
+        fresh = TextEncoder.from_config(config.model)
+        for baseline in baselines:
+            results += evaluate_learner(
+                build_learner(fresh, baseline), baseline.name, config, pools, progress
+            )
+    return results
+
+
 def run(
     config: RunConfig,
     resume: str | Path | None = None,
@@ -131,14 +146,7 @@ def run(
     if trainer is not None:
         train_summary = asdict(trainer.fit(resume=resume is not None))
 
-    results = evaluate_learner(learner, config.learner.name, config, pools, progress)
-    baselines = _baselines(config)
-    if baselines:
-        fresh = TextEncoder.from_config(config.model)  # baselines start from the pretrained weights
-        for baseline in baselines:
-            results += evaluate_learner(
-                build_learner(fresh, baseline), baseline.name, config, pools, progress
-            )
+    results = evaluate_with_baselines(learner, config, pools, progress)
     report = EvalReport(results=results, train=train_summary)
     report.write(run_dir)
     return report
@@ -185,12 +193,6 @@ def evaluate_run(
     if overrides:
         config = from_dict(RunConfig, apply_overrides(to_dict(config), overrides))
     pools = build_pools(config.data, config.eval.full_way_shots)
-    results = evaluate_learner(learner, config.learner.name, config, pools, progress)
-    fresh = TextEncoder.from_config(config.model)
-    for baseline in _baselines(config):
-        results += evaluate_learner(
-            build_learner(fresh, baseline), baseline.name, config, pools, progress
-        )
-    report = EvalReport(results=results)
+    report = EvalReport(results=evaluate_with_baselines(learner, config, pools, progress))
     report.write(run_dir)
     return report
