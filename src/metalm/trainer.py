@@ -89,8 +89,13 @@ class MetaTrainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
-        params = [p for p in learner.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        make_groups = getattr(learner, "optimizer_groups", None)  # e.g. Meta-SGD's rates
+        groups = (
+            [g for g in make_groups(config.lr, config.weight_decay) if g["params"]]
+            if make_groups is not None
+            else [{"params": [p for p in learner.parameters() if p.requires_grad]}]
+        )
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.state: dict[str, Any] = {
             "step": 0,
@@ -178,9 +183,18 @@ class MetaTrainer:
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for i in range(cfg.meta_batch_size):
-            episode = self.train_sampler.sample(step * cfg.meta_batch_size + i)
-            loss = self.learner.meta_loss(episode) / cfg.meta_batch_size
+        episodes = [
+            self.train_sampler.sample(step * cfg.meta_batch_size + i)
+            for i in range(cfg.meta_batch_size)
+        ]
+        batch_loss = getattr(self.learner, "meta_loss_batch", None)
+        batched = batch_loss(episodes) if batch_loss is not None else None  # one vmap call
+        losses = (
+            [batched]
+            if batched is not None
+            else (self.learner.meta_loss(ep) / cfg.meta_batch_size for ep in episodes)
+        )
+        for loss in losses:
             if not torch.isfinite(loss):
                 raise MetalmError(
                     f"the meta-training loss became {loss.item()} at step {step + 1}; "

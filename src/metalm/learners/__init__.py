@@ -10,20 +10,51 @@ from metalm.learners.base import (
     register_learner,
 )
 from metalm.learners.finetune import Finetune, FinetuneConfig
+from metalm.learners.functional import inner_loop, select_params
+from metalm.learners.gradient import EncoderAdaptConfig, GradientConfig, GradientLearner
+from metalm.learners.maml import (
+    ANIL,
+    FOMAML,
+    MAML,
+    ANILConfig,
+    FOMAMLConfig,
+    MAMLConfig,
+    MetaSGD,
+    MetaSGDConfig,
+)
 from metalm.learners.protonet import FrozenCentroids, FrozenConfig, ProtoNet, ProtoNetConfig
+from metalm.learners.proximal import Proximal, ProximalConfig
+from metalm.learners.reptile import Reptile, ReptileConfig
 
 __all__ = [
+    "ANIL",
+    "FOMAML",
     "LEARNERS",
+    "MAML",
+    "ANILConfig",
+    "EncoderAdaptConfig",
+    "FOMAMLConfig",
     "Finetune",
     "FinetuneConfig",
     "FrozenCentroids",
     "FrozenConfig",
+    "GradientConfig",
+    "GradientLearner",
     "LearnerConfig",
+    "MAMLConfig",
     "MetaLearner",
+    "MetaSGD",
+    "MetaSGDConfig",
     "ProtoNet",
     "ProtoNetConfig",
+    "Proximal",
+    "ProximalConfig",
+    "Reptile",
+    "ReptileConfig",
     "TaskState",
     "build_learner",
+    "inner_loop",
     "learner_class",
     "register_learner",
+    "select_params",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,17 @@ class MetaLearner(nn.Module, ABC):
     def meta_loss(self, episode: Episode) -> Tensor:
         """The outer-loop loss on one episode (meta-trainable learners only)."""
         raise MetalmError(f"learner {self.name!r} is not meta-trained; set train.steps=0")
+
+    def meta_loss_batch(self, episodes: Sequence[Episode]) -> Tensor | None:
+        """The mean outer loss of a whole meta-batch in one call (e.g. `vmap`), or None
+        to have the trainer call `meta_loss` per episode (the default)."""
+        return None
+
+    def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups of the outer optimizer: by default one group of every
+        trainable parameter; a learner may give some meta-parameters their own rate."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
 
 LEARNERS: dict[str, type[MetaLearner]] = {}

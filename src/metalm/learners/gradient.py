@@ -1,0 +1,357 @@
+"""The shared base of the gradient-based learners: typed configs, the task head,
+inner loops on the support set, and meta-losses looped or vmapped over a meta-batch.
+
+Every learner built on `GradientLearner` adapts a task by a few gradient steps on its
+support set (the inner loop, `functional.inner_loop`, on a dict of tensors: the model is
+never changed), and is meta-trained through that adaptation (the outer loop,
+`MetaTrainer`).
+
+The task head is task-specific, not a meta-parameter: N-way tasks change their label
+order every episode. It starts at zero or at the support set's class means
+(`head_init=prototype`, as Proto-MAML / LEOPARD), computed *with* gradient so that the
+meta-gradient flows through it. Logits are `logit_scale * (W x + b)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from metalm.data.episodes import Episode
+from metalm.errors import MetalmError
+from metalm.learners.base import LearnerConfig, MetaLearner, TaskState, as_labels
+from metalm.learners.functional import (
+    ADAPT_MODES,
+    INNER_OPTIMIZERS,
+    Params,
+    attention_mask_4d,
+    inner_loop,
+    math_attention,
+    select_params,
+    vmap_safe_layer_norm,
+)
+from metalm.models.encoder import TextEncoder
+
+ENCODER_PREFIX = "encoder."
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+@dataclass
+class GradientConfig(LearnerConfig):
+    """Shared by the gradient-based learners.
+
+    `inner_steps` gradient steps adapt each task during meta-training, and
+    `eval_inner_steps` (default: the same) at test time. `head_lr`: inner learning rate
+    of the task head; `head_init`: `prototype` or `zero`; `inner_optimizer`: `sgd` or
+    `adam` (differentiable). `vectorize`: adapt the tasks of a meta-batch in one
+    `torch.func.vmap` call when their shapes agree, instead of one by one. Off by default:
+    on MiniLM it is no faster overall (0.78-1.22x by learner) and takes 2-3.6x the memory
+    (`python benchmarks/vmap_vs_loop.py`); it pays off on small models.
+    """
+
+    name: str = "anil"
+    inner_steps: int = 5
+    eval_inner_steps: int | None = None
+    head_lr: float = 0.05
+    head_init: str = "prototype"
+    logit_scale: float = 10.0
+    inner_optimizer: str = "sgd"
+    vectorize: bool = False
+
+
+@dataclass
+class EncoderAdaptConfig(GradientConfig):
+    """A gradient learner whose inner loop also adapts encoder tensors.
+
+    `adapt`: `all`, `head` (the head only: ANIL), `last_n` (the last `last_n` blocks),
+    `bias` (every bias, BitFit) or `lora` (rank-`lora_r` LoRA adapters on the
+    `lora_targets` modules, through PEFT). `inner_lr`: inner rate of those tensors.
+    """
+
+    adapt: str = "last_n"
+    last_n: int = 2
+    inner_lr: float = 1e-3
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+def class_means(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """Class means [n_way, dim]; a comparison one-hot, so it also works under vmap."""
+    onehot = (labels[:, None] == torch.arange(n_way, device=labels.device)).to(features.dtype)
+    return (onehot.T @ features) / onehot.sum(0).unsqueeze(1)
+
+
+def wrap_lora(encoder: TextEncoder, config: EncoderAdaptConfig) -> None:
+    """Inject PEFT LoRA adapters into `encoder.model` (once). LoRA's B starts at zero, so
+    the encoder computes exactly what it did. All weights stay meta-trainable."""
+    if any("lora_" in n for n, _ in encoder.model.named_parameters()):
+        return
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise MetalmError("learner.adapt=lora needs PEFT: pip install peft") from None
+    if config.lora_r < 1:
+        raise MetalmError(f"learner.lora_r must be >= 1, got {config.lora_r}")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.lora_targets),
+        bias="none",
+    )
+    try:
+        inject_adapter_in_model(lora, encoder.model)
+    except ValueError as err:
+        raise MetalmError(
+            f"cannot add LoRA to {list(config.lora_targets)}: {str(err).splitlines()[0]}; "
+            "set learner.lora_targets to the encoder's attention module names"
+        ) from None
+    for parameter in encoder.model.parameters():
+        parameter.requires_grad_(True)  # PEFT freezes the base; the outer loop trains it
+
+
+class GradientLearner(MetaLearner):
+    """Shared machinery: the task head, inner loops, meta-losses looped or vmapped.
+
+    Subclasses set `first_order` (or read it from the config), may learn rates
+    (`_inner_lrs`), add a proximal term (`proximal`) or replace `_task_loss`.
+    """
+
+    config: GradientConfig
+    first_order: bool = False
+    proximal: float = 0.0
+    needs_encoder_adaptation: ClassVar[bool] = False
+
+    def __init__(self, encoder: TextEncoder, config: GradientConfig):
+        super().__init__(encoder, config)
+        cfg = config
+        if cfg.inner_steps < 0 or (cfg.eval_inner_steps is not None and cfg.eval_inner_steps < 0):
+            raise MetalmError("learner.inner_steps and learner.eval_inner_steps must be >= 0")
+        if cfg.head_init not in ("zero", "prototype"):
+            raise MetalmError(
+                f"learner.head_init must be 'zero' or 'prototype', got {cfg.head_init!r}"
+            )
+        if cfg.inner_optimizer not in INNER_OPTIMIZERS:
+            raise MetalmError(
+                f"learner.inner_optimizer must be 'sgd' or 'adam', got {cfg.inner_optimizer!r}"
+            )
+        if cfg.logit_scale <= 0:
+            raise MetalmError(f"learner.logit_scale must be > 0, got {cfg.logit_scale}")
+        self.adapt_mode = getattr(cfg, "adapt", "head")
+        if self.adapt_mode not in ADAPT_MODES:
+            raise MetalmError(
+                f"learner.adapt must be one of {list(ADAPT_MODES)}, got {self.adapt_mode!r}"
+            )
+        if self.adapt_mode == "lora":
+            wrap_lora(encoder, cfg)  # type: ignore[arg-type]
+        self.adapted_names = sorted(
+            select_params(encoder, self.adapt_mode, getattr(cfg, "last_n", 1))
+        )
+        if self.needs_encoder_adaptation and not self.adapted_names:
+            raise MetalmError(f"learner {cfg.name!r} must adapt encoder tensors; set learner.adapt")
+        self.first_order = bool(getattr(cfg, "first_order", self.first_order))
+
+    # -- pieces ----------------------------------------------------------------------
+    @property
+    def head_only(self) -> bool:
+        return not self.adapted_names
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.encoder.model.parameters()).dtype
+
+    def meta_params(self) -> Params:
+        """The live encoder tensors that adapt, keyed `encoder.<name>`."""
+        named = dict(self.encoder.model.named_parameters())
+        return {ENCODER_PREFIX + n: named[n] for n in self.adapted_names}
+
+    def _inner_lrs(self) -> dict[str, Any]:
+        rate = getattr(self.config, "inner_lr", 0.0)
+        lrs: dict[str, Any] = {ENCODER_PREFIX + n: rate for n in self.adapted_names}
+        lrs.update(dict.fromkeys(HEAD_KEYS, self.config.head_lr))
+        return lrs
+
+    def _features(
+        self, ids: Tensor, mask: Tensor, params: Params | None, vectorized: bool
+    ) -> Tensor:
+        """Pooled embeddings of token tensors, with `params` (prefixed) swapped in."""
+        model = self.encoder.model
+        encoder_params = {
+            k[len(ENCODER_PREFIX) :]: v
+            for k, v in (params or {}).items()
+            if k.startswith(ENCODER_PREFIX)
+        }
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": attention_mask_4d(model, mask) if vectorized else mask,
+        }
+        if encoder_params:
+            out = torch.func.functional_call(model, encoder_params, args=(), kwargs=kwargs)
+        else:
+            out = model(**kwargs)
+        return self.encoder.pool(out.last_hidden_state, mask)
+
+    def logits(self, params: Params, features: Tensor) -> Tensor:
+        return self.config.logit_scale * (features @ params["head.weight"].T + params["head.bias"])
+
+    def init_head(self, features: Tensor, labels: Tensor, n_way: int) -> Params:
+        """Zero head, or the prototype head `2 m_c`, `-||m_c||^2` (with gradient)."""
+        if self.config.head_init == "zero":
+            dim = features.shape[-1]
+            return {
+                "head.weight": features.new_zeros(n_way, dim),
+                "head.bias": features.new_zeros(n_way),
+            }
+        means = class_means(features, labels, n_way)
+        return {"head.weight": 2 * means, "head.bias": -means.pow(2).sum(-1)}
+
+    def _head_loss(self, _model: Any, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+        features, labels = batch
+        return nn.functional.cross_entropy(self.logits(params, features), labels)
+
+    def _support_loss(self, _model: Any, params: Params, batch: tuple) -> Tensor:
+        ids, mask, labels, vectorized = batch
+        features = self._features(ids, mask, params, vectorized)
+        return nn.functional.cross_entropy(self.logits(params, features), labels)
+
+    def _inner(
+        self, params: Params, loss_fn, batch: Any, steps: int, first_order: bool, lrs=None
+    ) -> Params:
+        return inner_loop(
+            None,
+            params,
+            loss_fn,
+            batch,
+            steps,
+            self._inner_lrs() if lrs is None else lrs,
+            first_order,
+            optimizer=self.config.inner_optimizer,
+            proximal=self.proximal,
+        )
+
+    # -- meta-training ---------------------------------------------------------------
+    def _task_loss(
+        self,
+        s_ids: Tensor,
+        s_mask: Tensor,
+        s_labels: Tensor,
+        q_ids: Tensor,
+        q_mask: Tensor,
+        q_labels: Tensor,
+        *,
+        n_way: int,
+        vectorized: bool,
+    ) -> Tensor:
+        """The outer loss of one task: adapt on the support set, cross-entropy on the query."""
+        steps = self.config.inner_steps
+        if self.head_only:  # ANIL: encoder features once, the inner loop on the head only
+            features = self._features(
+                torch.cat([s_ids, q_ids]), torch.cat([s_mask, q_mask]), None, vectorized
+            )
+            support, query = features[: s_ids.shape[0]], features[s_ids.shape[0] :]
+            head = self.init_head(support, s_labels, n_way)
+            adapted = self._inner(
+                head, self._head_loss, (support, s_labels), steps, self.first_order
+            )
+            return nn.functional.cross_entropy(self.logits(adapted, query), q_labels)
+        if self.config.head_init == "prototype":
+            support = self._features(s_ids, s_mask, None, vectorized)
+        else:
+            support = torch.empty(0, self.encoder.dim, device=s_ids.device, dtype=self._dtype)
+        params = {**self.meta_params(), **self.init_head(support, s_labels, n_way)}
+        batch = (s_ids, s_mask, s_labels, vectorized)
+        adapted = self._inner(params, self._support_loss, batch, steps, self.first_order)
+        query = self._features(q_ids, q_mask, adapted, vectorized)
+        return nn.functional.cross_entropy(self.logits(adapted, query), q_labels)
+
+    def _tokens(self, groups: Sequence[Sequence[str]]) -> list[tuple[Tensor, Tensor]]:
+        """Token ids and masks of each group of texts, all padded to one width."""
+        batches = [self.encoder.tokenize(list(texts)) for texts in groups]
+        width = max(b["input_ids"].shape[1] for b in batches)
+        pad = self.encoder.tokenizer.pad_token_id or 0
+        out = []
+        for b in batches:
+            extra = width - b["input_ids"].shape[1]
+            ids = nn.functional.pad(b["input_ids"], (0, extra), value=pad)
+            out.append((ids, nn.functional.pad(b["attention_mask"], (0, extra))))
+        return out
+
+    def _episode_tensors(self, episodes: Sequence[Episode]) -> tuple[Tensor, ...]:
+        """[B, ...] tensors (support ids, mask, labels, query ids, mask, labels)."""
+        device = self.encoder.device
+        tokens = self._tokens(
+            [ep.support_texts for ep in episodes] + [ep.query_texts for ep in episodes]
+        )
+        support, query = tokens[: len(episodes)], tokens[len(episodes) :]
+
+        def labels(name: str) -> Tensor:
+            return torch.tensor(
+                [getattr(ep, name) for ep in episodes], dtype=torch.long, device=device
+            )
+
+        return (
+            torch.stack([ids for ids, _ in support]),
+            torch.stack([mask for _, mask in support]),
+            labels("support_labels"),
+            torch.stack([ids for ids, _ in query]),
+            torch.stack([mask for _, mask in query]),
+            labels("query_labels"),
+        )
+
+    def _second_order_through_encoder(self) -> bool:
+        return not self.first_order and not self.head_only
+
+    def meta_loss(self, episode: Episode) -> Tensor:
+        tensors = [t[0] for t in self._episode_tensors([episode])]
+        fn = functools.partial(self._task_loss, n_way=episode.n_way, vectorized=False)
+        if self._second_order_through_encoder():
+            with math_attention():
+                return fn(*tensors)
+        return fn(*tensors)
+
+    def meta_loss_batch(self, episodes: Sequence[Episode]) -> Tensor | None:
+        """Mean outer loss of equal-shaped episodes in one `vmap` call (None otherwise:
+        `vectorize` off, one episode, or shapes that differ)."""
+        shapes = {(ep.n_way, len(ep.support_texts), len(ep.query_texts)) for ep in episodes}
+        if not self.config.vectorize or len(episodes) < 2 or len(shapes) != 1:
+            return None
+        tensors = self._episode_tensors(episodes)
+        fn = functools.partial(self._task_loss, n_way=episodes[0].n_way, vectorized=True)
+        with math_attention(), vmap_safe_layer_norm():
+            return torch.func.vmap(fn, randomness="different")(*tensors).mean()
+
+    # -- test time -------------------------------------------------------------------
+    def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
+        """Inner loop on the support set; returns the adapted head and encoder tensors."""
+        cfg = self.config
+        device = self.encoder.device
+        labels, n_way = as_labels(support_labels, device)
+        steps = cfg.inner_steps if cfg.eval_inner_steps is None else cfg.eval_inner_steps
+        lrs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in self._inner_lrs().items()}
+        # cached during evaluation
+        features = self.encoder.embed(support_texts).to(device=device, dtype=self._dtype)
+        head = self.init_head(features, labels, n_way)
+        with torch.enable_grad():
+            if self.head_only:
+                adapted = self._inner(head, self._head_loss, (features, labels), steps, True, lrs)
+            else:
+                params = {k: v.detach() for k, v in self.meta_params().items()} | head
+                ((ids, mask),) = self._tokens([support_texts])
+                batch = (ids, mask, labels, False)
+                adapted = self._inner(params, self._support_loss, batch, steps, True, lrs)
+        return {k: v.detach() for k, v in adapted.items()}
+
+    @torch.no_grad()
+    def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
+        params = {
+            k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)
+        }
+        features = self.encoder.embed(query_texts, params=params or None)
+        head = state["head.weight"]
+        return self.logits(state, features.to(device=head.device, dtype=head.dtype))
