@@ -101,6 +101,52 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _print_report(report)
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from metalm.tune import load_tune_config, tune
+    from metalm.tune.arch import arch_space
+
+    base, space = load_tune_config(args.config, args.overrides)
+    if args.arch:
+        if space is not None:
+            raise MetalmError("--arch builds its own search space; drop the search: section")
+        space = arch_space(base)
+    if space is None:
+        raise MetalmError(
+            "no search space: add a search: section to the config (see configs/tune_protonet.yaml)"
+            " or pass --arch"
+        )
+    name = args.study_name or (Path(args.config).stem if args.config else "metalm")
+    study_dir = Path(args.study_dir) if args.study_dir else Path(base.output_dir) / name
+    objectives = args.objectives or ("accuracy,latency" if args.arch else "accuracy")
+    result = tune(
+        base,
+        space,
+        args.trials,
+        study_dir,
+        study_name=name,
+        storage=args.storage,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        seed=args.seed,
+        objectives=objectives,
+        warm_start_from=args.warm_start_from or (),
+        warm_start_top=args.warm_start_top,
+        final=not args.no_final,
+        progress=args.bars and not args.quiet,
+        heartbeat=args.heartbeat,
+    )
+    if result.pareto:
+        print(f"\nPareto front ({objectives}):")
+        for row in result.pareto:
+            values = ", ".join(f"{v:.4g}" for v in row["values"])
+            print(f"  trial {row['trial']}: {values}  {row['params']}")
+    if result.test_report is not None:
+        _print_report(result.test_report)
+    print(f"\nstudy outputs in {study_dir}: {', '.join(result.outputs)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metalm", description="Meta-learning with language models."
@@ -127,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev = with_config(sub.add_parser("eval", help="evaluate without training, or a finished run"))
     ev.add_argument("--run", metavar="RUN_DIR", help="re-evaluate this run's best learner")
     ev.set_defaults(func=cmd_eval)
+    tune = with_config(sub.add_parser("tune", help="search meta-parameters (Optuna)"))
+    tune.add_argument("--trials", type=int, required=True, help="finished trials to reach")
+    tune.add_argument("--storage", help="RDB URL (postgresql://...) or a .journal file")
+    tune.add_argument("--study-dir", help="outputs and trial runs (default output_dir/NAME)")
+    tune.add_argument("--study-name", help="default: the config file's name")
+    tune.add_argument("--sampler", choices=["random", "tpe", "gp", "cmaes", "nsga2"], default="tpe")
+    tune.add_argument("--pruner", choices=["none", "median", "asha", "hyperband"], default="median")
+    tune.add_argument("--seed", type=int, help="sampler seed (default: random)")
+    tune.add_argument(
+        "--warm-start-from",
+        nargs="+",
+        metavar="STUDY",
+        help="earlier study directories (or journal files, URL#name) to seed from",
+    )
+    tune.add_argument("--warm-start-top", type=int, default=1, help="best configs per study")
+    tune.add_argument(
+        "--arch", action="store_true", help="architecture search over the encoder's size"
+    )
+    tune.add_argument("--objectives", help="accuracy[,latency][,params] (--arch: accuracy,latency)")
+    tune.add_argument("--no-final", action="store_true", help="skip the best config's test run")
+    tune.add_argument("--bars", action="store_true", help="progress bars inside each trial")
+    tune.add_argument("--heartbeat", type=int, default=60, help="RDB heartbeat seconds")
+    tune.set_defaults(func=cmd_tune)
     demo = with_config(sub.add_parser("demo", help="the main job on the embedded defaults"))
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -79,9 +79,18 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 50
     val_episodes: int = 100
+    # validation episodes: harder than training ones by default, so that the choice of
+    # the best checkpoint is not decided by noise on near-perfect scores; `val_n_way` is
+    # capped at the number of meta-val classes
+    val_n_way: int = 20
+    val_k_shot: int = 1
+    val_q_queries: int = 5
     patience: int = 0
     checkpoint_every: int = 50
     tensorboard: bool = True
+    # hypergradient descent on the learning rate (Baydin et al. 2018): the step size β of
+    # the rate's own updates; 0 keeps the rate fixed (apart from the schedule)
+    hypergradient_lr: float = 0.0
 
 
 @dataclass
@@ -248,10 +257,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the YAML file at `path`, then `overrides`; fully validated."""
-    data = to_dict(RunConfig())
-    if path is not None:
-        data = _merge(data, read_yaml(path))
-    return from_dict(RunConfig, apply_overrides(data, list(overrides or [])))
+    return config_from_data(read_yaml(path) if path is not None else {}, overrides)
+
+
+def config_from_data(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the mapping `data` (as read from a YAML file), then `overrides`."""
+    merged = _merge(to_dict(RunConfig()), data)
+    return from_dict(RunConfig, apply_overrides(merged, list(overrides or [])))
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

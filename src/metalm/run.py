@@ -4,6 +4,7 @@ the benchmarks and the tests all go through here."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,8 +17,14 @@ from metalm.evaluate import MethodResult, evaluate_episodes
 from metalm.learners import LearnerConfig, MetaLearner, build_learner
 from metalm.models.encoder import TextEncoder
 from metalm.report import EvalReport
-from metalm.tasks import TaskPools, build_pools
-from metalm.trainer import BEST_WEIGHTS, CHECKPOINT_DIR, MetaTrainer
+from metalm.tasks import TaskPools, build_pools, validation_sampler
+from metalm.trainer import (
+    BEST_WEIGHTS,
+    CHECKPOINT_DIR,
+    MetaTrainer,
+    TrainResult,
+    ValidationCallback,
+)
 
 CONFIG_FILE = "config.yaml"
 
@@ -101,6 +108,7 @@ def run(
     config: RunConfig,
     resume: str | Path | None = None,
     progress: bool = True,
+    on_validation: Sequence[ValidationCallback] = (),
 ) -> EvalReport:
     """Meta-train `config.learner` (if it learns and `train.steps > 0`), then evaluate it
     and the baselines on the same test tasks; results go to the run directory.
@@ -116,10 +124,8 @@ def run(
     train_sampler = pools.sampler(
         "train", config.episode, config.seed, config.data.drop_small_classes
     )
-    val_sampler = (
-        pools.sampler("val", config.episode, config.seed + 1, config.data.drop_small_classes)
-        if pools.val is not None
-        else None
+    val_sampler = validation_sampler(
+        pools, config.train, config.seed + 1, config.data.drop_small_classes
     )
     _test_samplers(config, pools)  # validates N, K, Q against the test classes up front
     for baseline in _baselines(config):
@@ -132,7 +138,13 @@ def run(
     if learner.meta_trainable and config.train.steps > 0:
         # built before the run directory exists: it validates config.train
         trainer = MetaTrainer(
-            learner, train_sampler, val_sampler, config.train, run_dir, progress=progress
+            learner,
+            train_sampler,
+            val_sampler,
+            config.train,
+            run_dir,
+            progress=progress,
+            on_validation=on_validation,
         )
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise MetalmError(
@@ -150,6 +162,46 @@ def run(
     report = EvalReport(results=results, train=train_summary)
     report.write(run_dir)
     return report
+
+
+def meta_train(
+    config: RunConfig,
+    run_dir: str | Path,
+    progress: bool = True,
+    on_validation: Sequence[ValidationCallback] = (),
+) -> tuple[MetaLearner, TrainResult]:
+    """Meta-train only, validating on the meta-val classes; the meta-test classes are
+    never touched (the tuner's objective). A learner that does not meta-train, or
+    `train.steps=0`, is validated once as it is."""
+    from metalm.evaluate import validation_accuracy
+
+    torch.manual_seed(config.seed)
+    learner = build_learner(TextEncoder.from_config(config.model), config.learner)
+    pools = build_pools(config.data)
+    if pools.val is None:
+        raise MetalmError("tuning needs meta-val classes: set data.classes.fractions or .val")
+    drop = config.data.drop_small_classes
+    train_sampler = pools.sampler("train", config.episode, config.seed, drop)
+    val_sampler = validation_sampler(pools, config.train, config.seed + 1, drop)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    if learner.meta_trainable and config.train.steps > 0:
+        trainer = MetaTrainer(
+            learner,
+            train_sampler,
+            val_sampler,
+            config.train,
+            run_dir,
+            progress=progress,
+            on_validation=on_validation,
+        )
+        return learner, trainer.fit()
+    accuracy = validation_accuracy(learner, val_sampler, config.train.val_episodes)
+    for callback in on_validation:
+        callback(0, accuracy)
+    history = [{"step": 0, "val_accuracy": accuracy}]
+    return learner, TrainResult(0, 0, accuracy, history)
 
 
 def resume_run(run_dir: str | Path, progress: bool = True) -> EvalReport:

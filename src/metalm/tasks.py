@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from metalm.config import DataConfig, EpisodeConfig
+from metalm.config import DataConfig, EpisodeConfig, TrainConfig
 from metalm.data.dataset import LabeledTextDataset
 from metalm.data.episodes import Episode, EpisodeSampler, full_way_episode
 from metalm.data.splits import ClassSplit, explicit_split, split_classes
@@ -32,6 +32,17 @@ class TaskPools:
         return EpisodeSampler(
             dataset, episode.n_way, episode.k_shot, episode.q_queries, seed, drop_small
         )
+
+
+def validation_sampler(
+    pools: TaskPools, train: TrainConfig, seed: int, drop_small: bool = False
+) -> EpisodeSampler | None:
+    """Episodes of the meta-val classes, shaped by `train.val_*` (None without val classes)."""
+    if pools.val is None:
+        return None
+    n_way = min(train.val_n_way, len(pools.val.classes))
+    shape = EpisodeConfig(n_way, train.val_k_shot, train.val_q_queries)
+    return pools.sampler("val", shape, seed, drop_small)
 
 
 def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> TaskPools:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from metalm.config import TrainConfig
 from metalm.data.episodes import EpisodeSampler
 from metalm.errors import MetalmError
 from metalm.evaluate import validation_accuracy
+from metalm.hypergrad import HypergradientLR
 from metalm.learners.base import MetaLearner
+
+ValidationCallback = Callable[[int, float], None]
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_WEIGHTS = "best.safetensors"
@@ -79,6 +83,7 @@ class MetaTrainer:
         config: TrainConfig,
         run_dir: str | Path,
         progress: bool = True,
+        on_validation: Sequence[ValidationCallback] = (),
     ):
         for name in ("steps", "meta_batch_size", "eval_every", "checkpoint_every"):
             if getattr(config, name) < (0 if name == "steps" else 1):
@@ -89,6 +94,9 @@ class MetaTrainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
+        # called as callback(step, val_accuracy) after each validation; an exception
+        # raised there (e.g. optuna.TrialPruned) stops training and propagates
+        self.on_validation: list[ValidationCallback] = list(on_validation)
         make_groups = getattr(learner, "optimizer_groups", None)  # e.g. Meta-SGD's rates
         groups = (
             [g for g in make_groups(config.lr, config.weight_decay) if g["params"]]
@@ -97,6 +105,13 @@ class MetaTrainer:
         )
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        if config.hypergradient_lr < 0:
+            raise MetalmError(f"train.hypergradient_lr must be >= 0, got {config.hypergradient_lr}")
+        self.hypergradient = (
+            HypergradientLR(self.optimizer, self.scheduler, config.hypergradient_lr)
+            if config.hypergradient_lr > 0
+            else None
+        )
         self.state: dict[str, Any] = {
             "step": 0,
             "best_step": None,
@@ -140,6 +155,8 @@ class MetaTrainer:
                     began = time.perf_counter()
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
                     loss = self._step(step)
+                    if self.hypergradient is not None:
+                        lr = self.hypergradient.lrs_used[0]  # moved by its hypergradient
                     record = {
                         "step": step + 1,
                         "loss": loss,
@@ -213,7 +230,11 @@ class MetaTrainer:
                 f"(now {cfg.lr}) or set train.grad_clip; the last good checkpoint is kept "
                 f"in {self.checkpoint_dir}"
             )
+        if self.hypergradient is not None:
+            self.hypergradient.before_step()
         self.optimizer.step()
+        if self.hypergradient is not None:
+            self.hypergradient.after_step()
         self.scheduler.step()
         return total
 
@@ -232,6 +253,8 @@ class MetaTrainer:
             patience = self.config.patience
             if patience and self.state["evals_without_improvement"] >= patience:
                 self.state["stopped_early"] = True
+        for callback in self.on_validation:
+            callback(step, accuracy)
         return accuracy
 
     def _save(self) -> None:

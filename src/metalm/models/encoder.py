@@ -31,6 +31,7 @@ class EncoderConfig:
 
     `name_or_path`: a Hugging Face model id or local directory; empty means the shipped
     all-MiniLM-L6-v2. `pooling`: `mean` or `cls`. `max_length`: tokens kept per text.
+    `num_layers`: keep only the first k transformer layers (0: all; architecture search).
     """
 
     name_or_path: str = ""
@@ -39,6 +40,18 @@ class EncoderConfig:
     max_length: int = 64
     batch_size: int = 128
     trust_remote_code: bool = False
+    num_layers: int = 0
+
+
+def truncate_layers(model: nn.Module, k: int) -> None:
+    """Keep the first `k` transformer layers of a BERT-like model (`model.encoder.layer`)."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise MetalmError("model.num_layers needs a BERT-like encoder (model.encoder.layer)")
+    if not 1 <= k <= len(layers):
+        raise MetalmError(f"model.num_layers must be in 1..{len(layers)}, got {k}")
+    model.encoder.layer = nn.ModuleList(list(layers)[:k])
+    model.config.num_hidden_layers = k
 
 
 class TextEncoder(nn.Module):
@@ -88,6 +101,8 @@ class TextEncoder(nn.Module):
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+        if config.num_layers:
+            truncate_layers(model, config.num_layers)
         return cls(model, tokenizer, config)
 
     @property

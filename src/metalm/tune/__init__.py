@@ -1,0 +1,13 @@
+"""Meta-parameter search on Optuna: search spaces in the YAML, pruning, embedded or RDB
+storage shared by many workers, warm start, and architecture search (Pareto front).
+
+Example:
+    >>> from metalm.tune import load_tune_config, tune
+    >>> base, space = load_tune_config("configs/tune_protonet.yaml")
+    >>> result = tune(base, space, trials=20, study_dir="runs/tune-protonet")
+"""
+
+from metalm.tune.space import Param, SearchSpace, load_tune_config, parse_space
+from metalm.tune.tuner import TuneResult, tune
+
+__all__ = ["Param", "SearchSpace", "TuneResult", "load_tune_config", "parse_space", "tune"]

@@ -1,0 +1,109 @@
+"""The objective: a trial's values as overrides of the base config, meta-training with a
+pruning callback, and the best meta-val accuracy (the meta-test classes are never used).
+
+Example:
+    >>> objective = Objective(base, space, "runs/tune")
+    >>> study.optimize(objective, n_trials=20)
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+
+from metalm.config import RunConfig
+from metalm.errors import MetalmError
+from metalm.run import meta_train
+from metalm.trainer import BEST_WEIGHTS, CHECKPOINT_DIR
+from metalm.tune.space import SearchSpace, apply_params
+from metalm.tune.study import mark_worker
+
+OBJECTIVES = {"accuracy": "maximize", "latency": "minimize", "params": "minimize"}
+TRIALS_DIR = "trials"
+
+
+def parse_objectives(text: str | Sequence[str]) -> list[str]:
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown or not names or names[0] != "accuracy" or len(set(names)) != len(names):
+        raise MetalmError(
+            f"--objectives {','.join(names)!r}: start with accuracy, then optionally latency "
+            "and/or params (e.g. accuracy,latency)"
+        )
+    return names
+
+
+def pruning_callback(trial: optuna.Trial):
+    """A MetaTrainer `on_validation` callback: report, and stop the trial if hopeless."""
+
+    def report(step: int, accuracy: float) -> None:
+        trial.report(accuracy, step)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_step", step)
+            raise optuna.TrialPruned(f"pruned at step {step} (val accuracy {accuracy:.4f})")
+
+    return report
+
+
+def trial_config(base: RunConfig, values: dict, study_dir: str | Path, number: int) -> RunConfig:
+    config = apply_params(base, values)
+    config.output_dir = str(Path(study_dir) / TRIALS_DIR)
+    config.run_name = f"trial-{number:04d}"
+    return config
+
+
+class Objective:
+    """Callable for `study.optimize`: returns val accuracy, or (accuracy, latency_ms |
+    parameter count, ...) for an architecture search."""
+
+    def __init__(
+        self,
+        base: RunConfig,
+        space: SearchSpace,
+        study_dir: str | Path,
+        objectives: Sequence[str] = ("accuracy",),
+        progress: bool = False,
+        keep_weights: bool = False,
+    ):
+        self.base = base
+        self.space = space
+        self.study_dir = Path(study_dir)
+        self.objectives = list(objectives)
+        self.progress = progress
+        self.keep_weights = keep_weights
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        mark_worker(trial)
+        values = self.space.suggest(trial)
+        config = trial_config(self.base, values, self.study_dir, trial.number)
+        run_dir = Path(config.output_dir) / config.run_name
+        if run_dir.exists():  # trial numbers are unique: only a crashed copy could be here
+            shutil.rmtree(run_dir)
+        callbacks = [pruning_callback(trial)] if len(self.objectives) == 1 else []
+        try:
+            learner, result = meta_train(config, run_dir, self.progress, callbacks)
+            accuracy = result.best_val_accuracy
+            if accuracy is None or math.isnan(accuracy):
+                raise MetalmError("no validation accuracy (no meta-val episodes?)")
+            trial.set_user_attr("best_step", result.best_step)
+            trial.set_user_attr("run_dir", str(run_dir))
+            if len(self.objectives) == 1:
+                return float(accuracy)
+            from metalm.tune.arch import measure
+
+            measured = measure(learner, config)
+            for key, value in measured.items():
+                trial.set_user_attr(key, value)
+            return (float(accuracy), *(measured[name] for name in self.objectives[1:]))
+        finally:
+            if not self.keep_weights:
+                for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", BEST_WEIGHTS):
+                    path = run_dir / name
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    elif path.exists():
+                        path.unlink()
