@@ -35,25 +35,10 @@ LEARNERS = {  # name -> learner overrides (everything else: the config defaults)
 
 
 def make_tiny(directory: Path) -> str:
-    """The 2-layer, 32-wide random BERT of tests/conftest.py."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    """The 2-layer, 32-wide random BERT of the tests."""
+    from metalm.models.tiny import save_tiny_bert
 
-    from metalm.models.encoder import default_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return str(save_tiny_bert(directory))
 
 
 def peak_rss_mib() -> float:

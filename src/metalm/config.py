@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -176,10 +177,8 @@ def _parse(tp: Any, value: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             return float(value)
-        except ValueError:
-            pass
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise MetalmError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     return value
