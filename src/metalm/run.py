@@ -104,6 +104,40 @@ def evaluate_with_baselines(
     return results
 
 
+def _samplers(config: RunConfig, pools: TaskPools) -> tuple[EpisodeSampler, EpisodeSampler | None]:
+    """Meta-training episodes and (if there are meta-val classes) validation episodes."""
+    drop = config.data.drop_small_classes
+    return (
+        pools.sampler("train", config.episode, config.seed, drop),
+        validation_sampler(pools, config.train, config.seed + 1, drop),
+    )
+
+
+def _trainer(
+    learner: MetaLearner,
+    config: RunConfig,
+    pools: TaskPools,
+    run_dir: Path,
+    progress: bool,
+    on_validation: Sequence[ValidationCallback],
+) -> MetaTrainer | None:
+    """The outer loop for `learner`, or None if it does not meta-train (or `steps=0`).
+
+    Builds the samplers either way, so bad data or episode shapes fail here."""
+    train_sampler, val_sampler = _samplers(config, pools)
+    if not (learner.meta_trainable and config.train.steps > 0):
+        return None
+    return MetaTrainer(
+        learner,
+        train_sampler,
+        val_sampler,
+        config.train,
+        run_dir,
+        progress=progress,
+        on_validation=on_validation,
+    )
+
+
 def run(
     config: RunConfig,
     resume: str | Path | None = None,
@@ -121,12 +155,6 @@ def run(
     encoder = TextEncoder.from_config(config.model)
     learner = build_learner(encoder, config.learner)
     pools = build_pools(config.data, config.eval.full_way_shots)
-    train_sampler = pools.sampler(
-        "train", config.episode, config.seed, config.data.drop_small_classes
-    )
-    val_sampler = validation_sampler(
-        pools, config.train, config.seed + 1, config.data.drop_small_classes
-    )
     _test_samplers(config, pools)  # validates N, K, Q against the test classes up front
     for baseline in _baselines(config):
         build_learner(encoder, baseline)  # validates each baseline's config up front
@@ -134,18 +162,9 @@ def run(
         raise MetalmError(f"train.steps must be >= 0, got {config.train.steps}")
 
     run_dir = Path(resume) if resume else _run_dir(config)
-    trainer = None
-    if learner.meta_trainable and config.train.steps > 0:
-        # built before the run directory exists: it validates config.train
-        trainer = MetaTrainer(
-            learner,
-            train_sampler,
-            val_sampler,
-            config.train,
-            run_dir,
-            progress=progress,
-            on_validation=on_validation,
-        )
+    # built before the run directory exists: the samplers and the trainer validate
+    # the data and config.train
+    trainer = _trainer(learner, config, pools, run_dir, progress, on_validation)
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise MetalmError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir} "
@@ -180,23 +199,13 @@ def meta_train(
     pools = build_pools(config.data)
     if pools.val is None:
         raise MetalmError("tuning needs meta-val classes: set data.classes.fractions or .val")
-    drop = config.data.drop_small_classes
-    train_sampler = pools.sampler("train", config.episode, config.seed, drop)
-    val_sampler = validation_sampler(pools, config.train, config.seed + 1, drop)
     run_dir = Path(run_dir)
+    trainer = _trainer(learner, config, pools, run_dir, progress, on_validation)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_FILE)
-    if learner.meta_trainable and config.train.steps > 0:
-        trainer = MetaTrainer(
-            learner,
-            train_sampler,
-            val_sampler,
-            config.train,
-            run_dir,
-            progress=progress,
-            on_validation=on_validation,
-        )
+    if trainer is not None:
         return learner, trainer.fit()
+    _, val_sampler = _samplers(config, pools)
     accuracy = validation_accuracy(learner, val_sampler, config.train.val_episodes)
     for callback in on_validation:
         callback(0, accuracy)
