@@ -56,6 +56,7 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
         },
         tmp / OPTIM,
     )
@@ -88,6 +89,8 @@ def load_checkpoint(
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
+    if "cuda_rng" in blob and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
     return json.loads((directory / STATE).read_text(encoding="utf-8"))
 
 

@@ -53,7 +53,7 @@ class MethodResult:
 def episode_accuracy(learner: MetaLearner, episode: Episode) -> float:
     state = learner.adapt(episode.support_texts, episode.support_labels)
     logits = learner.predict(state, episode.query_texts)
-    return float((logits.argmax(-1) == torch.tensor(episode.query_labels)).float().mean())
+    return float((logits.argmax(-1).cpu() == torch.tensor(episode.query_labels)).float().mean())
 
 
 def _timed(learner: MetaLearner, episode: Episode) -> tuple[float, float, float]:
@@ -62,7 +62,7 @@ def _timed(learner: MetaLearner, episode: Episode) -> tuple[float, float, float]
     adapted = time.perf_counter()
     logits = learner.predict(state, episode.query_texts)
     done = time.perf_counter()
-    accuracy = float((logits.argmax(-1) == torch.tensor(episode.query_labels)).float().mean())
+    accuracy = float((logits.argmax(-1).cpu() == torch.tensor(episode.query_labels)).float().mean())
     return accuracy, adapted - start, done - adapted
 
 

@@ -91,7 +91,7 @@ def learner_class(name: str) -> type[MetaLearner]:
 
 def build_learner(encoder: TextEncoder, config: LearnerConfig) -> MetaLearner:
     """The learner named by `config.name`, over `encoder`."""
-    return learner_class(config.name)(encoder, config)
+    return learner_class(config.name)(encoder, config).to(encoder.device)
 
 
 def one_hot_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:

@@ -76,7 +76,7 @@ class Finetune(MetaLearner):
 
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
         cfg = self.config
-        labels, n_way = as_labels(support_labels, torch.device("cpu"))
+        labels, n_way = as_labels(support_labels, self.encoder.device)
         frozen = self.encoder.embed(support_texts)
         weight, bias = init_head(frozen, labels, n_way, cfg.head_init)
         head = {"head.weight": weight.requires_grad_(), "head.bias": bias.requires_grad_()}

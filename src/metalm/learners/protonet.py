@@ -69,7 +69,7 @@ class _CentroidLearner(MetaLearner):
         self.log_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learn)
 
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
-        labels, n_way = as_labels(support_labels, torch.device("cpu"))
+        labels, n_way = as_labels(support_labels, self.encoder.device)
         prototypes = one_hot_means(self.encoder.embed(support_texts), labels, n_way)
         return {"prototypes": prototypes}
 

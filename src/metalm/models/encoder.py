@@ -32,6 +32,7 @@ class EncoderConfig:
     `name_or_path`: a Hugging Face model id or local directory; empty means the shipped
     all-MiniLM-L6-v2. `pooling`: `mean` or `cls`. `max_length`: tokens kept per text.
     `num_layers`: keep only the first k transformer layers (0: all; architecture search).
+    `device`: `auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ...
     """
 
     name_or_path: str = ""
@@ -41,6 +42,20 @@ class EncoderConfig:
     batch_size: int = 128
     trust_remote_code: bool = False
     num_layers: int = 0
+    device: str = "auto"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when available, else CPU; anything else as torch names it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MetalmError(f"model.device: unknown device {name!r}; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MetalmError("model.device=cuda but no CUDA device is available; use auto or cpu")
+    return device
 
 
 def truncate_layers(model: nn.Module, k: int) -> None:
@@ -103,7 +118,7 @@ class TextEncoder(nn.Module):
                 hf_logging.enable_progress_bar()
         if config.num_layers:
             truncate_layers(model, config.num_layers)
-        return cls(model, tokenizer, config)
+        return cls(model.to(resolve_device(config.device)), tokenizer, config)
 
     @property
     def dim(self) -> int:
@@ -175,16 +190,18 @@ class TextEncoder(nn.Module):
         """
         cache = self._embedding_cache
         if params is None and cache is not None and all(t in cache for t in texts):
-            return torch.stack([cache[t] for t in texts]) if texts else torch.empty(0, self.dim)
+            if not texts:
+                return torch.empty(0, self.dim, device=self.device)
+            return torch.stack([cache[t] for t in texts])
         batch_size = batch_size or self.config.batch_size
         was_training = self.training
         self.eval()
         try:
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-            out = torch.empty(len(texts), self.dim)
+            out = torch.empty(len(texts), self.dim, device=self.device)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                out[idx] = self.forward([texts[i] for i in idx], params).float().cpu()
+                out[idx] = self.forward([texts[i] for i in idx], params).float()
         finally:
             self.train(was_training)
         return out
