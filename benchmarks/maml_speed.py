@@ -65,7 +65,12 @@ def build(args: argparse.Namespace, method: str, encoder=None):
     name = {"higher-maml": "maml", "finetune": "fomaml"}.get(method, method)
     spec: dict = {"name": name, "inner_steps": args.inner_steps}
     if name != "anil":
-        spec.update(adapt=args.adapt, last_n=args.last_n, inner_lr=args.inner_lr)
+        spec.update(
+            adapt=args.adapt,
+            last_n=args.last_n,
+            inner_lr=args.inner_lr,
+            adapt_embeddings=args.adapt_embeddings,
+        )
     learner = build_learner(encoder, parse_learner_config(spec))
     sampler = EpisodeSampler(builtin_dataset("clinc150", "train"), 5, args.k_shot, 5, seed=0)
     episode = sampler.sample(0)
@@ -276,6 +281,7 @@ def child_command(args: argparse.Namespace, model: str, path: str, method: str) 
         "--k-shot", str(args.k_shot), "--inner-steps", str(args.inner_steps),
         "--inner-lr", str(args.inner_lr), "--repeats", str(args.repeats),
         "--threads", str(args.threads),
+        *(["--adapt-embeddings"] if args.adapt_embeddings else []),
     ]  # fmt: skip
 
 
@@ -293,6 +299,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--adapt", default="all", help="tensors MAML/FOMAML adapt: all | last_n")
     parser.add_argument("--last-n", type=int, default=2)
+    parser.add_argument(
+        "--adapt-embeddings", action="store_true", help="MAML/FOMAML also adapt embedding tables"
+    )
     parser.add_argument("--k-shot", type=int, default=1)
     parser.add_argument("--inner-steps", type=int, default=3)
     parser.add_argument("--inner-lr", type=float, default=1e-3)
@@ -354,7 +363,16 @@ def main() -> None:
 
     settings = {
         k: getattr(args, k)
-        for k in ("adapt", "last_n", "k_shot", "inner_steps", "inner_lr", "repeats", "threads")
+        for k in (
+            "adapt",
+            "adapt_embeddings",
+            "last_n",
+            "k_shot",
+            "inner_steps",
+            "inner_lr",
+            "repeats",
+            "threads",
+        )
     }
     env = {"python": platform.python_version(), "torch": torch.__version__}
     try:

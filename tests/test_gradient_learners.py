@@ -203,6 +203,22 @@ def test_select_params_modes(tiny_encoder):
         select_params(tiny_encoder, "odd")
 
 
+def test_embedding_tables_adapt_only_when_asked(tiny_encoder):
+    tables = {
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight",
+    }
+    without = select_params(tiny_encoder, "all", embeddings=False)
+    assert tables <= set(select_params(tiny_encoder, "all"))
+    assert not tables & set(without)
+    assert "embeddings.LayerNorm.weight" in without
+    default = build_learner(tiny_encoder, FOMAMLConfig(adapt="all"))
+    assert not tables & set(default.adapted_names)
+    opted_in = build_learner(tiny_encoder, FOMAMLConfig(adapt="all", adapt_embeddings=True))
+    assert tables <= set(opted_in.adapted_names)
+
+
 def test_bad_learner_settings_are_clear_errors(tiny_encoder):
     for spec, message in (
         ({"name": "maml", "head_init": "random"}, "head_init"),

@@ -149,7 +149,19 @@ def layer_indices(names: list[str]) -> dict[str, int]:
     return found
 
 
-def select_params(encoder: Any, mode: str, last_n: int = 1) -> dict[str, nn.Parameter]:
+def embedding_tables(encoder: Any) -> set[str]:
+    """Names of the token/position embedding tables (`nn.Embedding` weights)."""
+    model = getattr(encoder, "model", encoder)
+    return {
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding)
+    }
+
+
+def select_params(
+    encoder: Any, mode: str, last_n: int = 1, embeddings: bool = True
+) -> dict[str, nn.Parameter]:
     """The encoder tensors the inner loop adapts, by name (as in
     `encoder.model.named_parameters()`), for `mode`:
 
@@ -158,13 +170,20 @@ def select_params(encoder: Any, mode: str, last_n: int = 1) -> dict[str, nn.Para
     * `lora`: the LoRA adapter tensors (the model must have been wrapped by PEFT).
 
     The pooler is never adapted: mean/CLS pooling does not use it, so it gets no gradient.
+    `embeddings=False` leaves out the embedding tables (`nn.Embedding` weights): their
+    inner gradient is a dense, mostly zero copy of the vocabulary matrix every step.
 
     Example:
         >>> sorted(select_params(encoder, "last_n", 1))[:1]
         ['encoder.layer.5.attention.output.LayerNorm.bias']
     """
     model = getattr(encoder, "model", encoder)
-    named = {n: p for n, p in model.named_parameters() if ".pooler." not in f".{n}"}
+    skip = set() if embeddings else embedding_tables(model)
+    named = {
+        n: p
+        for n, p in model.named_parameters()
+        if ".pooler." not in f".{n}" and n not in skip
+    }
     if mode == "all":
         return {n: p for n, p in named.items() if "lora_" not in n}
     if mode == "head":

@@ -71,10 +71,13 @@ class EncoderAdaptConfig(GradientConfig):
     `adapt`: `all`, `head` (the head only: ANIL), `last_n` (the last `last_n` blocks),
     `bias` (every bias, BitFit) or `lora` (rank-`lora_r` LoRA adapters on the
     `lora_targets` modules, through PEFT). `inner_lr`: inner rate of those tensors.
+    `adapt_embeddings`: also adapt the embedding tables (off: their dense gradient over
+    the whole vocabulary doubles the cost of a FOMAML step; `benchmarks/maml_speed.py`).
     """
 
     adapt: str = "last_n"
     last_n: int = 2
+    adapt_embeddings: bool = False
     inner_lr: float = 1e-3
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -127,6 +130,7 @@ class GradientLearner(MetaLearner):
     first_order: bool = False
     proximal: float = 0.0
     needs_encoder_adaptation: ClassVar[bool] = False
+    encodes_support_with_query: ClassVar[bool] = False  # one padded batch of both sets
 
     def __init__(self, encoder: TextEncoder, config: GradientConfig):
         super().__init__(encoder, config)
@@ -151,7 +155,12 @@ class GradientLearner(MetaLearner):
         if self.adapt_mode == "lora":
             wrap_lora(encoder, cfg)  # type: ignore[arg-type]
         self.adapted_names = sorted(
-            select_params(encoder, self.adapt_mode, getattr(cfg, "last_n", 1))
+            select_params(
+                encoder,
+                self.adapt_mode,
+                getattr(cfg, "last_n", 1),
+                embeddings=getattr(cfg, "adapt_embeddings", False),
+            )
         )
         if self.needs_encoder_adaptation and not self.adapted_names:
             raise MetalmError(f"learner {cfg.name!r} must adapt encoder tensors; set learner.adapt")
@@ -270,9 +279,14 @@ class GradientLearner(MetaLearner):
         query = self._features(q_ids, q_mask, adapted, vectorized)
         return nn.functional.cross_entropy(self.logits(adapted, query), q_labels)
 
-    def _tokens(self, groups: Sequence[Sequence[str]]) -> list[tuple[Tensor, Tensor]]:
-        """Token ids and masks of each group of texts, all padded to one width."""
+    def _tokens(
+        self, groups: Sequence[Sequence[str]], shared_width: bool = True
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Token ids and masks of each group of texts, all padded to one width
+        (`shared_width`, needed to stack them) or each group to its own."""
         batches = [self.encoder.tokenize(list(texts)) for texts in groups]
+        if not shared_width:
+            return [(b["input_ids"], b["attention_mask"]) for b in batches]
         width = max(b["input_ids"].shape[1] for b in batches)
         pad = self.encoder.tokenizer.pad_token_id or 0
         out = []
@@ -282,11 +296,14 @@ class GradientLearner(MetaLearner):
             out.append((ids, nn.functional.pad(b["attention_mask"], (0, extra))))
         return out
 
-    def _episode_tensors(self, episodes: Sequence[Episode]) -> tuple[Tensor, ...]:
+    def _episode_tensors(
+        self, episodes: Sequence[Episode], shared_width: bool = True
+    ) -> tuple[Tensor, ...]:
         """[B, ...] tensors (support ids, mask, labels, query ids, mask, labels)."""
         device = self.encoder.device
         tokens = self._tokens(
-            [ep.support_texts for ep in episodes] + [ep.query_texts for ep in episodes]
+            [ep.support_texts for ep in episodes] + [ep.query_texts for ep in episodes],
+            shared_width,
         )
         support, query = tokens[: len(episodes)], tokens[len(episodes) :]
 
@@ -304,11 +321,16 @@ class GradientLearner(MetaLearner):
             labels("query_labels"),
         )
 
+    @property
+    def _shared_width(self) -> bool:
+        return self.head_only or self.encodes_support_with_query
+
     def _second_order_through_encoder(self) -> bool:
         return not self.first_order and not self.head_only
 
     def meta_loss(self, episode: Episode) -> Tensor:
-        tensors = [t[0] for t in self._episode_tensors([episode])]
+        # one task: support and query padded to their own widths (ANIL encodes them together)
+        tensors = [t[0] for t in self._episode_tensors([episode], shared_width=self._shared_width)]
         fn = functools.partial(self._task_loss, n_way=episode.n_way, vectorized=False)
         if self._second_order_through_encoder():
             with math_attention():

@@ -40,6 +40,7 @@ class Reptile(GradientLearner):
         >>> learner.meta_loss(episode).backward()   # .grad of each tensor is θ − θ′
     """
 
+    encodes_support_with_query = True
     first_order = True
     needs_encoder_adaptation = True
 
