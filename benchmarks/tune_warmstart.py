@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--top", type=int, default=3, help="source configs queued")
     parser.add_argument("--pruner", default="none")
+    parser.add_argument(
+        "--startup-trials", type=int, default=3, help="random trials before tpe/gp model"
+    )
     parser.add_argument("--runs", default="runs/bench-warmstart")
     parser.add_argument("--out", default="benchmarks/results/tune_warmstart.json")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
@@ -87,6 +90,7 @@ def main() -> None:
         result = tune(
             base, space, trials, runs / name, study_name=name, sampler="tpe",
             pruner=args.pruner, seed=seed, warm_start_from=warm, warm_start_top=args.top,
+            startup_trials=args.startup_trials,
             final=False, printer=lambda line, **_: print(f"[{name}] {line}", flush=True),
         )  # fmt: skip
         return result.study
@@ -132,6 +136,7 @@ def main() -> None:
         else ["<tiny random BERT>", *QUICK, *args.overrides],
         "quick": args.quick,
         "trials": args.trials,
+        "startup_trials": args.startup_trials,
         "source_trials": args.source_trials,
         "top": args.top,
         "pruner": args.pruner,

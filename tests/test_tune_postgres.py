@@ -144,4 +144,7 @@ def test_postgres_killed_worker_then_continue(tiny_model_dir, tmp_path, postgres
     assert study.trials[killed.number].state == TrialState.FAIL
     check_study_consistent(study, 3)
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
-    assert retried and retried[0].params == killed.params  # the killed trial was run again
+    # the killed trial was run again from what it had stored (the kill may land between two
+    # of its suggestions: then a part of the space), the rest sampled anew
+    stored = study.trials[killed.number].params
+    assert stored and retried and stored.items() <= retried[0].params.items()

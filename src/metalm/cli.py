@@ -128,6 +128,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         study_name=name,
         storage=args.storage,
         sampler=args.sampler,
+        startup_trials=args.startup_trials,
         pruner=args.pruner,
         seed=args.seed,
         objectives=objectives,
@@ -145,6 +146,82 @@ def cmd_tune(args: argparse.Namespace) -> None:
     if result.test_report is not None:
         _print_report(result.test_report)
     print(f"\nstudy outputs in {study_dir}: {', '.join(result.outputs)}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from metalm.pretrained import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"exported {args.run_dir} to {out} (metalm.json, learner.safetensors, encoder/, README.md)")
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from metalm.classifier import FewShotClassifier, read_labeled
+
+    texts, labels = read_labeled(args.support, args.text_column, args.label_column)
+    clf = FewShotClassifier.from_pretrained(args.model, device=args.device)
+    clf.adapt(texts, labels).save_task(args.out)
+    print(f"adapted to {len(clf.classes_)} classes from {len(texts)} examples: task in {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from metalm.classifier import FewShotClassifier, read_texts, write_predictions
+
+    clf = FewShotClassifier.load_task(args.task, model=args.model, device=args.device)
+    clf.batch_size = args.batch_size
+    count = write_predictions(clf, read_texts(args.input, args.text_column), args.output)
+    if args.output != "-":
+        print(f"{count} predictions written to {args.output}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from metalm.serve import ServeLimits, serve
+
+    limits = ServeLimits(
+        max_tasks=args.max_tasks,
+        max_texts=args.max_texts,
+        max_text_chars=args.max_text_chars,
+        max_labels=args.max_labels,
+        max_body_bytes=args.max_body_bytes,
+    )
+    serve(args.model, args.host, args.port, args.tasks_dir, limits, device=args.device)
+
+
+def _add_use_commands(sub) -> None:
+    """`export`, `adapt`, `predict` and `serve`: use a meta-learned model."""
+    export = sub.add_parser("export", help="make a pretrained model directory from a run")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", required=True, help="the model directory to write")
+    export.set_defaults(func=cmd_export)
+    adapt = sub.add_parser("adapt", help="adapt a model to a task from labeled examples")
+    adapt.add_argument("--model", required=True, help="model directory or Hugging Face id")
+    adapt.add_argument("--support", required=True, help="labeled examples (.csv or .jsonl)")
+    adapt.add_argument("--out", required=True, help="the task directory to write")
+    adapt.add_argument("--text-column", default="text")
+    adapt.add_argument("--label-column", default="label")
+    adapt.add_argument("--device", default="auto")
+    adapt.set_defaults(func=cmd_adapt)
+    predict = sub.add_parser("predict", help="classify texts with an adapted task")
+    predict.add_argument("--task", required=True, help="a task directory from `metalm adapt`")
+    predict.add_argument("--input", default="-", help=".csv, .jsonl, text lines, or - (stdin)")
+    predict.add_argument("--output", default="-", help="JSON lines file, or - (stdout)")
+    predict.add_argument("--model", help="model directory (default: the one the task names)")
+    predict.add_argument("--text-column", default="text")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(func=cmd_predict)
+    serve = sub.add_parser("serve", help="an HTTP service: adapt tasks and classify texts")
+    serve.add_argument("--model", required=True, help="model directory or Hugging Face id")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--tasks-dir", help="keep tasks here across restarts (default: memory)")
+    serve.add_argument("--max-tasks", type=int, default=100)
+    serve.add_argument("--max-texts", type=int, default=256, help="texts per request")
+    serve.add_argument("--max-text-chars", type=int, default=2000)
+    serve.add_argument("--max-labels", type=int, default=200, help="classes per task")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    serve.add_argument("--device", default="auto")
+    serve.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--pruner", choices=["none", "median", "asha", "hyperband"], default="median")
     tune.add_argument("--seed", type=int, help="sampler seed (default: random)")
     tune.add_argument(
+        "--startup-trials",
+        type=int,
+        help="random trials before tpe/gp/cmaes model the results (default 10)",
+    )
+    tune.add_argument(
         "--warm-start-from",
         nargs="+",
         metavar="STUDY",
@@ -198,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=cmd_tune)
     demo = with_config(sub.add_parser("demo", help="the main job on the embedded defaults"))
     demo.set_defaults(func=cmd_demo)
+    _add_use_commands(sub)
     return parser
 
 

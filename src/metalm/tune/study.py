@@ -89,16 +89,27 @@ def make_storage(url: str | None, study_dir: str | Path, heartbeat: int = 60):
     )
 
 
-def make_sampler(name: str, seed: int | None = None, multi_objective: bool = False):
+def make_sampler(
+    name: str,
+    seed: int | None = None,
+    multi_objective: bool = False,
+    startup_trials: int | None = None,
+):
+    """The Optuna sampler `name`. `startup_trials`: random trials before the model-based
+    samplers (tpe, gp, cmaes) take over (None: Optuna's default, 10); small budgets
+    want fewer."""
     if name not in SAMPLERS:
         raise MetalmError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    if startup_trials is not None and startup_trials < 0:
+        raise MetalmError(f"--startup-trials must be >= 0, got {startup_trials}")
+    startup = {} if startup_trials is None else {"n_startup_trials": startup_trials}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "tpe":
             # multivariate + group: conditional parameters get their own sub-models
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, **startup)
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed)
         if multi_objective and name == "cmaes":
@@ -107,10 +118,14 @@ def make_sampler(name: str, seed: int | None = None, multi_objective: bool = Fal
             if name == "gp":
                 import scipy  # noqa: F401  (GPSampler needs scipy and torch)
 
-                return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+                return optuna.samplers.GPSampler(
+                    seed=seed, warn_independent_sampling=False, **startup
+                )
             import cmaes  # noqa: F401
 
-            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+            return optuna.samplers.CmaEsSampler(
+                seed=seed, warn_independent_sampling=False, **startup
+            )
         except ImportError as err:
             raise MetalmError(
                 f"the {name} sampler needs {err.name}: pip install 'metalm[tune]'"
@@ -144,13 +159,14 @@ def open_study(
     max_steps: int = 0,
     eval_every: int = 1,
     heartbeat: int = 60,
+    startup_trials: int | None = None,
 ) -> optuna.Study:
     """Create the study, or load it to continue (other workers, a restart)."""
     multi = len(directions) > 1
     study = optuna.create_study(
         study_name=study_name,
         storage=make_storage(storage, study_dir, heartbeat),
-        sampler=make_sampler(sampler, seed, multi),
+        sampler=make_sampler(sampler, seed, multi, startup_trials),
         pruner=make_pruner("none" if multi else pruner, max_steps, eval_every),
         directions=list(directions),
         load_if_exists=True,

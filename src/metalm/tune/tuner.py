@@ -58,6 +58,7 @@ def tune(
     progress: bool = False,
     heartbeat: int = 60,
     printer=print,
+    startup_trials: int | None = None,
 ) -> TuneResult:
     """Run the study until it holds `trials` finished (complete or pruned) trials, counting
     those of other workers and earlier runs; then write the outputs and (single
@@ -79,6 +80,7 @@ def tune(
         base.train.steps,
         base.train.eval_every,
         heartbeat,
+        startup_trials,
     )
     if len(names) > 1:
         study.set_user_attr("objectives", names)
