@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random model, few trials")
     parser.add_argument("--trials", type=int, default=12, help="trials of the lr search")
     parser.add_argument("--lr", type=float, default=2e-5, help="starting (and control) rate")
-    parser.add_argument("--beta", type=float, default=1e-6, help="hypergradient step size")
+    parser.add_argument(
+        "--beta", type=float, default=0.5, help="hypergradient step (multiplicative rule)"
+    )
     parser.add_argument("--low", type=float, default=1e-6)
     parser.add_argument("--high", type=float, default=1e-3)
     parser.add_argument("--runs", default="runs/bench-hypergrad")

@@ -90,8 +90,11 @@ class TrainConfig:
     checkpoint_every: int = 50
     tensorboard: bool = True
     # hypergradient descent on the learning rate (Baydin et al. 2018): the step size β of
-    # the rate's own updates; 0 keeps the rate fixed (apart from the schedule)
+    # the rate's own updates; 0 keeps the rate fixed (apart from the schedule).
+    # multiplicative: rate *= 1 + β·cos(g_t, u_{t-1}) (β relative, e.g. 0.01);
+    # additive: rate += β·g_t·u_{t-1} (β's scale depends on the model's size)
     hypergradient_lr: float = 0.0
+    hypergradient_rule: str = "multiplicative"
 
 
 @dataclass

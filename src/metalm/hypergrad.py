@@ -9,8 +9,14 @@ gives α_t = α_{t-1} + β·g_t·u_{t-1}. The direction u is measured, not deriv
 (SGD, Adam, AdamW). The rate that moves is the scheduler's base rate of each parameter
 group; the warm-up/decay schedule still multiplies it.
 
+`rule="additive"` is that update. Its scale is g·u, which grows with the number of
+parameters: on MiniLM (22.7M) β=1e-6 drove the rate to 0 in one step, where it stays
+(u = 0). `rule="multiplicative"` (the default; the normalised variant in the same paper)
+uses only the direction: α_t = α_{t-1}·(1 + β·cos(g_t, u_{t-1})), so β is a relative
+change per step (β=0.01: at most ±1%) whatever the model's size, and α stays positive.
+
 Example:
-    >>> hyper = HypergradientLR(optimizer, scheduler, beta=1e-6)
+    >>> hyper = HypergradientLR(optimizer, scheduler, beta=0.01)
     >>> loss.backward(); hyper.before_step(); optimizer.step(); hyper.after_step()
 """
 
@@ -26,9 +32,15 @@ class HypergradientLR:
         self,
         optimizer: torch.optim.Optimizer,
         scheduler=None,
-        beta: float = 1e-6,
+        beta: float = 0.01,
         min_lr: float = 0.0,
+        rule: str = "multiplicative",
     ):
+        if rule not in ("additive", "multiplicative"):
+            raise ValueError(f"hypergradient rule must be additive or multiplicative, got {rule!r}")
+        if rule == "multiplicative" and not 0 <= beta < 1:
+            raise ValueError(f"the multiplicative rule needs 0 <= beta < 1, got {beta}")
+        self.rule = rule
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.beta = beta
@@ -50,23 +62,32 @@ class HypergradientLR:
         if self._directions is not None:
             self.last_hypergradients = []
             for i, (group, directions) in enumerate(zip(groups, self._directions, strict=True)):
-                h = sum(
-                    float((p.grad * u).sum())
+                pairs = [
+                    (p.grad, u)
                     for p, u in zip(group["params"], directions, strict=True)
                     if p.grad is not None
-                )  # = −∂f/∂α
+                ]
+                h = sum(float((g * u).sum()) for g, u in pairs)  # = −∂f/∂α
                 self.last_hypergradients.append(h)
                 factor = self._factor(i)
                 if self.scheduler is not None:
                     base = self.scheduler.base_lrs[i]
                     # the effective rate is base·factor: ∂f/∂base = factor·∂f/∂α
-                    new_base = max(self.min_lr, base + self.beta * factor * h)
+                    new_base = self._move(base, factor * h, pairs)
                     self.scheduler.base_lrs[i] = new_base
                     group["lr"] = new_base * factor
                 else:
-                    group["lr"] = max(self.min_lr, group["lr"] + self.beta * h)
+                    group["lr"] = self._move(group["lr"], h, pairs)
         self.lrs_used = [g["lr"] for g in groups]
         self._before = [[p.detach().clone() for p in g["params"]] for g in groups]
+
+    def _move(self, rate: float, h: float, pairs: list) -> float:
+        if self.rule == "additive":
+            return max(self.min_lr, rate + self.beta * h)
+        norm_g = sum(float(g.pow(2).sum()) for g, _ in pairs) ** 0.5
+        norm_u = sum(float(u.pow(2).sum()) for _, u in pairs) ** 0.5
+        cosine = h / (norm_g * norm_u) if norm_g > 0 and norm_u > 0 else 0.0
+        return max(self.min_lr, rate * (1.0 + self.beta * cosine))
 
     def after_step(self) -> None:
         """Call right after `optimizer.step()`: records the update direction."""

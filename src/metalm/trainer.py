@@ -107,8 +107,23 @@ class MetaTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         if config.hypergradient_lr < 0:
             raise MetalmError(f"train.hypergradient_lr must be >= 0, got {config.hypergradient_lr}")
+        if config.hypergradient_rule not in ("additive", "multiplicative"):
+            raise MetalmError(
+                "train.hypergradient_rule must be 'additive' or 'multiplicative', "
+                f"got {config.hypergradient_rule!r}"
+            )
+        if config.hypergradient_rule == "multiplicative" and config.hypergradient_lr >= 1:
+            raise MetalmError(
+                "train.hypergradient_lr must be < 1 with the multiplicative rule "
+                f"(a relative change per step), got {config.hypergradient_lr}"
+            )
         self.hypergradient = (
-            HypergradientLR(self.optimizer, self.scheduler, config.hypergradient_lr)
+            HypergradientLR(
+                self.optimizer,
+                self.scheduler,
+                config.hypergradient_lr,
+                rule=config.hypergradient_rule,
+            )
             if config.hypergradient_lr > 0
             else None
         )
