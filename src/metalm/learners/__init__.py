@@ -12,6 +12,7 @@ from metalm.learners.base import (
 from metalm.learners.finetune import Finetune, FinetuneConfig
 from metalm.learners.functional import inner_loop, select_params
 from metalm.learners.gradient import EncoderAdaptConfig, GradientConfig, GradientLearner
+from metalm.learners.lstm_meta import LSTMMeta, LSTMMetaConfig
 from metalm.learners.maml import (
     ANIL,
     FOMAML,
@@ -22,6 +23,7 @@ from metalm.learners.maml import (
     MetaSGD,
     MetaSGDConfig,
 )
+from metalm.learners.metanet import MetaNet, MetaNetConfig
 from metalm.learners.protonet import FrozenCentroids, FrozenConfig, ProtoNet, ProtoNetConfig
 from metalm.learners.proximal import Proximal, ProximalConfig
 from metalm.learners.reptile import Reptile, ReptileConfig
@@ -40,9 +42,13 @@ __all__ = [
     "FrozenConfig",
     "GradientConfig",
     "GradientLearner",
+    "LSTMMeta",
+    "LSTMMetaConfig",
     "LearnerConfig",
     "MAMLConfig",
     "MetaLearner",
+    "MetaNet",
+    "MetaNetConfig",
     "MetaSGD",
     "MetaSGDConfig",
     "ProtoNet",

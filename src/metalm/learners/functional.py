@@ -180,9 +180,7 @@ def select_params(
     model = getattr(encoder, "model", encoder)
     skip = set() if embeddings else embedding_tables(model)
     named = {
-        n: p
-        for n, p in model.named_parameters()
-        if ".pooler." not in f".{n}" and n not in skip
+        n: p for n, p in model.named_parameters() if ".pooler." not in f".{n}" and n not in skip
     }
     if mode == "all":
         return {n: p for n, p in named.items() if "lora_" not in n}
