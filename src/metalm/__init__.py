@@ -6,12 +6,14 @@ Example:
     >>> print(report.to_markdown())
 """
 
+from metalm.classifier import FewShotClassifier
 from metalm.config import RunConfig, load_config
 from metalm.data import DataSource, Episode, EpisodeSampler, LabeledTextDataset
 from metalm.errors import MetalmError
 from metalm.evaluate import MethodResult
 from metalm.learners import LEARNERS, LearnerConfig, MetaLearner, build_learner
 from metalm.models import EncoderConfig, TextEncoder
+from metalm.pretrained import from_pretrained, save_pretrained
 from metalm.report import EvalReport
 from metalm.run import evaluate_run, resume_run, run
 from metalm.trainer import MetaTrainer
@@ -23,6 +25,7 @@ __all__ = [
     "Episode",
     "EpisodeSampler",
     "EvalReport",
+    "FewShotClassifier",
     "LabeledTextDataset",
     "LearnerConfig",
     "MetaLearner",
@@ -33,7 +36,9 @@ __all__ = [
     "TextEncoder",
     "build_learner",
     "evaluate_run",
+    "from_pretrained",
     "load_config",
     "resume_run",
     "run",
+    "save_pretrained",
 ]

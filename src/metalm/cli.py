@@ -152,7 +152,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     from metalm.pretrained import export_run
 
     out = export_run(args.run_dir, args.out)
-    print(f"exported {args.run_dir} to {out} (metalm.json, learner.safetensors, encoder/, README.md)")
+    print(
+        f"exported {args.run_dir} to {out}: metalm.json, learner.safetensors, encoder/, README.md"
+    )
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:

@@ -1,0 +1,328 @@
+"""`FewShotClassifier`: a pretrained meta-learner as a scikit-learn-like classifier.
+
+Example:
+    >>> clf = FewShotClassifier.from_pretrained("protonet-minilm")
+    >>> clf.adapt(["lost my card", "card stolen", "balance?", "how much money"],
+    ...           ["lost", "lost", "balance", "balance"])
+    >>> clf.predict(["someone took my card"])
+    ['lost']
+    >>> clf.predict_proba(["someone took my card"]).shape
+    (1, 2)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from metalm.errors import MetalmError
+from metalm.learners.base import MetaLearner, TaskState
+from metalm.pretrained import (
+    fingerprint,
+    from_pretrained,
+    metalm_version,
+    resolve_pretrained,
+    safetensors_ready,
+)
+
+Label = str | int
+TASK_FORMAT_VERSION = 1
+TASK_WEIGHTS = "task.safetensors"
+TASK_INFO = "task.json"
+TOKEN_CACHE_LIMIT = 50_000
+
+
+def check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
+    """`texts` as a list, or a MetalmError naming the first bad one."""
+    if isinstance(texts, str):
+        raise MetalmError(f"{what} must be a list of strings, not one string")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise MetalmError(f"{what}[{i}] is empty or not a string ({text!r})")
+    return texts
+
+
+def _label(value: Any, i: int) -> Label:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise MetalmError(f"labels[{i}] must be a string or an integer, got {value!r}")
+    return value
+
+
+class FewShotClassifier:
+    """Adapt a pretrained meta-learner to a new task from a few labeled examples.
+
+    `classes_` holds the label names (sorted; strings and integers as given), and
+    `predict` returns them. Prediction is batched, without gradients and deterministic.
+
+    Example:
+        >>> clf = FewShotClassifier.from_pretrained("my-model").fit(texts, labels)
+        >>> clf.save_task("task-dir")
+        >>> FewShotClassifier.load_task("task-dir").predict(["new text"])
+    """
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        model_path: str = "",
+        model_fingerprint: str = "",
+        batch_size: int = 64,
+    ):
+        self.learner = learner.eval()
+        self.model_path = model_path
+        self.model_fingerprint = model_fingerprint
+        self.batch_size = batch_size
+        self.state_: TaskState | None = None
+        self._classes: list[Label] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, device: str = "auto", batch_size: int = 64
+    ) -> FewShotClassifier:
+        """Load a directory made by `save_pretrained` / `metalm export` (or a Hub id)."""
+        directory = resolve_pretrained(name_or_path)
+        learner = from_pretrained(directory, device=device)
+        return cls(learner, str(directory.resolve()), fingerprint(directory), batch_size)
+
+    def unfitted(self) -> FewShotClassifier:
+        """A new, unadapted classifier sharing this one's model (cheap: no copy)."""
+        return FewShotClassifier(
+            self.learner, self.model_path, self.model_fingerprint, self.batch_size
+        )
+
+    # -- adaptation --------------------------------------------------------------------
+    @property
+    def classes_(self) -> list[Label]:
+        if self._classes is None:
+            raise MetalmError("the classifier is not adapted yet; call adapt(texts, labels)")
+        return list(self._classes)
+
+    @property
+    def is_adapted(self) -> bool:
+        return self.state_ is not None
+
+    def adapt(self, texts: Sequence[str], labels: Sequence[Label]) -> FewShotClassifier:
+        """Learn the task from labeled examples (at least 2 classes); returns self."""
+        texts = check_texts(texts)
+        labels = [_label(v, i) for i, v in enumerate(labels)]
+        if not texts:
+            raise MetalmError("no examples: give at least one labeled text per class")
+        if len(texts) != len(labels):
+            raise MetalmError(f"{len(texts)} texts but {len(labels)} labels")
+        classes = sorted(set(labels), key=lambda v: (isinstance(v, str), v))
+        if len(classes) < 2:
+            raise MetalmError(f"need at least 2 classes, got {len(classes)}: {classes}")
+        index = {name: i for i, name in enumerate(classes)}
+        # learners that draw random numbers while adapting get the same ones every time
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            state = self.learner.adapt(texts, [index[v] for v in labels])
+        self.state_ = {k: v.detach() for k, v in state.items()}
+        self._classes = classes
+        _trim_token_cache(self.learner)
+        return self
+
+    fit = adapt
+
+    # -- prediction --------------------------------------------------------------------
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Class probabilities, shape [len(texts), len(classes_)]; columns as `classes_`."""
+        classes = self.classes_
+        texts = check_texts(texts)
+        if not texts:
+            return np.zeros((0, len(classes)), dtype=np.float32)
+        assert self.state_ is not None
+        # batches of similar length pad little: sort by length, restore the order after
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), len(classes)), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                logits = self.learner.predict(self.state_, [texts[i] for i in rows])
+                out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        _trim_token_cache(self.learner)
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[Label]:
+        """The most likely label name of each text."""
+        classes = self.classes_
+        return [classes[i] for i in self.predict_proba(texts).argmax(-1)]
+
+    def predict_with_probability(self, texts: Sequence[str]) -> list[tuple[Label, float]]:
+        """(label, its probability) for each text."""
+        classes = self.classes_
+        probs = self.predict_proba(texts)
+        return [(classes[int(row.argmax())], float(row.max())) for row in probs]
+
+    # -- task files --------------------------------------------------------------------
+    def save_task(self, directory: str | Path, info: dict[str, Any] | None = None) -> Path:
+        """Write the adapted task: `task.safetensors` (the task state) and `task.json`
+        (label names, the model's path and fingerprint; `info` is kept as given)."""
+        classes = self.classes_
+        assert self.state_ is not None
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(safetensors_ready(self.state_), str(tmp / TASK_WEIGHTS))
+        meta = {
+            "format_version": TASK_FORMAT_VERSION,
+            "metalm_version": metalm_version(),
+            "classes": classes,
+            "learner": self.learner.name,
+            "model": self.model_path,
+            "model_fingerprint": self.model_fingerprint,
+            "info": info or {},
+        }
+        (tmp / TASK_INFO).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
+
+    @staticmethod
+    def read_task_info(directory: str | Path) -> dict[str, Any]:
+        """The `task.json` of a task directory, checked."""
+        path = Path(directory) / TASK_INFO
+        if not path.exists():
+            raise MetalmError(f"{directory}: not a task directory (no {TASK_INFO})")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise MetalmError(f"{path}: not valid JSON ({err})") from None
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if not isinstance(version, int) or version < 1:
+            raise MetalmError(f"{path}: format_version must be a positive integer")
+        if version > TASK_FORMAT_VERSION:
+            raise MetalmError(
+                f"{path}: task format_version {version} is newer than this metalm reads "
+                f"({TASK_FORMAT_VERSION}); upgrade metalm"
+            )
+        classes = meta.get("classes")
+        if not isinstance(classes, list) or len(classes) < 2:
+            raise MetalmError(f"{path}: 'classes' must list at least 2 labels")
+        return meta
+
+    @classmethod
+    def load_task(
+        cls,
+        directory: str | Path,
+        model: FewShotClassifier | str | Path | None = None,
+        device: str = "auto",
+    ) -> FewShotClassifier:
+        """An adapted classifier from `save_task`'s directory, over `model` (a loaded
+        classifier to share, or a model directory; default: the path the task recorded).
+        A task adapted with another model is refused (fingerprints differ)."""
+        directory = Path(directory)
+        meta = cls.read_task_info(directory)
+        if model is None:
+            model = meta.get("model") or ""
+            if not model:
+                raise MetalmError(f"{directory}: the task records no model; pass model=")
+        base = model if isinstance(model, FewShotClassifier) else cls.from_pretrained(model, device)
+        recorded = meta.get("model_fingerprint")
+        if recorded and base.model_fingerprint and recorded != base.model_fingerprint:
+            raise MetalmError(
+                f"{directory}: the task was adapted with another model (fingerprint "
+                f"{recorded}, this model {base.model_fingerprint}); adapt it again"
+            )
+        weights = directory / TASK_WEIGHTS
+        if not weights.exists():
+            raise MetalmError(f"{directory}: missing {TASK_WEIGHTS}")
+        clf = base.unfitted()
+        clf.state_ = load_file(str(weights), device=str(base.learner.encoder.device))
+        clf._classes = list(meta["classes"])
+        return clf
+
+
+def _trim_token_cache(learner: MetaLearner) -> None:
+    """Bound the encoder's token cache: a long-running service sees endless new texts."""
+    cache = getattr(learner.encoder, "_token_cache", None)
+    if isinstance(cache, dict) and len(cache) > TOKEN_CACHE_LIMIT:
+        cache.clear()
+
+
+# -- files for the command line ----------------------------------------------------------
+def read_labeled(
+    path: str | Path, text_column: str = "text", label_column: str = "label"
+) -> tuple[list[str], list[str]]:
+    """Texts and labels of a support set in a .csv (header row) or .jsonl file."""
+    from metalm.data import load_csv, load_jsonl
+
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        data = load_csv(path, text_column, label_column)
+    elif suffix in (".jsonl", ".json"):
+        data = load_jsonl(path, text_column, label_column)
+    else:
+        raise MetalmError(f"{path}: the support set must be a .csv or .jsonl file")
+    return list(data.texts), list(data.labels)
+
+
+def _text_of_line(line: str, text_column: str) -> str:
+    if line.lstrip().startswith("{"):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return line
+        if isinstance(row, dict) and text_column in row:
+            return str(row[text_column])
+    return line
+
+
+def read_texts(source: str | Path, text_column: str = "text", stdin: Any = None) -> list[str]:
+    """Texts to classify: a .csv (column `text_column`), a .jsonl (field `text_column`),
+    or plain text / JSON lines from a file or `-` (standard input), blank lines skipped."""
+    import csv
+    import io
+    import sys
+
+    if str(source) == "-":
+        raw = (stdin or sys.stdin).read()
+        suffix = ""
+    else:
+        path = Path(source)
+        try:
+            raw = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise MetalmError(f"{path}: no such file") from None
+        except UnicodeDecodeError:
+            raise MetalmError(f"{path}: not valid UTF-8") from None
+        suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(raw, newline="")))
+        if rows and text_column not in rows[0]:
+            raise MetalmError(f"{source}: no column {text_column!r}; columns are {sorted(rows[0])}")
+        return [row[text_column] for row in rows]
+    lines = [line for line in raw.split("\n") if line.strip()]
+    return [_text_of_line(line.rstrip("\r"), text_column) for line in lines]
+
+
+def write_predictions(
+    clf: FewShotClassifier, texts: Sequence[str], destination: str | Path, stdout: Any = None
+) -> int:
+    """One JSON line per text, `{"text", "label", "probability"}`, to a file or `-`."""
+    import sys
+
+    lines = [
+        json.dumps({"text": text, "label": label, "probability": round(prob, 6)})
+        for text, (label, prob) in zip(texts, clf.predict_with_probability(texts), strict=True)
+    ]
+    body = "".join(line + "\n" for line in lines)
+    if str(destination) == "-":
+        out = stdout or sys.stdout
+        out.write(body)
+        out.flush()
+    else:
+        Path(destination).write_text(body, encoding="utf-8")
+    return len(lines)

@@ -1,0 +1,411 @@
+"""Save a meta-learner as a self-describing directory, and load it back.
+
+The layout follows the Hugging Face convention, so a directory can be pushed to the Hub
+as it is and loaded by its id::
+
+    metalm.json           format version, learner config, encoder settings, metalm version
+    learner.safetensors   the learner's own meta-parameters (its state minus the encoder's
+                          weights: learned temperatures, rates, LoRA adapters, ...)
+    encoder/              the encoder: model.safetensors, config.json, tokenizer files
+    README.md             model card: what it was meta-trained on, accuracy, licenses
+
+Loading reads safetensors and JSON only: nothing is unpickled, no remote code runs.
+
+Example:
+    >>> save_pretrained(learner, "my-model", run_config=config, report=report)
+    >>> learner = from_pretrained("my-model")          # or a Hugging Face Hub id
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from metalm.errors import MetalmError
+from metalm.learners.base import MetaLearner, build_learner
+from metalm.models.encoder import EncoderConfig, TextEncoder, resolve_device
+
+FORMAT_VERSION = 1
+METADATA = "metalm.json"
+LEARNER_WEIGHTS = "learner.safetensors"
+ENCODER_DIR = "encoder"
+MODEL_CARD = "README.md"
+ENCODER_KEY = "encoder.model."
+HUB_FILES = [METADATA, LEARNER_WEIGHTS, MODEL_CARD, f"{ENCODER_DIR}/*"]
+
+DATASET_LICENSES = {
+    "banking77": "CC BY 4.0 — Casanueva et al. (2020), Efficient Intent Detection with Dual "
+    "Sentence Encoders, PolyAI",
+    "clinc150": "CC BY 3.0 — Larson et al. (2019), An Evaluation Dataset for Intent "
+    "Classification and Out-of-Scope Prediction, Clinc",
+}
+
+
+def metalm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("metalm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or warnings from transformers inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# -- saving ----------------------------------------------------------------------------
+def split_state(learner: MetaLearner) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(encoder weights under their Hugging Face names, the learner's own tensors).
+
+    LoRA adapters (PEFT `lora_*` tensors) belong to the learner; the wrapped base
+    layers (`*.base_layer.*`) are saved under the plain model's names.
+    """
+    encoder: dict[str, Tensor] = {}
+    own: dict[str, Tensor] = {}
+    for key, tensor in learner.state_dict().items():
+        if key.startswith(ENCODER_KEY) and "lora_" not in key:
+            encoder[key[len(ENCODER_KEY) :].replace(".base_layer.", ".")] = tensor
+        else:
+            own[key] = tensor
+    return encoder, own
+
+
+def safetensors_ready(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous tensors that share no memory (as safetensors requires)."""
+    out, seen = {}, set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and pointer in seen:
+            tensor = tensor.clone()
+        seen.add(pointer)
+        out[key] = tensor
+    return out
+
+
+def _encoder_metadata(encoder: TextEncoder) -> dict[str, Any]:
+    config = encoder.config
+    return {
+        "base_model": config.name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
+        "pooling": config.pooling,
+        "normalize": config.normalize,
+        "max_length": config.max_length,
+        "batch_size": config.batch_size,
+        "num_layers": int(getattr(encoder.model.config, "num_hidden_layers", 0) or 0),
+        "truncated_to": config.num_layers,
+        "dim": encoder.dim,
+    }
+
+
+def save_pretrained(
+    learner: MetaLearner,
+    directory: str | Path,
+    run_config: Any = None,
+    report: Any = None,
+) -> Path:
+    """Write `learner` as a pretrained directory (see the module docstring).
+
+    `run_config` (a `RunConfig`) and `report` (an `EvalReport` or its `as_dict()`) go
+    into `metalm.json` and the model card when given. An existing directory is replaced.
+
+    Example:
+        >>> config, learner = load_trained_learner("runs/protonet-demo")
+        >>> save_pretrained(learner, "protonet-minilm", run_config=config)
+    """
+    from metalm.config import to_dict
+
+    directory = Path(directory)
+    if directory.exists() and not (directory / METADATA).exists() and any(directory.iterdir()):
+        raise MetalmError(f"{directory} exists and is not a metalm model directory; pick --out")
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    encoder_state, own_state = split_state(learner)
+    encoder = learner.encoder
+    with quiet_transformers():
+        encoder.model.save_pretrained(
+            str(tmp / ENCODER_DIR), state_dict=safetensors_ready(encoder_state)
+        )
+        encoder.tokenizer.save_pretrained(str(tmp / ENCODER_DIR))
+    save_file(safetensors_ready(own_state), str(tmp / LEARNER_WEIGHTS))
+    report_dict = report.as_dict() if hasattr(report, "as_dict") else report
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "metalm_version": metalm_version(),
+        "learner": to_dict(learner.config),
+        "encoder": _encoder_metadata(encoder),
+        "meta_trained": bool(
+            run_config is not None and learner.meta_trainable and run_config.train.steps > 0
+        ),
+        "run": to_dict(run_config) if run_config is not None else None,
+    }
+    (tmp / METADATA).write_text(json.dumps(metadata, indent=1), encoding="utf-8")
+    (tmp / MODEL_CARD).write_text(model_card(metadata, report_dict), encoding="utf-8")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def model_card(metadata: dict[str, Any], report: dict[str, Any] | None) -> str:
+    """The README.md of a pretrained directory (Hugging Face model card)."""
+    learner = metadata["learner"]["name"]
+    encoder = metadata["encoder"]
+    run = metadata.get("run") or {}
+    sources = _data_sources(run)
+    datasets = _dataset_names(run)
+    front = ["---", "library_name: metalm", "tags: [few-shot, meta-learning, text-classification]"]
+    if datasets:
+        front.append(f"datasets: [{', '.join(datasets)}]")
+    front.append("---")
+    lines = [
+        *front,
+        "",
+        f"# metalm `{learner}` few-shot text classifier",
+        "",
+        f"A `{learner}` meta-learner over `{encoder['base_model']}` "
+        f"({encoder['num_layers']} layers, {encoder['pooling']} pooling, "
+        f"max {encoder['max_length']} tokens), saved by metalm {metadata['metalm_version']}.",
+        "",
+        "```python",
+        "from metalm import FewShotClassifier",
+        'clf = FewShotClassifier.from_pretrained("<this directory or hub id>")',
+        'clf.adapt(["my card is lost", "what is my balance"], ["lost_card", "balance"])',
+        'clf.predict(["I lost my card"])',
+        "```",
+        "",
+        "## Meta-training",
+        "",
+    ]
+    if run and metadata.get("meta_trained"):
+        train, episode = run.get("train", {}), run.get("episode", {})
+        meta_sources = ", ".join(dict.fromkeys(v for k, v in sources.items() if k != "test"))
+        lines.append(
+            f"Meta-trained for {train.get('steps')} steps on {episode.get('n_way')}-way "
+            f"{episode.get('k_shot')}-shot episodes from {meta_sources or 'unknown data'}."
+        )
+    elif run:
+        lines.append(f"Not meta-trained (`{learner}` adapts from the pretrained encoder).")
+    if "test" in sources:
+        lines.append(f"Tested on classes of {sources['test']} never seen in meta-training.")
+    else:
+        lines.append("No training run was recorded with this model.")
+    lines += ["", "## Few-shot accuracy", ""]
+    rows = (report or {}).get("results") or []
+    if rows:
+        lines += [
+            "| method | protocol | test data | accuracy % (±95% CI) | episodes |",
+            "|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['method']} | {row['protocol']} | {row['dataset']} | "
+                f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f} | {row['episodes']} |"
+            )
+        lines += ["", "Intervals: normal 95% confidence intervals over test episodes."]
+    else:
+        lines.append("Not measured: no evaluation report was saved with this model.")
+    lines += ["", "## Data and licenses", ""]
+    if datasets:
+        lines += [f"- `{name}`: {DATASET_LICENSES[name]}" for name in datasets]
+        lines.append(
+            "\nThe built-in data is redistributed unchanged by metalm (see its NOTICE.md); "
+            "keep this attribution when republishing."
+        )
+    else:
+        lines.append("The training data's license is not recorded; check your data source.")
+    lines += [
+        "",
+        f"The encoder weights keep the license of `{encoder['base_model']}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _data_sources(run: dict[str, Any]) -> dict[str, str]:
+    """`source/split` of each data role (train, val, test) of a run config."""
+    data = run.get("data") or {}
+    return {
+        role: f"{source['source']}/{source.get('split', '')}"
+        for role in ("train", "val", "test")
+        if isinstance(source := data.get(role), dict) and source.get("source")
+    }
+
+
+def _dataset_names(run: dict[str, Any]) -> list[str]:
+    data = run.get("data") or {}
+    names = {s.get("source") for s in data.values() if isinstance(s, dict)}
+    return sorted(n for n in names if n in DATASET_LICENSES)
+
+
+# -- loading ---------------------------------------------------------------------------
+def resolve_pretrained(name_or_path: str | Path) -> Path:
+    """A local pretrained directory, downloading a Hugging Face Hub id if needed."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise MetalmError(
+            f"{text}: no such model directory (and not a Hugging Face Hub id owner/name)"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id=text, allow_patterns=HUB_FILES, library_name="metalm")
+    except ImportError:
+        raise MetalmError("loading from the Hub needs huggingface_hub: pip install it") from None
+    except Exception as err:  # network, auth, missing repo: all say the same to the user
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise MetalmError(
+            f"cannot download {text!r} from the Hugging Face Hub ({type(err).__name__}: "
+            f"{first}); check the id and your connection, or give a local directory"
+        ) from None
+    return Path(local)
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """`metalm.json` of a pretrained directory, its format version checked."""
+    directory = Path(directory)
+    path = directory / METADATA
+    if not path.exists():
+        raise MetalmError(
+            f"{directory}: not a metalm model directory (no {METADATA}); "
+            "make one with `metalm export RUN_DIR --out DIR` or save_pretrained"
+        )
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MetalmError(f"{path}: not valid JSON ({err})") from None
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MetalmError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise MetalmError(
+            f"{path}: format_version {version} is newer than this metalm reads "
+            f"({FORMAT_VERSION}); upgrade metalm (saved by metalm "
+            f"{metadata.get('metalm_version', '?')})"
+        )
+    for key in ("learner", "encoder"):
+        if not isinstance(metadata.get(key), dict):
+            raise MetalmError(f"{path}: missing the {key!r} section")
+    return metadata
+
+
+def _load_encoder(directory: Path, settings: dict[str, Any], device: str) -> TextEncoder:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = directory / ENCODER_DIR
+    if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
+        raise MetalmError(
+            f"{path}: missing encoder files (config.json and *.safetensors are needed)"
+        )
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            model = AutoModel.from_pretrained(
+                str(path), trust_remote_code=False, use_safetensors=True
+            )
+    except (OSError, ValueError) as err:
+        raise MetalmError(
+            f"cannot load the encoder in {path}: {str(err).splitlines()[0]}"
+        ) from None
+    config = EncoderConfig(
+        name_or_path=str(path),
+        pooling=settings.get("pooling", "mean"),
+        normalize=bool(settings.get("normalize", True)),
+        max_length=int(settings.get("max_length", 64)),
+        batch_size=int(settings.get("batch_size", 128)),
+        num_layers=0,  # config.json already holds the truncated depth
+        device=device,
+    )
+    return TextEncoder(model.to(resolve_device(device)), tokenizer, config)
+
+
+def from_pretrained(name_or_path: str | Path, device: str = "auto") -> MetaLearner:
+    """The learner saved by `save_pretrained`, from a local directory or a Hub id;
+    in eval mode, ready for `adapt` / `predict`.
+
+    Example:
+        >>> learner = from_pretrained("protonet-minilm")
+        >>> state = learner.adapt(["hi", "bye"], [0, 1])
+    """
+    from metalm.config import parse_learner_config
+
+    directory = resolve_pretrained(name_or_path)
+    metadata = read_metadata(directory)
+    weights = directory / LEARNER_WEIGHTS
+    if not weights.exists():
+        raise MetalmError(f"{directory}: missing {LEARNER_WEIGHTS}")
+    encoder = _load_encoder(directory, metadata["encoder"], device)
+    learner = build_learner(encoder, parse_learner_config(metadata["learner"], "metalm.json"))
+    try:
+        tensors = load_file(str(weights), device=str(encoder.device))
+    except Exception as err:
+        raise MetalmError(f"{weights}: not a valid safetensors file ({err})") from None
+    missing, unexpected = learner.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise MetalmError(f"{weights}: tensors this learner does not have: {unexpected[:3]}")
+    own = set(split_state(learner)[1])
+    lost = [k for k in missing if k in own]
+    if lost:
+        raise MetalmError(f"{weights}: missing the learner's tensors {lost[:3]}")
+    return learner.eval()
+
+
+def fingerprint(directory: str | Path) -> str:
+    """A short content hash of a pretrained directory's weights and metadata: task
+    states record it, so that a task is never applied to another model."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    files = [directory / METADATA, directory / LEARNER_WEIGHTS]
+    files += sorted((directory / ENCODER_DIR).glob("*.safetensors"))
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    """A pretrained directory from a finished run (its best weights; its report.json
+    for the model card).
+
+    Example:
+        >>> export_run("runs/protonet-demo", "protonet-minilm")
+    """
+    from metalm.run import CONFIG_FILE, load_trained_learner
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise MetalmError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    config, learner = load_trained_learner(run_dir)
+    report = None
+    if (run_dir / "report.json").exists():
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    with torch.no_grad():
+        return save_pretrained(learner, out, run_config=config, report=report)

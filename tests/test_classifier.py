@@ -1,0 +1,333 @@
+"""Save / load of meta-learners (every registered learner), `FewShotClassifier`, and the
+`export` / `adapt` / `predict` commands, on the tiny random BERT of conftest; one slow
+test on the real all-MiniLM-L6-v2 and real BANKING77 data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
+from metalm.cli import main
+from metalm.config import load_config, parse_learner_config
+from metalm.learners import LEARNERS, build_learner
+from metalm.models.encoder import EncoderConfig, TextEncoder
+from metalm.pretrained import FORMAT_VERSION, LEARNER_WEIGHTS, METADATA
+
+TEXTS = [
+    "set an alarm for six",
+    "wake me up at seven",
+    "what is the weather in paris",
+    "will it rain tomorrow",
+    "play some jazz music",
+    "put on my workout playlist",
+]
+LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
+QUERIES = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "hello"]
+
+
+def _learner(model_dir: Path, name: str, num_layers: int = 0, **config):
+    encoder = TextEncoder.from_config(
+        EncoderConfig(name_or_path=str(model_dir), max_length=16, num_layers=num_layers)
+    )
+    learner = build_learner(encoder, parse_learner_config({"name": name, **config}))
+    torch.manual_seed(1)
+    with torch.no_grad():  # weights that differ from any fresh load
+        for parameter in learner.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return learner.eval()
+
+
+def _probabilities(learner) -> np.ndarray:
+    return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(QUERIES)
+
+
+@pytest.fixture(scope="module")
+def frozen_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("frozen") / "model"
+    return save_pretrained(_learner(tiny_model_dir, "frozen"), out)
+
+
+# -- save / load -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_save_load_gives_identical_predictions(name, tiny_model_dir, tmp_path):
+    learner = _learner(tiny_model_dir, name)
+    expected = _probabilities(learner)
+    out = save_pretrained(learner, tmp_path / name)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "encoder",
+        LEARNER_WEIGHTS,
+        METADATA,
+    ]
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    assert not any(k.startswith("encoder.model.") for k in load_file(out / LEARNER_WEIGHTS))
+    loaded = from_pretrained(out)
+    assert type(loaded) is type(learner) and loaded.config == learner.config
+    np.testing.assert_array_equal(_probabilities(loaded), expected)
+    metadata = json.loads((out / METADATA).read_text())
+    assert metadata["format_version"] == FORMAT_VERSION
+    assert metadata["learner"]["name"] == name
+
+
+def test_lora_and_truncated_encoder_reload_with_the_same_structure(tiny_model_dir, tmp_path):
+    learner = _learner(tiny_model_dir, "maml", num_layers=1, adapt="lora", lora_r=2)
+    out = save_pretrained(learner, tmp_path / "lora")
+    own = load_file(out / LEARNER_WEIGHTS)
+    assert own and all("lora_" in k for k in own)  # LoRA adapters are the learner's
+    loaded = from_pretrained(out)
+    assert len(loaded.encoder.model.encoder.layer) == 1
+    assert sorted(loaded.state_dict()) == sorted(learner.state_dict())
+    for key, tensor in learner.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], tensor, rtol=0, atol=0)
+    np.testing.assert_array_equal(_probabilities(loaded), _probabilities(learner))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: _edit_metadata(d, format_version=FORMAT_VERSION + 1), "newer"),
+        (lambda d: _edit_metadata(d, format_version="1"), "positive integer"),
+        (lambda d: (d / METADATA).unlink(), "not a metalm model directory"),
+        (lambda d: (d / METADATA).write_text("{oops"), "not valid JSON"),
+        (lambda d: (d / LEARNER_WEIGHTS).unlink(), "missing learner.safetensors"),
+        (lambda d: (d / "encoder" / "model.safetensors").unlink(), "missing encoder files"),
+        (lambda d: _edit_metadata(d, learner={"name": "nope"}), "unknown learner"),
+    ],
+)
+def test_broken_model_directories_give_clear_errors(change, message, frozen_dir, tmp_path):
+    import shutil
+
+    broken = Path(shutil.copytree(frozen_dir, tmp_path / "broken"))
+    change(broken)
+    with pytest.raises(MetalmError, match=message):
+        from_pretrained(broken)
+
+
+def _edit_metadata(directory: Path, **values) -> None:
+    metadata = json.loads((directory / METADATA).read_text())
+    metadata.update(values)
+    (directory / METADATA).write_text(json.dumps(metadata))
+
+
+def test_missing_directory_and_hub_failure_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(MetalmError, match="no such model directory"):
+        from_pretrained(tmp_path / "absent")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MetalmError, match="cannot download 'metalm-test/absent' from the Hugging"):
+        from_pretrained("metalm-test/absent")
+
+
+# -- FewShotClassifier -----------------------------------------------------------------
+def test_classifier_maps_labels_and_predicts_names(frozen_dir):
+    clf = FewShotClassifier.from_pretrained(frozen_dir).fit(TEXTS, LABELS)
+    assert clf.classes_ == ["alarm", "music", "weather"]
+    probs = clf.predict_proba(QUERIES)
+    assert probs.shape == (len(QUERIES), 3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert clf.predict(QUERIES) == [clf.classes_[i] for i in probs.argmax(1)]
+    # the support texts themselves sit next to their own class
+    assert clf.predict(TEXTS[::2]) == LABELS[::2]
+    assert clf.predict_proba([]).shape == (0, 3)
+
+
+def test_classifier_integer_labels_batches_and_determinism(frozen_dir):
+    clf = FewShotClassifier.from_pretrained(frozen_dir, batch_size=2)
+    clf.adapt(TEXTS, [7, 7, 3, 3, 5, 5])
+    assert clf.classes_ == [3, 5, 7]
+    assert all(isinstance(label, int) for label in clf.predict(QUERIES))
+    one_batch = FewShotClassifier.from_pretrained(frozen_dir, batch_size=64)
+    one_batch.adapt(TEXTS, [7, 7, 3, 3, 5, 5])
+    np.testing.assert_allclose(clf.predict_proba(QUERIES), one_batch.predict_proba(QUERIES))
+    np.testing.assert_array_equal(
+        one_batch.predict_proba(QUERIES), one_batch.predict_proba(QUERIES)
+    )
+
+
+@pytest.mark.parametrize(
+    "texts, labels, message",
+    [
+        (TEXTS, ["a"] * 6, "at least 2 classes"),
+        ([], [], "no examples"),
+        (TEXTS, LABELS[:-1], "6 texts but 5 labels"),
+        (["ok", "  "], ["a", "b"], r"texts\[1\] is empty"),
+        ("one string", ["a"], "not one string"),
+        (TEXTS, [1.5] * 6, "string or an integer"),
+    ],
+)
+def test_classifier_bad_input(texts, labels, message, frozen_dir):
+    clf = FewShotClassifier.from_pretrained(frozen_dir)
+    with pytest.raises(MetalmError, match=message):
+        clf.adapt(texts, labels)
+
+
+def test_predict_before_adapt_and_bad_query(frozen_dir):
+    clf = FewShotClassifier.from_pretrained(frozen_dir)
+    with pytest.raises(MetalmError, match="not adapted yet"):
+        clf.predict(["hello"])
+    clf.adapt(TEXTS, LABELS)
+    with pytest.raises(MetalmError, match="empty"):
+        clf.predict(["fine", ""])
+
+
+def test_task_save_load_round_trip(frozen_dir, tiny_model_dir, tmp_path):
+    clf = FewShotClassifier.from_pretrained(frozen_dir).adapt(TEXTS, LABELS)
+    clf.save_task(tmp_path / "task")
+    info = json.loads((tmp_path / "task" / "task.json").read_text())
+    assert info["classes"] == clf.classes_ and info["model_fingerprint"] == clf.model_fingerprint
+    again = FewShotClassifier.load_task(tmp_path / "task")  # finds the model by its path
+    np.testing.assert_array_equal(again.predict_proba(QUERIES), clf.predict_proba(QUERIES))
+    assert again.classes_ == clf.classes_
+    other = save_pretrained(_learner(tiny_model_dir, "protonet"), tmp_path / "other")
+    with pytest.raises(MetalmError, match="adapted with another model"):
+        FewShotClassifier.load_task(tmp_path / "task", model=other)
+    with pytest.raises(MetalmError, match="not a task directory"):
+        FewShotClassifier.load_task(tmp_path)
+
+
+# -- command line ----------------------------------------------------------------------
+def _write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory) -> Path:
+    """A protonet meta-trained for a few steps by `metalm train`, then `metalm export`."""
+    root = tmp_path_factory.mktemp("export")
+    overrides = tiny_overrides(tiny_model_dir, root, **{"learner.name": "protonet"})
+    assert main(["-q", "train", *overrides]) == 0
+    assert main(["export", str(root / "run"), "--out", str(root / "model")]) == 0
+    return root / "model"
+
+
+def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
+    card = (exported / "README.md").read_text()
+    report = json.loads((exported.parent / "run" / "report.json").read_text())
+    first = report["results"][0]
+    assert f"{100 * first['accuracy']:.2f} ± {100 * first['ci95']:.2f}" in card
+    assert "Meta-trained for 6 steps" in card
+    assert "clinc150" in card and "CC BY 3.0" in card and "CC BY 4.0" in card
+    metadata = json.loads((exported / METADATA).read_text())
+    assert metadata["meta_trained"] and metadata["run"]["train"]["steps"] == 6
+    # the exported weights are the run's best weights
+    from metalm.run import load_trained_learner
+
+    _, trained = load_trained_learner(exported.parent / "run")
+    np.testing.assert_array_equal(
+        _probabilities(from_pretrained(exported)), _probabilities(trained.eval())
+    )
+
+
+def test_export_of_a_non_run_is_a_one_line_error(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "m").exists()
+
+
+def test_cli_adapt_then_predict_files(exported, tmp_path, capsys):
+    support = _write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
+    task = tmp_path / "task"
+    args = ["adapt", "--model", str(exported), "--support", str(support), "--out", str(task)]
+    assert main(args) == 0
+    assert (task / "task.safetensors").exists()
+    queries = _write_csv(tmp_path / "q.csv", [(q,) for q in QUERIES], header=("text",))
+    out = tmp_path / "preds.jsonl"
+    assert (
+        main(["predict", "--task", str(task), "--input", str(queries), "--output", str(out)]) == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    clf = FewShotClassifier.from_pretrained(exported).adapt(TEXTS, LABELS)
+    expected = clf.predict_with_probability(QUERIES)
+    assert [r["text"] for r in rows] == QUERIES
+    assert [r["label"] for r in rows] == [label for label, _ in expected]
+    np.testing.assert_allclose([r["probability"] for r in rows], [p for _, p in expected], 1e-5)
+
+
+def test_cli_adapt_jsonl_with_other_columns(exported, tmp_path):
+    support = tmp_path / "support.jsonl"
+    support.write_text(
+        "".join(
+            json.dumps({"utterance": t, "intent": y}) + "\n"
+            for t, y in zip(TEXTS, LABELS, strict=True)
+        )
+    )
+    args = ["adapt", "--model", str(exported), "--support", str(support)]
+    args += ["--out", str(tmp_path / "t"), "--text-column", "utterance", "--label-column", "intent"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "t" / "task.json").read_text())["classes"] == sorted(set(LABELS))
+
+
+def test_cli_predict_in_a_shell_pipeline(exported, tmp_path):
+    support = _write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
+    task = tmp_path / "task"
+    cli = [sys.executable, "-m", "metalm.cli"]
+    subprocess.run(
+        [*cli, "adapt", "--model", str(exported), "--support", str(support), "--out", str(task)],
+        check=True,
+        capture_output=True,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stdin = "alarm at noon please\n\n" + json.dumps({"text": "is it sunny"}) + "\nplay a song\n"
+    done = subprocess.run(
+        [*cli, "predict", "--task", str(task), "--input", "-", "--output", "-"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["alarm at noon please", "is it sunny", "play a song"]
+    assert all(r["label"] in LABELS and 0 < r["probability"] <= 1 for r in rows)
+
+
+def test_cli_predict_errors_are_one_line(exported, tmp_path, capsys):
+    assert main(["predict", "--task", str(tmp_path), "--input", "-"]) == 2
+    assert "not a task directory" in capsys.readouterr().err
+    bad = _write_csv(tmp_path / "s.csv", [("only one", "a")])
+    args = ["adapt", "--model", str(exported), "--support", str(bad), "--out", str(tmp_path / "t")]
+    assert main(args) == 2
+    assert "at least 2 classes" in capsys.readouterr().err
+
+
+# -- the real model --------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_minilm_on_banking77_via_api_and_cli(tmp_path):
+    """Frozen MiniLM, 10 BANKING77 intents, 5 shots (train_5): far above chance."""
+    from metalm.data import builtin_dataset
+
+    config = load_config(None, ["learner.name=frozen"])
+    learner = build_learner(TextEncoder.from_config(config.model), config.learner)
+    model = save_pretrained(learner, tmp_path / "minilm-frozen", run_config=config)
+    train = builtin_dataset("banking77", "train_5")
+    classes = train.classes[:10]
+    support = train.subset(classes)
+    test = builtin_dataset("banking77", "test").subset(classes)
+    clf = FewShotClassifier.from_pretrained(model).adapt(support.texts, support.labels)
+    accuracy = np.mean(np.array(clf.predict(test.texts)) == np.array(test.labels))
+    assert accuracy > 0.6
+    support_csv = _write_csv(tmp_path / "s.csv", zip(support.texts, support.labels, strict=True))
+    args = ["adapt", "--model", str(model), "--support", str(support_csv)]
+    assert main([*args, "--out", str(tmp_path / "task")]) == 0
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(test.texts) + "\n")
+    out = tmp_path / "p.jsonl"
+    args = ["predict", "--task", str(tmp_path / "task"), "--input", str(texts)]
+    assert main([*args, "--output", str(out)]) == 0
+    labels = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    assert labels == clf.predict(test.texts)
