@@ -1,6 +1,7 @@
-"""Architecture search on the pretrained encoder: how many layers to keep, pooling and
-max sequence length, with two objectives (few-shot meta-val accuracy, and encoder
-parameters or latency). Prints every trial with both measurements and the Pareto front.
+"""Architecture search on the pretrained encoder: how many layers to keep, attention
+heads per layer, pooling and max sequence length, with two objectives (few-shot meta-val
+accuracy, and encoder parameters or latency). Prints every trial with both measurements
+and the Pareto front.
 
     OMP_NUM_THREADS=1 python benchmarks/tune_arch.py --trials 10     # MiniLM
     python benchmarks/tune_arch.py --quick                           # tiny random BERT: smoke
@@ -66,12 +67,16 @@ def main() -> None:
     ]
     rows.sort(key=lambda r: (r["params_m"], -r["accuracy"]))
     print(f"\nobjectives: {args.objectives} (Pareto-optimal trials marked *)\n")
-    print("| trial | layers | pooling | max_length | meta-val acc % | params (M) | latency ms |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| trial | layers | heads | pooling | max_length | meta-val acc % | params (M) "
+        "| latency ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mark = "*" if r["pareto"] else ""
         print(
-            f"| {r['trial']}{mark} | {r['model.num_layers']} | {r['model.pooling']} "
+            f"| {r['trial']}{mark} | {r['model.num_layers']} | {r['model.num_heads']} "
+            f"| {r['model.pooling']} "
             f"| {r['model.max_length']} | {100 * r['accuracy']:.2f} | {r['params_m']:.2f} "
             f"| {r['latency_ms']:.1f} |"
         )

@@ -318,7 +318,12 @@ def test_warm_start_enqueues_earlier_best(tmp_path):
 def test_arch_search_returns_pareto_set(tiny_model_dir, tmp_path):
     base = tiny_base(tiny_model_dir, tmp_path, **{"train.steps": 2, "train.eval_every": 2})
     space = arch_space(base, lengths=(8, 16))
-    assert space.names == ["model.num_layers", "model.pooling", "model.max_length"]
+    assert space.names == [
+        "model.num_layers",
+        "model.num_heads",
+        "model.pooling",
+        "model.max_length",
+    ]
     result = tune(
         base, space, 4, tmp_path / "arch", sampler="random", seed=0,
         objectives="accuracy,params", printer=lambda *a, **k: None,
@@ -388,6 +393,52 @@ def test_bad_names_and_storages(tmp_path):
     assert isinstance(storage, optuna.storages.RDBStorage)
     journal = make_storage(f"journal:{tmp_path / 'x.journal'}", tmp_path)
     assert isinstance(journal, optuna.storages.JournalStorage)
+
+
+def test_prune_heads_keeps_the_strongest_heads_and_reloads(tiny_model_dir, tmp_path):
+    from metalm import from_pretrained, save_pretrained
+    from metalm.learners import build_learner
+    from metalm.learners.protonet import ProtoNetConfig
+    from metalm.models.encoder import EncoderConfig, TextEncoder, prune_heads
+
+    config = EncoderConfig(name_or_path=str(tiny_model_dir), device="cpu")
+    full = TextEncoder.from_config(config)
+    texts = ["hello there", "how are you", "good bye"]
+    same = TextEncoder.from_config(config)
+    prune_heads(same.model, 2)  # all heads kept: nothing changes
+    assert torch.equal(same.embed(texts), full.embed(texts))
+    cut = TextEncoder.from_config(EncoderConfig(**{**config.__dict__, "num_heads": 1}))
+    attention, original = cut.model.encoder.layer[0].attention, full.model.encoder.layer[0]
+    dense = original.attention.output.dense.weight
+    strongest = int(dense.view(32, 2, 16).norm(dim=(0, 2)).argmax())
+    rows = slice(16 * strongest, 16 * (strongest + 1))
+    assert torch.equal(attention.self.query.weight, original.attention.self.query.weight[rows])
+    assert torch.equal(attention.output.dense.weight, dense[:, rows])
+    count = sum(p.numel() for p in cut.parameters())
+    assert count < sum(p.numel() for p in full.parameters())
+    assert cut.embed(texts).shape == (3, 32)
+    # the pruned shapes survive save_pretrained -> from_pretrained, predictions identical
+    learner = build_learner(cut, ProtoNetConfig())
+    save_pretrained(learner, tmp_path / "pruned")
+    again = from_pretrained(tmp_path / "pruned", device="cpu")
+    assert sum(p.numel() for p in again.encoder.parameters()) == count
+    state = learner.adapt(texts, [0, 1, 1])
+    assert torch.equal(again.predict(state, texts), learner.predict(state, texts))
+    with pytest.raises(MetalmError, match=r"num_heads must be in 1\.\.2"):
+        prune_heads(full.model, 3)
+
+
+def test_prune_heads_on_the_real_minilm():
+    from metalm.models.encoder import EncoderConfig, TextEncoder
+
+    full = TextEncoder.from_config(EncoderConfig(device="cpu"))
+    cut = TextEncoder.from_config(EncoderConfig(device="cpu", num_heads=4))
+    assert cut.model.encoder.layer[5].attention.self.query.weight.shape == (128, 384)
+    texts = ["I lost my card", "what is my balance", "book a flight to paris"]
+    a, b = full.embed(texts), cut.embed(texts)
+    assert b.shape == a.shape == (3, 384)
+    # a third of the heads still gives a sentence embedding close to the full model's
+    assert float((a * b).sum(-1).min()) > 0.5
 
 
 def test_num_layers_keeps_first_layers(tiny_model_dir):

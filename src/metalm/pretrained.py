@@ -316,7 +316,9 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 
 
 def _load_encoder(directory: Path, settings: dict[str, Any], device: str) -> TextEncoder:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from metalm.models.encoder import load_model
 
     path = directory / ENCODER_DIR
     if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
@@ -326,9 +328,7 @@ def _load_encoder(directory: Path, settings: dict[str, Any], device: str) -> Tex
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-            model = AutoModel.from_pretrained(
-                str(path), trust_remote_code=False, use_safetensors=True
-            )
+            model = load_model(str(path), safetensors_only=True)  # rebuilds pruned heads
     except (OSError, ValueError) as err:
         raise MetalmError(
             f"cannot load the encoder in {path}: {str(err).splitlines()[0]}"

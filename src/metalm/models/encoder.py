@@ -32,6 +32,7 @@ class EncoderConfig:
     `name_or_path`: a Hugging Face model id or local directory; empty means the shipped
     all-MiniLM-L6-v2. `pooling`: `mean` or `cls`. `max_length`: tokens kept per text.
     `num_layers`: keep only the first k transformer layers (0: all; architecture search).
+    `num_heads`: keep k attention heads in every layer (0: all; see `prune_heads`).
     `device`: `auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ...
     """
 
@@ -42,6 +43,7 @@ class EncoderConfig:
     batch_size: int = 128
     trust_remote_code: bool = False
     num_layers: int = 0
+    num_heads: int = 0
     device: str = "auto"
 
 
@@ -69,6 +71,81 @@ def truncate_layers(model: nn.Module, k: int) -> None:
     model.config.num_hidden_layers = k
 
 
+HEADS_KEPT = "metalm_attention_heads"  # recorded in the model's config.json when pruned
+
+
+def _slice_linear(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
+    """A copy of `linear` keeping the output rows (`dim=0`) or input columns (`dim=1`)."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+    out = out.to(device=weight.device, dtype=weight.dtype)
+    out.weight.data.copy_(weight)
+    if linear.bias is not None:
+        bias = linear.bias.detach()
+        out.bias.data.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
+    return out
+
+
+def prune_heads(model: nn.Module, keep: int) -> None:
+    """Keep `keep` attention heads in every layer of a BERT-like model: those whose slice
+    of the attention output projection has the largest norm (a data-free proxy for a
+    head's importance). The query/key/value and output matrices shrink, so the encoder
+    gets smaller and faster; `model.config` records the count for reloading.
+
+    Example:
+        >>> prune_heads(encoder.model, 4)   # MiniLM: 12 -> 4 heads per layer
+    """
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(layers[0], "attention"):
+        raise MetalmError("model.num_heads needs a BERT-like encoder (layer.attention.self)")
+    total = int(layers[0].attention.self.num_attention_heads)
+    if not 1 <= keep <= total:
+        raise MetalmError(f"model.num_heads must be in 1..{total}, got {keep}")
+    if keep == total:
+        return
+    for layer in layers:
+        attention = layer.attention
+        size = int(attention.self.attention_head_size)
+        dense = attention.output.dense
+        norms = dense.weight.detach().view(dense.out_features, total, size).norm(dim=(0, 2))
+        heads = norms.topk(keep).indices.sort().values.cpu()
+        index = (heads[:, None] * size + torch.arange(size)).flatten()
+        for name in ("query", "key", "value"):
+            setattr(attention.self, name, _slice_linear(getattr(attention.self, name), index, 0))
+        attention.output.dense = _slice_linear(dense, index, 1)
+        attention.self.num_attention_heads = keep
+        attention.self.all_head_size = keep * size
+    setattr(model.config, HEADS_KEPT, keep)
+
+
+def load_model(
+    path: str, trust_remote_code: bool = False, safetensors_only: bool = False
+) -> nn.Module:
+    """`AutoModel.from_pretrained`, or for a directory saved with pruned heads: the
+    architecture from its config, pruned to the same shapes, then its safetensors."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    keep = getattr(config, HEADS_KEPT, None)
+    if not keep:
+        return AutoModel.from_pretrained(
+            path,
+            trust_remote_code=trust_remote_code,
+            **({"use_safetensors": True} if safetensors_only else {}),
+        )
+    from safetensors.torch import load_model as load_safetensors
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if len(files) != 1:
+        raise MetalmError(f"{path}: a head-pruned model needs exactly one .safetensors file")
+    model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    prune_heads(model, int(keep))  # the shapes only: the weights come next
+    missing, unexpected = load_safetensors(model, str(files[0]), strict=False)
+    if unexpected or [k for k in missing if "pooler" not in k]:
+        raise MetalmError(f"{files[0]}: weights do not match the pruned model")
+    return model.eval()
+
+
 class TextEncoder(nn.Module):
     """Texts in, pooled embeddings out.
 
@@ -94,7 +171,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: EncoderConfig) -> TextEncoder:
         """Load the model and tokenizer (hub id or local path; remote code only if asked)."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         path = config.name_or_path or default_model_path()
@@ -106,7 +183,7 @@ class TextEncoder(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(
                 path, trust_remote_code=config.trust_remote_code
             )
-            model = AutoModel.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+            model = load_model(path, trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError) as err:
             raise MetalmError(
                 f"cannot load encoder {path!r}: {str(err).splitlines()[0]}; "
@@ -118,6 +195,8 @@ class TextEncoder(nn.Module):
                 hf_logging.enable_progress_bar()
         if config.num_layers:
             truncate_layers(model, config.num_layers)
+        if config.num_heads:
+            prune_heads(model, config.num_heads)
         return cls(model.to(resolve_device(config.device)), tokenizer, config)
 
     @property

@@ -1,10 +1,11 @@
 """Architecture search over the encoder's size, built from the pretrained model: how many
-of its layers to keep (`model.num_layers`), the pooling, and the max sequence length;
+of its layers to keep (`model.num_layers`), how many attention heads per layer
+(`model.num_heads`, pruned by `prune_heads`), the pooling, and the max sequence length;
 objectives are few-shot accuracy and inference latency (or parameter count), reported as
 a Pareto front.
 
 Example:
-    >>> space = arch_space(base)  # model.num_layers 1..L, pooling, max_length
+    >>> space = arch_space(base)  # num_layers 1..L, num_heads, pooling, max_length
     >>> objective = Objective(base, space, "runs/arch", objectives=["accuracy", "latency"])
 """
 
@@ -24,8 +25,9 @@ LATENCY_TEXTS = 32  # the fixed batch: the first texts of the meta-val pool
 LATENCY_REPEATS = 5
 
 
-def pretrained_layers(config: RunConfig) -> tuple[int, int]:
-    """(number of layers, max positions) of the pretrained encoder, from its config only."""
+def pretrained_layers(config: RunConfig) -> tuple[int, int, int]:
+    """(layers, attention heads per layer, max positions) of the pretrained encoder,
+    from its config only."""
     from transformers import AutoConfig
 
     from metalm.models.encoder import default_model_path
@@ -34,16 +36,23 @@ def pretrained_layers(config: RunConfig) -> tuple[int, int]:
     model_config = AutoConfig.from_pretrained(
         path, trust_remote_code=config.model.trust_remote_code
     )
-    return int(model_config.num_hidden_layers), int(model_config.max_position_embeddings)
+    return (
+        int(model_config.num_hidden_layers),
+        int(model_config.num_attention_heads),
+        int(model_config.max_position_embeddings),
+    )
 
 
 def arch_space(config: RunConfig, lengths: tuple[int, ...] = (16, 32, 64, 128)) -> SearchSpace:
-    """The default architecture space of `config`'s pretrained encoder."""
-    layers, positions = pretrained_layers(config)
+    """The default architecture space of `config`'s pretrained encoder: heads are kept
+    in thirds (12 heads: 4, 8 or 12)."""
+    layers, heads, positions = pretrained_layers(config)
+    head_choices = sorted({max(1, heads * i // 3) for i in (1, 2, 3)})
     section = {
         "model.num_layers": {"low": 1, "high": layers, "type": "int"}
         if layers > 1
         else {"choices": [1]},
+        "model.num_heads": {"choices": head_choices},
         "model.pooling": {"choices": ["mean", "cls"]},
         "model.max_length": {"choices": [n for n in lengths if n <= positions] or [positions]},
     }
