@@ -2,6 +2,7 @@
 budget: best meta-val accuracy after each trial, per sampler and seed.
 
     OMP_NUM_THREADS=1 python benchmarks/tune_samplers.py            # MiniLM, CPU-sized space
+    python benchmarks/tune_samplers.py --table a.json b.json        # several runs' seeds together
     python benchmarks/tune_samplers.py --quick                      # tiny random BERT: smoke
 
 Prints a Markdown table and writes benchmarks/results/tune_samplers.json.
@@ -23,6 +24,22 @@ from tune_warmstart import QUICK, curve, tiny_model
 from metalm.tune import load_tune_config, tune
 
 
+def print_table(rows: list[dict], samplers: list[str], trials: int) -> None:
+    """Mean best-so-far meta-val accuracy (%) after a third, two thirds and all trials."""
+    checkpoints = sorted({max(1, trials // 3), max(1, 2 * trials // 3), trials})
+    head = " | ".join(f"best after {n}" for n in checkpoints)
+    print(f"\n| sampler | seeds | {head} | minutes per study |")
+    print("|---|---|" + "---|" * len(checkpoints) + "---|")
+    for sampler in samplers:
+        mine = [r for r in rows if r["sampler"] == sampler]
+        cells = []
+        for n in checkpoints:
+            at = [100 * r["curve"][min(n, len(r["curve"])) - 1] for r in mine]
+            cells.append(f"{statistics.mean(at):.2f}")
+        minutes = statistics.mean(r["seconds"] for r in mine) / 60
+        print(f"| {sampler} | {len(mine)} | {' | '.join(cells)} | {minutes:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="benchmarks/tune_protonet_cpu.yaml")
@@ -36,7 +53,12 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bench-samplers")
     parser.add_argument("--out", default="benchmarks/results/tune_samplers.json")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="only print these runs' table")
     args = parser.parse_args()
+    if args.table:
+        rows = [r for f in args.table for r in json.loads(Path(f).read_text())["rows"]]
+        print_table(rows, args.samplers, args.trials)
+        return
     overrides = list(args.overrides)
     scratch = None
     if args.quick:
@@ -65,18 +87,7 @@ def main() -> None:
                     "seconds": time.time() - began,
                 }
             )
-    checkpoints = sorted({max(1, args.trials // 3), max(1, 2 * args.trials // 3), args.trials})
-    head = " | ".join(f"best after {n}" for n in checkpoints)
-    print(f"\n| sampler | seeds | {head} | minutes per study |")
-    print("|---|---|" + "---|" * len(checkpoints) + "---|")
-    for sampler in args.samplers:
-        mine = [r for r in rows if r["sampler"] == sampler]
-        cells = []
-        for n in checkpoints:
-            at = [100 * r["curve"][min(n, len(r["curve"])) - 1] for r in mine]
-            cells.append(f"{statistics.mean(at):.2f}")
-        minutes = statistics.mean(r["seconds"] for r in mine) / 60
-        print(f"| {sampler} | {len(mine)} | {' | '.join(cells)} | {minutes:.1f} |")
+    print_table(rows, args.samplers, args.trials)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
