@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,39 @@ def tiny_overrides(model_dir: Path, output_dir: Path, **extra: object) -> list[s
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_real_minilm_briefly(name: str, extra: list[str], tmp_path: Path) -> None:
+    """Two meta-training steps of learner `name` on the real MiniLM and CLINC150, then 3
+    BANKING77 test episodes: the run finishes with finite losses, a result, best weights."""
+    import metalm
+    from metalm.config import load_config
+
+    overrides = [
+        f"learner.name={name}",
+        *extra,
+        f"output_dir={tmp_path}",
+        "run_name=run",
+        "model.max_length=32",
+        "episode.n_way=3",
+        "episode.k_shot=1",
+        "episode.q_queries=2",
+        "train.steps=2",
+        "train.meta_batch_size=2",
+        "train.warmup_steps=0",
+        "train.eval_every=2",
+        "train.val_episodes=2",
+        "train.tensorboard=false",
+        "eval.episodes=3",
+        "eval.q_queries=3",
+        "eval.settings=[{n_way: 5, k_shot: 1}]",
+        "eval.full_way_shots=[]",
+        "eval.baselines=[]",
+    ]
+    report = metalm.run(load_config(None, overrides), progress=False)
+    run_dir = tmp_path / "run"
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    (result,) = report.results
+    assert result.method == name and result.episodes == 3 and 0.0 <= result.accuracy <= 1.0
+    assert (run_dir / "best.safetensors").exists()

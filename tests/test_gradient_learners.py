@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_real_minilm_briefly
 from torch import nn
 
-import metalm
 from metalm.config import load_config, parse_learner_config, save_config
 from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.errors import MetalmError
@@ -590,32 +590,4 @@ E2E = {
 
 @pytest.mark.parametrize("name", list(E2E))
 def test_real_minilm_end_to_end(name, tmp_path):
-    overrides = [
-        f"learner.name={name}",
-        "learner.inner_steps=2",
-        *E2E[name],
-        f"output_dir={tmp_path}",
-        "run_name=run",
-        "model.max_length=32",
-        "episode.n_way=3",
-        "episode.k_shot=1",
-        "episode.q_queries=2",
-        "train.steps=2",
-        "train.meta_batch_size=2",
-        "train.warmup_steps=0",
-        "train.eval_every=2",
-        "train.val_episodes=2",
-        "train.tensorboard=false",
-        "eval.episodes=3",
-        "eval.q_queries=3",
-        "eval.settings=[{n_way: 5, k_shot: 1}]",
-        "eval.full_way_shots=[]",
-        "eval.baselines=[]",
-    ]
-    report = metalm.run(load_config(None, overrides), progress=False)
-    run_dir = tmp_path / "run"
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
-    (result,) = report.results
-    assert result.method == name and result.episodes == 3 and 0.0 <= result.accuracy <= 1.0
-    assert (run_dir / "best.safetensors").exists()
+    run_real_minilm_briefly(name, ["learner.inner_steps=2", *E2E[name]], tmp_path)
