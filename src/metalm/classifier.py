@@ -291,13 +291,10 @@ def read_texts(source: str | Path, text_column: str = "text", stdin: Any = None)
         raw = (stdin or sys.stdin).read()
         suffix = ""
     else:
+        from metalm.data.dataset import read_text_file
+
         path = Path(source)
-        try:
-            raw = path.read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise MetalmError(f"{path}: no such file") from None
-        except UnicodeDecodeError:
-            raise MetalmError(f"{path}: not valid UTF-8") from None
+        raw = read_text_file(path)
         suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(raw, newline="")))

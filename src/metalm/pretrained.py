@@ -18,12 +18,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,12 @@ from torch import Tensor
 
 from metalm.errors import MetalmError
 from metalm.learners.base import MetaLearner, build_learner
-from metalm.models.encoder import EncoderConfig, TextEncoder, resolve_device
+from metalm.models.encoder import (
+    EncoderConfig,
+    TextEncoder,
+    quiet_transformers,
+    resolve_device,
+)
 
 FORMAT_VERSION = 1
 METADATA = "metalm.json"
@@ -58,22 +61,6 @@ def metalm_version() -> str:
         return version("metalm")
     except PackageNotFoundError:
         return "unknown"
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars or warnings from transformers inside the block."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # -- saving ----------------------------------------------------------------------------

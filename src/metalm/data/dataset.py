@@ -114,7 +114,8 @@ def builtin_dataset(name: str, split: str = "train") -> LabeledTextDataset:
     return LabeledTextDataset(texts, labels, name=f"{name}/{split}")
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file (a byte-order mark is accepted), or a clear error."""
     try:
         # utf-8-sig: also accept the byte-order mark that Excel and Notepad write.
         return path.read_text(encoding="utf-8-sig")
@@ -145,7 +146,7 @@ def load_csv(path: str | Path, text_column: str = "text", label_column: str = "l
     """A dataset from a CSV file with a header row."""
     path = Path(path)
     # newline="": quoted fields keep their line breaks (str.splitlines would drop them).
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
     try:
         rows = list(reader)
     except csv.Error as err:
@@ -165,7 +166,7 @@ def load_jsonl(path: str | Path, text_column: str = "text", label_column: str = 
     path = Path(path)
     rows = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other separators raw.
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+    for number, line in enumerate(read_text_file(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

