@@ -13,15 +13,13 @@ Latency is the median time to encode a fixed batch of 32 meta-val texts on this 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from optuna.trial import TrialState
-from tune_warmstart import QUICK, tiny_model
+from tune_warmstart import QUICK, tiny_model, write_record
 
 from metalm.tune import load_tune_config, tune
 from metalm.tune.arch import arch_space
@@ -80,8 +78,6 @@ def main() -> None:
             f"| {r['model.max_length']} | {100 * r['accuracy']:.2f} | {r['params_m']:.2f} "
             f"| {r['latency_ms']:.1f} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "config": args.config,
         "overrides": ["<tiny random BERT>", *QUICK, *args.overrides] if args.quick else overrides,
@@ -92,10 +88,9 @@ def main() -> None:
         "rows": rows,
         "seconds": time.time() - began,
         "study_dir": str(result.study_dir),
-        "machine": platform.platform(),
     }
-    out.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    print(f"\nwritten {out}; plots in {result.study_dir}")
+    write_record(args.out, record)
+    print(f"plots in {result.study_dir}")
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from tune_warmstart import QUICK, tiny_model
+from tune_warmstart import QUICK, tiny_model, write_record
 
 from metalm import load_config, run
 from metalm.tune import parse_space, tune
@@ -103,8 +102,6 @@ def main() -> None:
             f"| {r['method']} | {lr} | {100 * r['test_accuracy']:.2f} ± {100 * r['ci95']:.2f} "
             f"| {r['best_val_accuracy']} | {r['runs_trained']} | {r['seconds']:.0f} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "config": args.config,
         "quick": args.quick,
@@ -112,10 +109,8 @@ def main() -> None:
         "beta": args.beta,
         "trials": args.trials,
         "rows": rows,
-        "machine": platform.platform(),
     }
-    out.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    print(f"\nwritten {out}")
+    write_record(args.out, record)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from tune_warmstart import QUICK, curve, tiny_model
+from tune_warmstart import QUICK, curve, tiny_model, write_record
 
 from metalm.tune import load_tune_config, tune
 
@@ -88,8 +87,6 @@ def main() -> None:
                 }
             )
     print_table(rows, args.samplers, args.trials)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "config": args.config,
         "overrides": ["<tiny random BERT>", *QUICK, *args.overrides] if args.quick else overrides,
@@ -98,10 +95,8 @@ def main() -> None:
         "startup_trials": args.startup_trials,
         "seeds": args.seeds,
         "rows": rows,
-        "machine": platform.platform(),
     }
-    out.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    print(f"\nwritten {out}")
+    write_record(args.out, record)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
 

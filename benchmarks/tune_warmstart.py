@@ -55,6 +55,16 @@ def curve(study) -> list[float]:
     return out
 
 
+def write_record(out: str | Path, record: dict) -> Path:
+    """Write a benchmark's JSON record (with the machine it ran on) and say where."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {**record, "machine": platform.platform()}
+    out.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(f"\nwritten {out}")
+    return out
+
+
 def trials_needed(values: list[float], target: float) -> int | None:
     return next((i + 1 for i, v in enumerate(values) if v >= target), None)
 
@@ -127,8 +137,6 @@ def main() -> None:
             f"| {r['seed']} | {show(r['cold_trials_needed'])} | {show(r['warm_trials_needed'])} "
             f"| {r['cold_best']:.4f} | {r['warm_best']:.4f} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "config": args.config,
         "overrides": overrides
@@ -143,10 +151,8 @@ def main() -> None:
         "reference": reference,
         "rows": rows,
         "seconds": time.time() - began,
-        "machine": platform.platform(),
     }
-    out.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    print(f"\nwritten {out}")
+    write_record(args.out, record)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
 
