@@ -213,6 +213,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def run_workers(commands: list[list[str]]) -> None:
+    """Start every worker command at once and wait: each must exit 0."""
+    procs = [
+        subprocess.Popen(
+            command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for command in commands
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), outputs
+
+
 def check_study_consistent(study: optuna.Study, trials: int) -> None:
     """No lost, duplicated or half-written trials."""
     all_trials = study.get_trials()
@@ -230,18 +242,7 @@ def check_study_consistent(study: optuna.Study, trials: int) -> None:
 
 def test_embedded_storage_two_local_workers(tiny_model_dir, tmp_path):
     path = write_tune_yaml(tmp_path / "shared.yaml")
-    procs = [
-        subprocess.Popen(
-            _worker(path, tiny_model_dir, tmp_path / "runs", 4),
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    run_workers([_worker(path, tiny_model_dir, tmp_path / "runs", 4) for _ in range(2)])
     storage = journal_storage(tmp_path / "runs" / "shared" / JOURNAL_FILE)
     study = optuna.load_study(study_name="shared", storage=storage)
     check_study_consistent(study, 4)

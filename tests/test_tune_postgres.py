@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_tune import _env, _worker, check_study_consistent, write_tune_yaml
+from test_tune import _env, _worker, check_study_consistent, run_workers, write_tune_yaml
 
 
 def _pg_bin() -> Path | None:
@@ -82,25 +82,13 @@ def _load(url: str, name: str) -> optuna.Study:
 
 def test_postgres_two_concurrent_workers(tiny_model_dir, tmp_path, postgres_url):
     path = write_tune_yaml(tmp_path / "pg.yaml")
-    procs = [
-        subprocess.Popen(
-            _worker(
-                path,
-                tiny_model_dir,
-                tmp_path / f"machine{i}",  # as on two machines: separate study directories
-                6,
-                "--storage",
-                postgres_url,
-            ),
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    run_workers(
+        [
+            # as on two machines: separate study directories
+            _worker(path, tiny_model_dir, tmp_path / f"machine{i}", 6, "--storage", postgres_url)
+            for i in range(2)
+        ]
+    )
     study = _load(postgres_url, "pg")
     check_study_consistent(study, 6)
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2  # both workers took trials
