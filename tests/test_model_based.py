@@ -21,8 +21,9 @@ from metalm.config import load_config, parse_learner_config, save_config
 from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.errors import MetalmError
 from metalm.learners import LSTMMetaConfig, MetaNetConfig, build_learner
+from metalm.learners.base import head_logits
 from metalm.learners.lstm_meta import MetaLSTMCell, preprocess
-from metalm.learners.model_based import FeatureLearner, head_logits
+from metalm.learners.model_based import FeatureLearner
 from metalm.models import EncoderConfig, TextEncoder
 from metalm.run import load_trained_learner
 from metalm.tasks import build_pools

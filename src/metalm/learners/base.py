@@ -48,6 +48,11 @@ class MetaLearner(nn.Module, ABC):
     def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
         """Logits [len(query_texts), N] for the task described by `state`."""
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The encoder's floating-point type (task heads and meta-networks follow it)."""
+        return next(self.encoder.model.parameters()).dtype
+
     def meta_loss(self, episode: Episode) -> Tensor:
         """The outer-loop loss on one episode (meta-trainable learners only)."""
         raise MetalmError(f"learner {self.name!r} is not meta-trained; set train.steps=0")
@@ -92,6 +97,11 @@ def learner_class(name: str) -> type[MetaLearner]:
 def build_learner(encoder: TextEncoder, config: LearnerConfig) -> MetaLearner:
     """The learner named by `config.name`, over `encoder`."""
     return learner_class(config.name)(encoder, config).to(encoder.device)
+
+
+def head_logits(head: dict[str, Tensor], features: Tensor, scale: float = 1.0) -> Tensor:
+    """`scale * (features @ W.T + b)` with a task head `{"head.weight", "head.bias"}`."""
+    return scale * (features @ head["head.weight"].T + head["head.bias"])
 
 
 def one_hot_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:

@@ -14,6 +14,7 @@ from metalm.learners.base import (
     MetaLearner,
     TaskState,
     as_labels,
+    head_logits,
     one_hot_means,
     register_learner,
 )
@@ -127,12 +128,11 @@ class Finetune(MetaLearner):
             k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)
         }
         features = self.encoder.embed(query_texts, params=params or None)
-        return features @ state["head.weight"].T + state["head.bias"]
+        return head_logits(state, features)
 
 
 def _head_loss(head: dict[str, Tensor], features: Tensor, labels: Tensor) -> Tensor:
-    logits = features @ head["head.weight"].T + head["head.bias"]
-    return nn.functional.cross_entropy(logits, labels)
+    return nn.functional.cross_entropy(head_logits(head, features), labels)
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.base import LearnerConfig, MetaLearner, TaskState, as_labels
+from metalm.learners.base import LearnerConfig, MetaLearner, TaskState, as_labels, head_logits
 from metalm.learners.functional import (
     ADAPT_MODES,
     INNER_OPTIMIZERS,
@@ -171,10 +171,6 @@ class GradientLearner(MetaLearner):
     def head_only(self) -> bool:
         return not self.adapted_names
 
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.encoder.model.parameters()).dtype
-
     def meta_params(self) -> Params:
         """The live encoder tensors that adapt, keyed `encoder.<name>`."""
         named = dict(self.encoder.model.named_parameters())
@@ -207,7 +203,7 @@ class GradientLearner(MetaLearner):
         return self.encoder.pool(out.last_hidden_state, mask)
 
     def logits(self, params: Params, features: Tensor) -> Tensor:
-        return self.config.logit_scale * (features @ params["head.weight"].T + params["head.bias"])
+        return head_logits(params, features, self.config.logit_scale)
 
     def init_head(self, features: Tensor, labels: Tensor, n_way: int) -> Params:
         """Zero head, or the prototype head `2 m_c`, `-||m_c||^2` (with gradient)."""

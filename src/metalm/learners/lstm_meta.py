@@ -30,9 +30,15 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.base import TaskState, as_labels, one_hot_means, register_learner
+from metalm.learners.base import (
+    TaskState,
+    as_labels,
+    head_logits,
+    one_hot_means,
+    register_learner,
+)
 from metalm.learners.functional import Params
-from metalm.learners.model_based import FeatureConfig, FeatureLearner, head_logits
+from metalm.learners.model_based import FeatureConfig, FeatureLearner
 from metalm.models.encoder import TextEncoder
 
 PREPROCESS_P = 10.0

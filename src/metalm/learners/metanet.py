@@ -23,13 +23,18 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.base import TaskState, as_labels, one_hot_means, register_learner
+from metalm.learners.base import (
+    TaskState,
+    as_labels,
+    head_logits,
+    one_hot_means,
+    register_learner,
+)
 from metalm.learners.functional import Params, inner_loop
 from metalm.learners.model_based import (
     FeatureConfig,
     FeatureLearner,
     check_positive,
-    head_logits,
     mlp,
 )
 from metalm.models.encoder import TextEncoder

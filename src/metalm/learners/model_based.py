@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.base import LearnerConfig, MetaLearner, TaskState
+from metalm.learners.base import LearnerConfig, MetaLearner
 from metalm.models.encoder import TextEncoder
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -53,11 +53,6 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-def head_logits(state: TaskState, features: Tensor, scale: float) -> Tensor:
-    """`scale * (features @ W.T + b)` with the task head of `state`."""
-    return scale * (features @ state["head.weight"].T + state["head.bias"])
-
-
 def check_positive(**values: float) -> None:
     for key, value in values.items():
         if not value > 0:
@@ -72,10 +67,6 @@ class FeatureLearner(MetaLearner):
     def __init__(self, encoder: TextEncoder, config: FeatureConfig):
         super().__init__(encoder, config)
         check_positive(meta_lr=config.meta_lr, logit_scale=config.logit_scale)
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.encoder.model.parameters()).dtype
 
     def _to_device(self, module: ModuleT) -> ModuleT:
         return module.to(device=self.encoder.device, dtype=self._dtype)
