@@ -105,8 +105,10 @@ def head_logits(head: dict[str, Tensor], features: Tensor, scale: float = 1.0) -
 
 
 def one_hot_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    """Class means (prototypes) [n_way, dim] of `embeddings` grouped by `labels`."""
-    onehot = nn.functional.one_hot(labels, n_way).to(embeddings.dtype)
+    """Class means (prototypes) [n_way, dim] of `embeddings` grouped by `labels`. The
+    one-hot is a comparison, not `one_hot`, so that it also works under `vmap`."""
+    classes = torch.arange(n_way, device=labels.device)
+    onehot = (labels[:, None] == classes).to(embeddings.dtype)
     return (onehot.T @ embeddings) / onehot.sum(0).unsqueeze(1)
 
 

@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.base import LearnerConfig, MetaLearner, TaskState, as_labels, head_logits
+from metalm.learners.base import (
+    LearnerConfig,
+    MetaLearner,
+    TaskState,
+    as_labels,
+    head_logits,
+    one_hot_means,
+)
 from metalm.learners.functional import (
     ADAPT_MODES,
     INNER_OPTIMIZERS,
@@ -82,12 +89,6 @@ class EncoderAdaptConfig(GradientConfig):
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
-
-
-def class_means(features: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    """Class means [n_way, dim]; a comparison one-hot, so it also works under vmap."""
-    onehot = (labels[:, None] == torch.arange(n_way, device=labels.device)).to(features.dtype)
-    return (onehot.T @ features) / onehot.sum(0).unsqueeze(1)
 
 
 def wrap_lora(encoder: TextEncoder, config: EncoderAdaptConfig) -> None:
@@ -213,7 +214,7 @@ class GradientLearner(MetaLearner):
                 "head.weight": features.new_zeros(n_way, dim),
                 "head.bias": features.new_zeros(n_way),
             }
-        means = class_means(features, labels, n_way)
+        means = one_hot_means(features, labels, n_way)
         return {"head.weight": 2 * means, "head.bias": -means.pow(2).sum(-1)}
 
     def _head_loss(self, _model: Any, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
