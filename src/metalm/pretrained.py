@@ -35,7 +35,6 @@ from metalm.models.encoder import (
     EncoderConfig,
     TextEncoder,
     quiet_transformers,
-    resolve_device,
 )
 
 FORMAT_VERSION = 1
@@ -303,33 +302,21 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 
 
 def _load_encoder(directory: Path, settings: dict[str, Any], device: str) -> TextEncoder:
-    from transformers import AutoTokenizer
-
-    from metalm.models.encoder import load_model
-
     path = directory / ENCODER_DIR
     if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
         raise MetalmError(
             f"{path}: missing encoder files (config.json and *.safetensors are needed)"
         )
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-            model = load_model(str(path), safetensors_only=True)  # rebuilds pruned heads
-    except (OSError, ValueError) as err:
-        raise MetalmError(
-            f"cannot load the encoder in {path}: {str(err).splitlines()[0]}"
-        ) from None
     config = EncoderConfig(
         name_or_path=str(path),
         pooling=settings.get("pooling", "mean"),
         normalize=bool(settings.get("normalize", True)),
         max_length=int(settings.get("max_length", 64)),
         batch_size=int(settings.get("batch_size", 128)),
-        num_layers=0,  # config.json already holds the truncated depth
+        num_layers=0,  # config.json already holds the truncated depth (and pruned heads)
         device=device,
     )
-    return TextEncoder(model.to(resolve_device(device)), tokenizer, config)
+    return TextEncoder.from_config(config, safetensors_only=True)
 
 
 def from_pretrained(name_or_path: str | Path, device: str = "auto") -> MetaLearner:

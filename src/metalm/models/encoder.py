@@ -185,8 +185,9 @@ class TextEncoder(nn.Module):
         self._embedding_cache: dict[str, Tensor] | None = None
 
     @classmethod
-    def from_config(cls, config: EncoderConfig) -> TextEncoder:
-        """Load the model and tokenizer (hub id or local path; remote code only if asked)."""
+    def from_config(cls, config: EncoderConfig, safetensors_only: bool = False) -> TextEncoder:
+        """Load the model and tokenizer (hub id or local path; remote code only if asked;
+        `safetensors_only`: refuse pickled weight files)."""
         from transformers import AutoTokenizer
 
         path = config.name_or_path or default_model_path()
@@ -195,7 +196,7 @@ class TextEncoder(nn.Module):
                 tokenizer = AutoTokenizer.from_pretrained(
                     path, trust_remote_code=config.trust_remote_code
                 )
-                model = load_model(path, trust_remote_code=config.trust_remote_code)
+                model = load_model(path, config.trust_remote_code, safetensors_only)
         except (OSError, ValueError) as err:
             raise MetalmError(
                 f"cannot load encoder {path!r}: {str(err).splitlines()[0]}; "
