@@ -277,7 +277,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
         ("train.tensorboard=maybe", "train.tensorboard"),  # str for bool
         ("model.max_length=long", "model.max_length"),
         ("data.train=null", "data.train"),  # None where a source is required
-        ("data.train=[banking77]", "data.train"),
+        ("data.train=[5]", "data.train[0]"),  # a list of sources holds sources
         ("learner.init_scale=big", "learner.init_scale"),
         ("learner.learn_scale=7", "learner.learn_scale"),
         ("learner=[protonet]", "learner"),

@@ -124,10 +124,22 @@ KILL_EXTRA = {
     "train.lr": 0.03,
 }
 TIMEOUT = 150.0
+# a task mixture with state that depends on the encoder (hard-negative neighbours, k-means
+# cluster tasks), refreshed at steps 0, 3, 6, 9: the resumed run must restore it
+MIXTURE_EXTRA = {
+    "data.train": "[clinc150, {source: "
+    + str(Path(__file__).parents[1] / "examples" / "intents.csv")
+    + ", weight: 0.5}]",
+    "data.unlabeled": "{source: banking77, max_texts: 300, clusters: 10, n_way: 4, "
+    "refresh_every: 3}",
+    "episode.hard_negatives": 0.5,
+    "episode.hard_refresh_every": 3,
+    "episode.q_queries": 1,
+}
 
 
-def _cli(model_dir: Path, output_dir: Path) -> list[str]:
-    overrides = tiny_overrides(model_dir, output_dir, **KILL_EXTRA)
+def _cli(model_dir: Path, output_dir: Path, extra: dict[str, object]) -> list[str]:
+    overrides = tiny_overrides(model_dir, output_dir, **KILL_EXTRA, **extra)
     return [sys.executable, "-m", "metalm.cli", "-q", "train", *overrides]
 
 
@@ -154,7 +166,10 @@ def _report_rows(run_dir: Path) -> dict[tuple[str, str], dict]:
     return {(r["method"], r["protocol"]): {k: r[k] for k in keep} for r in report["results"]}
 
 
-def test_resume_after_sigkill_gives_the_same_results(tiny_model_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("extra", [{}, MIXTURE_EXTRA], ids=["one-source", "mixture"])
+def test_resume_after_sigkill_gives_the_same_results(
+    tiny_model_dir: Path, tmp_path: Path, extra: dict[str, object]
+):
     # One torch thread in all three processes (as one machine would give them all the
     # same count), which also lets runs A and B go side by side on two cores.
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -165,10 +180,16 @@ def test_resume_after_sigkill_gives_the_same_results(tiny_model_dir: Path, tmp_p
 
     with open(err_a, "w") as ea, open(err_b, "w") as eb:
         proc_a = subprocess.Popen(
-            _cli(tiny_model_dir, tmp_path / "a"), env=env, stdout=subprocess.DEVNULL, stderr=ea
+            _cli(tiny_model_dir, tmp_path / "a", extra),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=ea,
         )
         proc_b = subprocess.Popen(
-            _cli(tiny_model_dir, tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=eb
+            _cli(tiny_model_dir, tmp_path / "b", extra),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=eb,
         )
     try:
         while max(_logged_steps(run_b / "log.jsonl"), default=0) < KILL_AFTER:
@@ -240,6 +261,11 @@ def test_resume_after_sigkill_gives_the_same_results(tiny_model_dir: Path, tmp_p
     state_a = json.loads((run_a / "checkpoint" / "state.json").read_text())
     assert state_a == json.loads((run_b / "checkpoint" / "state.json").read_text())
     assert _leftovers(run_a) == [] and _leftovers(run_b) == []
+    if extra:  # the samplers' state went through the checkpoint
+        _assert_same_tensors(
+            load_file(run_a / "checkpoint" / "samplers.safetensors"),
+            load_file(run_b / "checkpoint" / "samplers.safetensors"),
+        )
 
 
 # ------------------------------------------------------------------ checkpoint helpers

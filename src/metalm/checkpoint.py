@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from metalm.errors import MetalmError
@@ -17,6 +17,7 @@ from metalm.errors import MetalmError
 WEIGHTS = "learner.safetensors"
 OPTIM = "optimizer.pt"
 STATE = "state.json"
+EXTRA = "samplers.safetensors"
 
 
 def save_weights_atomic(module: nn.Module, path: Path) -> None:
@@ -40,8 +41,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a complete checkpoint to `directory`, replacing the old one atomically.
+
+    `extra` holds tensors of the task samplers (hard-negative neighbours, cluster
+    assignments), stored as safetensors beside the weights.
 
     The new checkpoint is built in `<dir>.tmp` and renamed into place; a crash at any
     moment leaves either the old or the new checkpoint whole (see `find_checkpoint`).
@@ -60,6 +65,8 @@ def save_checkpoint(
         },
         tmp / OPTIM,
     )
+    if extra:
+        save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / EXTRA))
     (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
     _fsync_dir(tmp)
     if directory.exists():
@@ -92,6 +99,12 @@ def load_checkpoint(
     if "cuda_rng" in blob and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     return json.loads((directory / STATE).read_text(encoding="utf-8"))
+
+
+def load_extra(directory: Path) -> dict[str, torch.Tensor]:
+    """The task samplers' tensors saved with a checkpoint (empty if there are none)."""
+    path = directory / EXTRA
+    return load_file(str(path)) if path.exists() else {}
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
+from metalm.data.episodes import _range
 from metalm.data.sources import DataSource
+from metalm.data.unlabeled import UnlabeledConfig
 from metalm.errors import MetalmError
 from metalm.learners import (
     FinetuneConfig,
@@ -49,22 +51,74 @@ class ClassesConfig:
 
 @dataclass
 class DataConfig:
-    """Where tasks come from. `val`/`test` default to the training source."""
+    """Where tasks come from. `val`/`test` default to the (first) training source.
 
-    train: DataSource = field(default_factory=lambda: DataSource("clinc150", "train"))
+    `train` is one source or a list (a task mixture): each episode draws its classes
+    from one source, chosen by the sources' `weight`, and each source's classes are
+    split into meta-train/val/test on their own. `unlabeled` adds tasks made from texts
+    without labels (see `UnlabeledConfig`).
+    """
+
+    train: DataSource | list[DataSource] = field(
+        default_factory=lambda: DataSource("clinc150", "train")
+    )
     val: DataSource | None = None
     test: DataSource | None = field(default_factory=lambda: DataSource("banking77", "test"))
     classes: ClassesConfig = field(default_factory=ClassesConfig)
     drop_small_classes: bool = False
+    unlabeled: UnlabeledConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, list):
+            if not self.train:
+                raise MetalmError("data.train is an empty list; give at least one source")
+            if len(self.train) > 1 and self.val is not None:
+                raise MetalmError(
+                    "data.val works with one training source; with a list, each source's "
+                    "own meta-val classes are used: drop data.val"
+                )
+
+    @property
+    def train_sources(self) -> list[DataSource]:
+        """The labeled training sources, as a list."""
+        return list(self.train) if isinstance(self.train, list) else [self.train]
 
 
 @dataclass
 class EpisodeConfig:
-    """Shape of meta-training episodes: N-way K-shot with Q queries per class."""
+    """Shape of meta-training episodes: N-way K-shot with Q queries per class.
 
-    n_way: int = 5
-    k_shot: int = 5
+    `n_way`: a number, `all` (every class of the source in each episode: the prototype
+    loss over the whole label space) or a range `[min, max]` drawn per episode (capped
+    at the source's classes); `k_shot`: a number or a range, as in Meta-Dataset.
+    `hard_negatives`: the share of episodes made of an anchor class and classes among its
+    nearest (class centroids under the current encoder, recomputed every
+    `hard_refresh_every` steps).
+    """
+
+    n_way: int | str | list[int] = 5
+    k_shot: int | list[int] = 5
     q_queries: int = 5
+    hard_negatives: float = 0.0
+    hard_refresh_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.n_way != "all":
+            if isinstance(self.n_way, str):
+                raise MetalmError(
+                    f"episode.n_way must be a number, 'all' or [min, max], got {self.n_way!r}"
+                )
+            _range("episode.n_way", self.n_way, 2)
+        _range("episode.k_shot", self.k_shot, 1)
+        _range("episode.q_queries", self.q_queries, 1)
+        if not 0.0 <= self.hard_negatives <= 1.0:
+            raise MetalmError(
+                f"episode.hard_negatives must be a share in [0, 1], got {self.hard_negatives}"
+            )
+        if self.hard_refresh_every < 1:
+            raise MetalmError(
+                f"episode.hard_refresh_every must be >= 1, got {self.hard_refresh_every}"
+            )
 
 
 @dataclass
@@ -144,6 +198,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _same_kind(tp: Any, value: Any) -> bool:
+    """Whether `value` has the shape of `tp` (mapping/dataclass, list, scalar)."""
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    origin = typing.get_origin(tp) or tp
+    return isinstance(origin, type) and isinstance(value, origin)
+
+
 def _parse(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -151,14 +213,24 @@ def _parse(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [t for t in options if t is not type(None)]
-        return _parse(inner[0], value, where)
+        errors = []
+        for option in inner:  # the first type that takes the value wins
+            try:
+                return _parse(option, value, where)
+            except MetalmError as err:
+                errors.append(err)
+        for option, err in zip(inner, errors, strict=True):
+            if _same_kind(option, value):  # e.g. a mapping for a dataclass: its own error
+                raise err
+        names = " or ".join(_type_name(t) for t in inner)
+        raise MetalmError(f"{where}: expected {names}, got {value!r}")
     if tp is LearnerConfig or (isinstance(tp, type) and issubclass(tp, LearnerConfig)):
         return parse_learner_config(value, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if isinstance(value, str) and tp is DataSource:
-            return DataSource(value)
+        if isinstance(value, str) and tp in (DataSource, UnlabeledConfig):
+            return tp(source=value)
         if not isinstance(value, dict):
             raise MetalmError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
         return from_dict(tp, value, where)
@@ -216,14 +288,28 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """`set_dotted(d, "a.b", 1)` sets d["a"]["b"] = 1, creating mappings on the way."""
+    """`set_dotted(d, "a.b", 1)` sets d["a"]["b"] = 1, creating mappings on the way;
+    a number indexes a list (`data.train.1.weight=2`)."""
     parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                where = ".".join(parts[:depth])
+                raise MetalmError(
+                    f"{key}: {where} is a list of {len(node)}; index it with "
+                    f"{where}.0 .. {where}.{len(node) - 1}, or set {where}=[...] whole"
+                )
+            index: Any = int(part)
+        else:
+            index = part
+            if not last and not isinstance(node.get(part), dict | list):
+                node[part] = {}
+        if last:
+            node[index] = value
+        else:
+            node = node[index]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 
 from metalm.config import RunConfig, SettingConfig, load_config, save_config
 from metalm.data.episodes import Episode, EpisodeSampler
+from metalm.data.mixture import TaskSampler
 from metalm.errors import MetalmError
 from metalm.evaluate import MethodResult, evaluate_episodes
 from metalm.learners import LearnerConfig, MetaLearner, build_learner
@@ -104,11 +105,12 @@ def evaluate_with_baselines(
     return results
 
 
-def _samplers(config: RunConfig, pools: TaskPools) -> tuple[EpisodeSampler, EpisodeSampler | None]:
-    """Meta-training episodes and (if there are meta-val classes) validation episodes."""
+def _samplers(config: RunConfig, pools: TaskPools) -> tuple[TaskSampler, TaskSampler | None]:
+    """Meta-training episodes (a task mixture when there are several sources or
+    unlabeled texts) and (if there are meta-val classes) validation episodes."""
     drop = config.data.drop_small_classes
     return (
-        pools.sampler("train", config.episode, config.seed, drop),
+        pools.train_sampler(config.episode, config.seed, drop),
         validation_sampler(pools, config.train, config.seed + 1, drop),
     )
 

@@ -1,20 +1,38 @@
-"""From a data config to class-disjoint task pools and the full-way protocol."""
+"""From a data config to class-disjoint task pools, meta-training task mixtures and the
+full-way protocol."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 from metalm.config import DataConfig, EpisodeConfig, TrainConfig
 from metalm.data.dataset import LabeledTextDataset
 from metalm.data.episodes import Episode, EpisodeSampler, full_way_episode
+from metalm.data.mixture import mixture
 from metalm.data.splits import ClassSplit, explicit_split, split_classes
+from metalm.data.unlabeled import (
+    ClusterTaskSampler,
+    InstanceTaskSampler,
+    UnlabeledConfig,
+    load_texts,
+)
 from metalm.errors import MetalmError
+
+# seeds of the second, third, ... training source: episode i of each source differs
+SOURCE_SEED_STRIDE = 7919
 
 
 @dataclass
 class TaskPools:
     """The texts each phase draws its tasks from; their classes never overlap
-    (unless the test pool comes from another dataset)."""
+    (unless the test pool comes from another dataset).
+
+    `train_parts`/`val_parts` hold each labeled training source's meta-train and meta-val
+    classes (with its weight); `train`/`val` are the first source's. `unlabeled` holds the
+    texts without labels, if any.
+    """
 
     split: ClassSplit
     train: LabeledTextDataset
@@ -22,8 +40,13 @@ class TaskPools:
     test: LabeledTextDataset
     test_source_name: str
     full_way: dict[int, Episode] = field(default_factory=dict)
+    train_parts: list[tuple[LabeledTextDataset, float]] = field(default_factory=list)
+    val_parts: list[LabeledTextDataset] = field(default_factory=list)
+    unlabeled: list[str] = field(default_factory=list)
+    unlabeled_config: UnlabeledConfig | None = None
 
     def sampler(self, pool: str, episode: EpisodeConfig, seed: int, drop_small: bool = False):
+        """Plain N-way K-shot episodes of one pool (`train`, `val` or `test`)."""
         dataset = getattr(self, pool)
         if dataset is None:
             raise MetalmError(
@@ -33,42 +56,127 @@ class TaskPools:
             dataset, episode.n_way, episode.k_shot, episode.q_queries, seed, drop_small
         )
 
+    def train_sampler(self, episode: EpisodeConfig, seed: int, drop_small: bool = False) -> Any:
+        """Meta-training episodes: every labeled source (episodes shaped by `episode`,
+        hard negatives included) and the unlabeled tasks, mixed by weight."""
+        parts = [(dataset, weight) for dataset, weight in self.train_parts] or [(self.train, 1.0)]
+        samplers: list[Any] = [
+            EpisodeSampler(
+                dataset,
+                episode.n_way,
+                episode.k_shot,
+                episode.q_queries,
+                seed + SOURCE_SEED_STRIDE * j,
+                drop_small,
+                episode.hard_negatives,
+                episode.hard_refresh_every,
+            )
+            for j, (dataset, _) in enumerate(parts)
+        ]
+        weights = [weight for _, weight in parts]
+        if self.unlabeled_config is not None:
+            extra, extra_weights = unlabeled_samplers(self.unlabeled, self.unlabeled_config, seed)
+            samplers += extra
+            weights += extra_weights
+        return mixture(samplers, weights, seed)
+
+
+def unlabeled_samplers(
+    texts: list[str], config: UnlabeledConfig, seed: int
+) -> tuple[list[Any], list[float]]:
+    """The instance and/or cluster task samplers of `config`, with their weights."""
+    samplers: list[Any] = []
+    kinds = ("instance", "cluster") if config.tasks == "both" else (config.tasks,)
+    for kind in kinds:
+        if kind == "instance":
+            samplers.append(
+                InstanceTaskSampler(
+                    texts, config.n_way, seed + 1, config.augment, config.word_dropout
+                )
+            )
+        else:
+            samplers.append(
+                ClusterTaskSampler(
+                    texts,
+                    config.clusters,
+                    config.n_way,
+                    config.k_shot,
+                    config.q_queries,
+                    seed + 2,
+                    config.refresh_every,
+                    config.max_texts,
+                )
+            )
+    return samplers, [config.weight / len(kinds)] * len(kinds)
+
 
 def validation_sampler(
     pools: TaskPools, train: TrainConfig, seed: int, drop_small: bool = False
-) -> EpisodeSampler | None:
-    """Episodes of the meta-val classes, shaped by `train.val_*` (None without val classes)."""
-    if pools.val is None:
-        return None
-    n_way = min(train.val_n_way, len(pools.val.classes))
-    shape = EpisodeConfig(n_way, train.val_k_shot, train.val_q_queries)
-    return pools.sampler("val", shape, seed, drop_small)
+) -> Any:
+    """Episodes of the meta-val classes, shaped by `train.val_*` (None without val
+    classes); with several labeled sources, each source's in turn (equal weights)."""
+    parts = pools.val_parts or ([pools.val] if pools.val is not None else [])
+    samplers = [
+        EpisodeSampler(
+            dataset,
+            min(train.val_n_way, len(dataset.classes)),
+            train.val_k_shot,
+            train.val_q_queries,
+            seed + SOURCE_SEED_STRIDE * j,
+            drop_small,
+        )
+        for j, dataset in enumerate(parts)
+    ]
+    return mixture(samplers, [1.0] * len(samplers), seed) if samplers else None
+
+
+def _split(data: DataConfig, source: LabeledTextDataset, cross: bool) -> ClassSplit:
+    classes = data.classes
+    if classes.train or classes.val or classes.test:
+        known = set(source.classes)
+        if len(data.train_sources) > 1:  # each source takes the listed classes it has
+            pick = [
+                [c for c in names if c in known]
+                for names in (classes.train, classes.val, classes.test)
+            ]
+        else:
+            pick = [classes.train, classes.val, classes.test]
+        return explicit_split(source.classes, pick[0], pick[1], pick[2] if not cross else [])
+    fractions = list(classes.fractions)
+    if cross and len(fractions) == 3:  # the other dataset is the test set
+        total = fractions[0] + fractions[1]
+        fractions = [fractions[0] / total, fractions[1] / total, 0.0] if total else fractions
+    return split_classes(source.classes, fractions, classes.seed)
 
 
 def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> TaskPools:
-    """Load the sources, split the classes, and prepare the full-way episodes.
+    """Load the sources, split each one's classes, and prepare the full-way episodes.
 
     Example:
         >>> pools = build_pools(DataConfig())          # CLINC150 -> BANKING77
         >>> len(pools.test.classes), sorted(pools.full_way)
         (77, [])
     """
-    train_source = data.train.load()
-    test_spec = data.test or data.train.with_split("test")
-    cross = test_spec.source != data.train.source
-    classes = data.classes
-    if classes.train or classes.val or classes.test:
-        test_names = classes.test if not cross else []
-        split = explicit_split(train_source.classes, classes.train, classes.val, test_names)
-    else:
-        fractions = list(classes.fractions)
-        if cross and len(fractions) == 3:  # the other dataset is the test set
-            total = fractions[0] + fractions[1]
-            fractions = [fractions[0] / total, fractions[1] / total, 0.0] if total else fractions
-        split = split_classes(train_source.classes, fractions, classes.seed)
-    if not split.train:
+    sources = data.train_sources
+    test_spec = data.test or sources[0].with_split("test")
+    home = [j for j, s in enumerate(sources) if s.source == test_spec.source]
+    cross = not home
+    loaded = [spec.load() for spec in sources]
+    splits = [_split(data, dataset, cross or j not in home) for j, dataset in enumerate(loaded)]
+    _check_listed_classes(data, loaded)
+    if not any(split.train for split in splits):
         raise MetalmError("no meta-train classes; raise data.classes.fractions[0]")
-    val_source = data.val.load() if data.val else train_source
+    # the test classes are those of the first source that is also the test dataset
+    split = splits[home[0]] if home else splits[0]
+    val_source = data.val.load() if data.val else None
+    train_parts, val_parts = [], []
+    for spec, dataset, part in zip(sources, loaded, splits, strict=True):
+        if part.train:
+            name = f"{dataset.name}[meta-train]"
+            train_parts.append((dataset.subset(part.train, name), spec.weight))
+        if part.val:
+            pool = val_source or dataset
+            val_parts.append(pool.subset(part.val, f"{pool.name}[meta-val]"))
     test_source = test_spec.load()
     test_pool = test_source if cross else _restrict(test_source, split.test, "test")
     full_way = {}
@@ -80,14 +188,44 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         if not cross:
             support = _restrict(support, split.test, "test")
         full_way[shots] = full_way_episode(support, test_pool)
+    unlabeled: list[str] = []
+    if data.unlabeled is not None:
+        unlabeled = load_texts(data.unlabeled)
+        _warn_overlap(unlabeled, test_pool, data.unlabeled)
     return TaskPools(
         split=split,
-        train=train_source.subset(split.train, f"{train_source.name}[meta-train]"),
-        val=val_source.subset(split.val, f"{val_source.name}[meta-val]") if split.val else None,
+        train=train_parts[0][0],
+        val=val_parts[0] if val_parts else None,
         test=test_pool,
         test_source_name=test_source.name,
         full_way=full_way,
+        train_parts=train_parts,
+        val_parts=val_parts,
+        unlabeled=unlabeled,
+        unlabeled_config=data.unlabeled,
     )
+
+
+def _check_listed_classes(data: DataConfig, loaded: list[LabeledTextDataset]) -> None:
+    """With several sources, every explicitly listed class must exist in one of them."""
+    if len(loaded) < 2:
+        return
+    known = set().union(*(set(d.classes) for d in loaded))
+    listed = set(data.classes.train) | set(data.classes.val) | set(data.classes.test)
+    unknown = sorted(listed - known)
+    if unknown:
+        raise MetalmError(f"data.classes: {unknown[:5]} are in none of the training sources")
+
+
+def _warn_overlap(texts: list[str], test_pool: LabeledTextDataset, config: UnlabeledConfig) -> None:
+    shared = set(texts) & set(test_pool.texts)
+    if shared:
+        warnings.warn(
+            f"{config.source}: {len(shared)} of the {len(set(test_pool.texts))} test texts "
+            f"of {test_pool.name} are also unlabeled texts, which meta-training sees "
+            "(without labels)",
+            stacklevel=3,
+        )
 
 
 def _restrict(dataset: LabeledTextDataset, classes: list[str], part: str) -> LabeledTextDataset:
@@ -97,3 +235,6 @@ def _restrict(dataset: LabeledTextDataset, classes: list[str], part: str) -> Lab
             f"non-zero {part} share, or set data.test to another dataset"
         )
     return dataset.subset(classes, f"{dataset.name}[meta-{part}]")
+
+
+__all__ = ["TaskPools", "build_pools", "unlabeled_samplers", "validation_sampler"]

@@ -16,12 +16,13 @@ from tqdm.auto import tqdm
 from metalm.checkpoint import (
     find_checkpoint,
     load_checkpoint,
+    load_extra,
     load_weights,
     save_checkpoint,
     save_weights_atomic,
 )
 from metalm.config import TrainConfig
-from metalm.data.episodes import EpisodeSampler
+from metalm.data.mixture import TaskSampler, load_sampler_state, on_step, sampler_state
 from metalm.errors import MetalmError
 from metalm.evaluate import validation_accuracy
 from metalm.hypergrad import HypergradientLR
@@ -78,8 +79,8 @@ class MetaTrainer:
     def __init__(
         self,
         learner: MetaLearner,
-        train_sampler: EpisodeSampler,
-        val_sampler: EpisodeSampler | None,
+        train_sampler: TaskSampler,
+        val_sampler: TaskSampler | None,
         config: TrainConfig,
         run_dir: str | Path,
         progress: bool = True,
@@ -146,6 +147,7 @@ class MetaTrainer:
         if found is None:
             raise MetalmError(f"{self.run_dir}: no checkpoint to resume from")
         self.state = load_checkpoint(found, self.learner, self.optimizer, self.scheduler)
+        load_sampler_state(self.train_sampler, load_extra(found))
         self._truncate_log(self.state["step"])
         return int(self.state["step"])
 
@@ -212,6 +214,8 @@ class MetaTrainer:
 
     def _step(self, step: int) -> float:
         cfg = self.config
+        # hard negatives and cluster tasks are recomputed from the current encoder
+        on_step(self.train_sampler, step, self.learner.encoder.embed)
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -274,7 +278,12 @@ class MetaTrainer:
 
     def _save(self) -> None:
         save_checkpoint(
-            self.checkpoint_dir, self.learner, self.optimizer, self.scheduler, self.state
+            self.checkpoint_dir,
+            self.learner,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            extra=sampler_state(self.train_sampler),
         )
 
     def _truncate_log(self, step: int) -> None:

@@ -129,22 +129,22 @@ def read_text_file(path: Path) -> str:
         raise MetalmError(f"{path}: cannot read the file ({err.strerror})") from None
 
 
-def _columns(rows: list[dict[str, Any]], path: Path, text_column: str, label_column: str):
+def _columns(rows: list[dict[str, Any]], path: Path, *columns: str) -> list[list[Any]]:
+    """The values of each of `columns`, row by row; a missing column is an error."""
     if not rows:
         raise MetalmError(f"{path}: the file has no rows")
     for i, row in enumerate(rows):
-        missing = [c for c in (text_column, label_column) if c not in row]
+        missing = [c for c in columns if c not in row]
         if missing:
             raise MetalmError(
                 f"{path}: row {i} has no column {missing[0]!r}; columns are {sorted(row)}; "
                 "set data.*.text_column / data.*.label_column"
             )
-    return [row[text_column] for row in rows], [row[label_column] for row in rows]
+    return [[row[c] for row in rows] for c in columns]
 
 
-def load_csv(path: str | Path, text_column: str = "text", label_column: str = "label"):
-    """A dataset from a CSV file with a header row."""
-    path = Path(path)
+def read_csv_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV file with a header row, as mappings."""
     # newline="": quoted fields keep their line breaks (str.splitlines would drop them).
     reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
     try:
@@ -157,13 +157,11 @@ def load_csv(path: str | Path, text_column: str = "text", label_column: str = "l
                 f"{path}: row {i} has more fields than the header {reader.fieldnames}; "
                 "quote texts that contain commas"
             )
-    texts, labels = _columns(rows, path, text_column, label_column)
-    return LabeledTextDataset(texts, labels, name=path.name)
+    return rows
 
 
-def load_jsonl(path: str | Path, text_column: str = "text", label_column: str = "label"):
-    """A dataset from a JSON-lines file, one object per line."""
-    path = Path(path)
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file, one per non-blank line."""
     rows = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other separators raw.
     for number, line in enumerate(read_text_file(path).split("\n"), start=1):
@@ -176,8 +174,51 @@ def load_jsonl(path: str | Path, text_column: str = "text", label_column: str = 
         if not isinstance(row, dict):
             raise MetalmError(f"{path}:{number}: each line must be a JSON object")
         rows.append(row)
-    texts, labels = _columns(rows, path, text_column, label_column)
+    return rows
+
+
+def load_csv(path: str | Path, text_column: str = "text", label_column: str = "label"):
+    """A dataset from a CSV file with a header row."""
+    path = Path(path)
+    texts, labels = _columns(read_csv_rows(path), path, text_column, label_column)
     return LabeledTextDataset(texts, labels, name=path.name)
+
+
+def load_jsonl(path: str | Path, text_column: str = "text", label_column: str = "label"):
+    """A dataset from a JSON-lines file, one object per line."""
+    path = Path(path)
+    texts, labels = _columns(read_jsonl_rows(path), path, text_column, label_column)
+    return LabeledTextDataset(texts, labels, name=path.name)
+
+
+def load_hf_split(source: str, split: str = "train", config_name: str | None = None):
+    """One split of a Hugging Face dataset: a hub name or a `save_to_disk` directory."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_dir() and (
+            (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+        ):
+            loaded: Any = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(source, config_name, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        raise MetalmError(f"cannot load Hugging Face dataset {source!r}: {err}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise MetalmError(f"{source}: no split {split!r}; splits are {sorted(loaded)}")
+        loaded = loaded[split]
+    return loaded
+
+
+def check_hf_columns(loaded: Any, name: str, *columns: str) -> None:
+    for column in columns:
+        if column not in loaded.column_names:
+            raise MetalmError(
+                f"{name}: no column {column!r}; columns are {loaded.column_names}; "
+                "set data.*.text_column / data.*.label_column"
+            )
 
 
 def from_hf(
@@ -200,29 +241,12 @@ def from_hf(
     import datasets
 
     name = source if isinstance(source, str) else "hf-dataset"
-    if isinstance(source, str):
-        path = Path(source)
-        try:
-            if path.is_dir() and (path / "dataset_info.json").exists():
-                loaded: Any = datasets.load_from_disk(str(path))
-            elif path.is_dir() and (path / "dataset_dict.json").exists():
-                loaded = datasets.load_from_disk(str(path))
-            else:
-                loaded = datasets.load_dataset(source, config_name, split=split)
-        except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
-            raise MetalmError(f"cannot load Hugging Face dataset {source!r}: {err}") from None
-    else:
-        loaded = source
+    loaded = load_hf_split(source, split, config_name) if isinstance(source, str) else source
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise MetalmError(f"{name}: no split {split!r}; splits are {sorted(loaded)}")
         loaded = loaded[split]
-    for column in (text_column, label_column):
-        if column not in loaded.column_names:
-            raise MetalmError(
-                f"{name}: no column {column!r}; columns are {loaded.column_names}; "
-                "set data.*.text_column / data.*.label_column"
-            )
+    check_hf_columns(loaded, name, text_column, label_column)
     labels = loaded[label_column]
     feature = loaded.features[label_column]
     if isinstance(feature, datasets.ClassLabel):

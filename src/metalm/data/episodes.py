@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 from metalm.data.dataset import LabeledTextDataset
 from metalm.errors import MetalmError
+
+Embed = Callable[[Sequence[str]], torch.Tensor]
+"""Texts in, embeddings out: the current encoder (`TextEncoder.embed`)."""
 
 
 @dataclass(frozen=True)
@@ -29,11 +35,44 @@ class Episode:
         return len(self.label_names)
 
 
+WaySpec = int | str | Sequence[int]
+ShotSpec = int | Sequence[int]
+
+
+def _range(name: str, value: Any, low: int) -> tuple[int, int]:
+    """A fixed size `n` or a `[min, max]` range, as (min, max)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        bounds = (value, value)
+    elif (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        bounds = (int(value[0]), int(value[1]))
+    else:
+        raise MetalmError(
+            f"{name} must be an integer >= {low}, got {value!r} (or give a range [min, max])"
+        )
+    if bounds[0] < low:
+        raise MetalmError(f"{name} must be an integer >= {low}, got {value!r}")
+    if bounds[0] > bounds[1]:
+        raise MetalmError(f"{name}: a range [min, max] needs min <= max, got {value!r}")
+    return bounds
+
+
 class EpisodeSampler:
     """N-way K-shot episodes with Q queries per class, from a dataset's classes.
 
     Episode `i` depends only on `(seed, i)`: the same on any machine and in any order.
     Support and query rows never overlap.
+
+    `n_way` is a number, `"all"` (every class in every episode) or a range `[min, max]`
+    drawn per episode (capped at the number of classes); `k_shot` a number or a range.
+    With `hard_negatives > 0`, that share of episodes is an anchor class and classes
+    among its nearest (by centroid cosine); the neighbours come from `refresh(embed)`,
+    which the trainer calls every `refresh_every` steps with the current encoder
+    (see `on_step`); until then every episode is drawn at random.
 
     Example:
         >>> from metalm.data import builtin_dataset
@@ -41,25 +80,29 @@ class EpisodeSampler:
         >>> ep = sampler.sample(0)
         >>> len(ep.support_texts), len(ep.query_texts)
         (5, 25)
+        >>> EpisodeSampler(builtin_dataset("banking77", "test"), "all", [1, 3], 2).sample(0).n_way
+        77
     """
 
     def __init__(
         self,
         dataset: LabeledTextDataset,
-        n_way: int,
-        k_shot: int,
+        n_way: WaySpec,
+        k_shot: ShotSpec,
         q_queries: int,
         seed: int = 0,
         drop_small_classes: bool = False,
+        hard_negatives: float = 0.0,
+        refresh_every: int = 100,
     ):
-        for name, value, low in (
-            ("n_way", n_way, 2),
-            ("k_shot", k_shot, 1),
-            ("q_queries", q_queries, 1),
-        ):
-            if not isinstance(value, int) or value < low:
-                raise MetalmError(f"{name} must be an integer >= {low}, got {value!r}")
-        needed = k_shot + q_queries
+        ways = None if n_way == "all" else _range("n_way", n_way, 2)
+        self.k_range = _range("k_shot", k_shot, 1)
+        _range("q_queries", q_queries, 1)
+        if not 0.0 <= hard_negatives <= 1.0:
+            raise MetalmError(f"hard_negatives must be a share in [0, 1], got {hard_negatives}")
+        if refresh_every < 1:
+            raise MetalmError(f"hard_refresh_every must be >= 1, got {refresh_every}")
+        needed = self.k_range[1] + q_queries
         if drop_small_classes:
             dataset, dropped = dataset.drop_small_classes(needed)
             if dropped:
@@ -74,37 +117,113 @@ class EpisodeSampler:
                 first = next(iter(small))
                 raise MetalmError(
                     f"{dataset.name}: class {first!r} has {small[first]} examples but "
-                    f"{k_shot}-shot with {q_queries} queries needs {needed} "
+                    f"{self.k_range[1]}-shot with {q_queries} queries needs {needed} "
                     f"({len(small)} classes are short); lower K or Q, or set "
                     "data.drop_small_classes=true"
                 )
-        if n_way > len(dataset.classes):
+        classes = len(dataset.classes)
+        if ways is None:
+            ways = (classes, classes)
+        elif ways[0] != ways[1]:  # a range is capped at the classes there are
+            ways = (min(ways[0], classes), min(ways[1], classes))
+        if ways[1] > classes or classes < 2:
             raise MetalmError(
-                f"{dataset.name}: {n_way}-way episodes need {n_way} classes but it has "
-                f"{len(dataset.classes)}; lower n_way"
+                f"{dataset.name}: {ways[1]}-way episodes need {ways[1]} classes but it has "
+                f"{classes}; lower n_way"
             )
         self.dataset = dataset
-        self.n_way, self.k_shot, self.q_queries, self.seed = n_way, k_shot, q_queries, seed
+        self.n_range = ways
+        self.q_queries, self.seed = q_queries, seed
+        self.hard_negatives, self.refresh_every = hard_negatives, refresh_every
         self._classes = dataset.classes
         self._rows = dataset.by_class()
+        self.neighbours: np.ndarray | None = None  # [C, C-1] class indices, nearest first
+
+    @property
+    def n_way(self) -> int:
+        """The largest way of an episode."""
+        return self.n_range[1]
+
+    @property
+    def k_shot(self) -> int:
+        """The largest shot of an episode."""
+        return self.k_range[1]
 
     def sample(self, index: int) -> Episode:
         """Episode number `index` (any non-negative integer)."""
         rng = np.random.default_rng([self.seed, index])
-        chosen = rng.choice(len(self._classes), size=self.n_way, replace=False)
+        n_way = self._draw(rng, self.n_range)
+        k_shot = self._draw(rng, self.k_range)
+        if (
+            self.hard_negatives
+            and self.neighbours is not None
+            and (rng.random() < self.hard_negatives)
+        ):
+            chosen = self._hard_classes(rng, n_way)
+        else:
+            chosen = rng.choice(len(self._classes), size=n_way, replace=False)
         support_texts, support_labels, query_texts, query_labels = [], [], [], []
         names = []
         for label, class_index in enumerate(chosen):
             name = self._classes[int(class_index)]
             names.append(name)
             rows = self._rows[name]
-            picked = rng.choice(len(rows), size=self.k_shot + self.q_queries, replace=False)
+            picked = rng.choice(len(rows), size=k_shot + self.q_queries, replace=False)
             texts = [self.dataset.texts[rows[int(i)]] for i in picked]
-            support_texts += texts[: self.k_shot]
-            support_labels += [label] * self.k_shot
-            query_texts += texts[self.k_shot :]
+            support_texts += texts[:k_shot]
+            support_labels += [label] * k_shot
+            query_texts += texts[k_shot:]
             query_labels += [label] * self.q_queries
         return Episode(support_texts, support_labels, query_texts, query_labels, names)
+
+    @staticmethod
+    def _draw(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
+        # a fixed size draws nothing, so fixed-shape episodes stay as they always were
+        return bounds[0] if bounds[0] == bounds[1] else int(rng.integers(bounds[0], bounds[1] + 1))
+
+    def _hard_classes(self, rng: np.random.Generator, n_way: int) -> np.ndarray:
+        """An anchor class and `n_way - 1` classes drawn among its `2(n_way - 1)` nearest."""
+        assert self.neighbours is not None
+        anchor = int(rng.integers(len(self._classes)))
+        nearest = self.neighbours[anchor][: 2 * (n_way - 1)]
+        others = rng.choice(nearest, size=n_way - 1, replace=False)
+        return rng.permutation(np.concatenate([[anchor], others]))
+
+    # -- hard negatives: refreshed from the current encoder ------------------------------
+    def on_step(self, step: int, embed: Embed) -> None:
+        """Called by the trainer before each step: refresh the neighbours every
+        `refresh_every` steps (and whenever there are none yet)."""
+        if self.hard_negatives and (self.neighbours is None or step % self.refresh_every == 0):
+            self.refresh(embed, step)
+
+    def refresh(self, embed: Embed, step: int = 0, per_class: int = 32) -> None:
+        """Class centroids of up to `per_class` texts each (drawn with `(seed, step)`)
+        under `embed`, and each class's other classes ordered nearest first."""
+        rng = np.random.default_rng([self.seed, step, 2])
+        texts, owners = [], []
+        for c, name in enumerate(self._classes):
+            rows = self._rows[name]
+            picked = rng.choice(len(rows), size=min(per_class, len(rows)), replace=False)
+            texts += [self.dataset.texts[rows[int(i)]] for i in picked]
+            owners += [c] * len(picked)
+        vectors = torch.nn.functional.normalize(embed(texts).float().cpu(), dim=-1)
+        index = torch.as_tensor(owners)
+        centroids = torch.zeros(len(self._classes), vectors.shape[1]).index_add_(0, index, vectors)
+        centroids = torch.nn.functional.normalize(centroids, dim=-1)
+        similarity = centroids @ centroids.T
+        similarity.fill_diagonal_(-float("inf"))
+        order = similarity.argsort(dim=1, descending=True, stable=True)[:, :-1]
+        self.neighbours = order.numpy()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What `refresh` computed (saved in checkpoints so a resumed run goes on alike)."""
+        if self.neighbours is None:
+            return {}
+        return {"neighbours": torch.from_numpy(np.ascontiguousarray(self.neighbours))}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "neighbours" in state:
+            self.neighbours = state["neighbours"].numpy()
 
     def __iter__(self):
         index = 0

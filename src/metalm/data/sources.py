@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ class DataSource:
     """One labeled text source.
 
     `source` is a built-in name (`banking77`, `clinc150`), a `.csv`/`.jsonl` path, or
-    `hf:<hub name or local dataset directory>`.
+    `hf:<hub name or local dataset directory>`. `weight` is its share of meta-training
+    episodes when `data.train` is a list of sources.
 
     Example:
         >>> DataSource("banking77", split="train_5").load().name
@@ -33,12 +35,17 @@ class DataSource:
     text_column: str = "text"
     label_column: str = "label"
     hf_config: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise MetalmError(f"{self.source}: a source's weight must be > 0, got {self.weight}")
 
     def load(self) -> LabeledTextDataset:
         return load_source(self)
 
     def with_split(self, split: str) -> DataSource:
-        return DataSource(self.source, split, self.text_column, self.label_column, self.hf_config)
+        return dataclasses.replace(self, split=split)
 
     @property
     def is_builtin(self) -> bool:
