@@ -59,9 +59,20 @@ def frozen_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 # -- save / load -----------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(LEARNERS))
-def test_save_load_gives_identical_predictions(name, tiny_model_dir, tmp_path):
-    learner = _learner(tiny_model_dir, name)
+# every registered learner as built by default, plus the other task heads of the
+# embedding learners (`learner.head`)
+VARIANTS = [(name, {}) for name in sorted(LEARNERS)] + [
+    ("frozen", {"head": "logreg"}),
+    ("protonet", {"head": "logreg"}),
+    ("protonet", {"head": "lpft", "lpft_steps": 2}),
+]
+
+
+@pytest.mark.parametrize(
+    "name, config", VARIANTS, ids=[n + (f"/{c['head']}" if c else "") for n, c in VARIANTS]
+)
+def test_save_load_gives_identical_predictions(name, config, tiny_model_dir, tmp_path):
+    learner = _learner(tiny_model_dir, name, **config)
     expected = _probabilities(learner)
     out = save_pretrained(learner, tmp_path / name)
     assert sorted(p.name for p in out.iterdir()) == [

@@ -282,9 +282,10 @@ def test_run_dir_that_holds_a_run_is_left_alone(trained, capsys):
 def test_eval_run_reproduces_the_report(trained):
     run_dir, _, report, _ = trained
     before = results_by_key(report)
-    result = run_cli("eval", "--run", str(run_dir), cwd=run_dir.parent)
+    result = run_cli("eval", "--run", str(run_dir), "--name", "again", cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr
-    again = results_by_key(json.loads((run_dir / "report.json").read_text()))
+    assert str(run_dir / "evals" / "again" / "report.md") in result.stdout
+    again = results_by_key(json.loads((run_dir / "evals" / "again" / "report.json").read_text()))
     assert set(again) == set(before)
     for key, row in before.items():
         assert again[key]["accuracy"] == pytest.approx(row["accuracy"], abs=1e-6), key
@@ -295,9 +296,10 @@ def test_eval_run_reproduces_the_report(trained):
 
 def test_eval_run_with_overrides(trained, capsys):
     run_dir, _, _, _ = trained
-    assert main(["-q", "eval", "--run", str(run_dir), "eval.episodes=3"]) == 0
+    args = ["-q", "eval", "--run", str(run_dir), "--name", "three", "eval.episodes=3"]
+    assert main(args) == 0
     assert "| frozen | 3-way 1-shot |" in capsys.readouterr().out
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads((run_dir / "evals" / "three" / "report.json").read_text())
     assert {r["episodes"] for r in report["results"]} == {3}
     assert all(len(r["per_episode"]) == 3 for r in report["results"])
 

@@ -26,7 +26,7 @@ def test_unknown_or_missing_device_is_a_clear_error() -> None:
 
 def test_learner_and_task_state_follow_the_encoder_device(tiny_model_dir) -> None:
     encoder = TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir)))
-    learner = build_learner(encoder, ProtoNetConfig(learn_scale=True))
+    learner = build_learner(encoder, ProtoNetConfig(learn_scale=True, head="centroid"))
     device = resolve_device("auto")
     assert {p.device.type for p in learner.parameters()} == {device.type}
     state = learner.adapt(["a b", "c d", "e f", "g h"], [0, 1, 0, 1])

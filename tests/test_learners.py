@@ -114,7 +114,7 @@ def test_registry_has_each_learner_once():
 
 
 def test_frozen_is_nearest_centroid(tiny_encoder, episode):
-    learner = FrozenCentroids(tiny_encoder, FrozenConfig())
+    learner = FrozenCentroids(tiny_encoder, FrozenConfig(head="centroid"))
     state = learner.adapt(episode.support_texts, episode.support_labels)
     support = tiny_encoder.embed(episode.support_texts)
     labels = torch.tensor(episode.support_labels)

@@ -81,8 +81,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from metalm.run import evaluate_run, run
 
     if args.run:
-        report = evaluate_run(args.run, args.overrides, progress=not args.quiet)
+        report = evaluate_run(args.run, args.overrides, progress=not args.quiet, name=args.name)
     else:
+        if args.name is not None:
+            raise MetalmError("--name names a re-evaluation of --run RUN_DIR; use run_name=...")
         config = _config(args)
         config.train.steps = 0
         report = run(config, progress=not args.quiet)
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     ev = with_config(sub.add_parser("eval", help="evaluate without training, or a finished run"))
     ev.add_argument("--run", metavar="RUN_DIR", help="re-evaluate this run's best learner")
+    ev.add_argument(
+        "--name", help="with --run: the report's folder RUN_DIR/evals/NAME (default: a timestamp)"
+    )
     ev.set_defaults(func=cmd_eval)
     tune = with_config(sub.add_parser("tune", help="search meta-parameters (Optuna)"))
     tune.add_argument("--trials", type=int, required=True, help="finished trials to reach")

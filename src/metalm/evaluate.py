@@ -32,7 +32,13 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
 
 @dataclass
 class MethodResult:
-    """One learner under one protocol."""
+    """One learner under one protocol.
+
+    `per_episode`: the accuracy of each episode; for a single episode (the full-way
+    protocol), the correctness (1.0 or 0.0) of each of its query texts instead, so that
+    two methods can be compared text by text (`EvalReport.paired_difference`). Either
+    way `accuracy` is their mean.
+    """
 
     method: str
     protocol: str
@@ -50,20 +56,28 @@ class MethodResult:
         return asdict(self)
 
 
-def episode_accuracy(learner: MetaLearner, episode: Episode) -> float:
+def episode_correct(learner: MetaLearner, episode: Episode) -> np.ndarray:
+    """Whether each query text of `episode` is classified right (1.0) or not (0.0)."""
     state = learner.adapt(episode.support_texts, episode.support_labels)
-    logits = learner.predict(state, episode.query_texts)
-    return float((logits.argmax(-1).cpu() == torch.tensor(episode.query_labels)).float().mean())
+    return _correct(learner.predict(state, episode.query_texts), episode)
 
 
-def _timed(learner: MetaLearner, episode: Episode) -> tuple[float, float, float]:
+def episode_accuracy(learner: MetaLearner, episode: Episode) -> float:
+    return float(episode_correct(learner, episode).mean())
+
+
+def _correct(logits: torch.Tensor, episode: Episode) -> np.ndarray:
+    truth = torch.tensor(episode.query_labels)
+    return (logits.argmax(-1).cpu() == truth).to(torch.float64).numpy()
+
+
+def _timed(learner: MetaLearner, episode: Episode) -> tuple[np.ndarray, float, float]:
     start = time.perf_counter()
     state = learner.adapt(episode.support_texts, episode.support_labels)
     adapted = time.perf_counter()
     logits = learner.predict(state, episode.query_texts)
     done = time.perf_counter()
-    accuracy = float((logits.argmax(-1).cpu() == torch.tensor(episode.query_labels)).float().mean())
-    return accuracy, adapted - start, done - adapted
+    return _correct(logits, episode), adapted - start, done - adapted
 
 
 def evaluate_episodes(
@@ -80,25 +94,27 @@ def evaluate_episodes(
     Adapt/predict times are measured on the first `timing_episodes` episodes as a user
     would meet them (nothing precomputed); the rest reuse one embedding table of the
     pretrained encoder, which gives the same predictions faster.
-    For a single episode (full-way), the interval is over the query texts.
+    For a single episode (full-way), the interval is over the query texts (binomial,
+    normal approximation) and `per_episode` holds each text's correctness.
     """
     learner.eval()
     if timing_episodes:
         learner.encoder.embed(episodes[0].query_texts[:8])  # warm-up, not timed
     timed = [_timed(learner, ep) for ep in episodes[:timing_episodes]]
     rest = episodes[len(timed) :]
-    accuracies = [t[0] for t in timed]
+    correct = [t[0] for t in timed]
     if rest:
         texts = [t for ep in rest for t in ep.support_texts + ep.query_texts]
         with learner.encoder.cached_embeddings(texts):
             bar = tqdm(rest, desc=f"{method} {protocol}", disable=not progress, leave=False)
-            accuracies += [episode_accuracy(learner, ep) for ep in bar]
+            correct += [episode_correct(learner, ep) for ep in bar]
     if len(episodes) == 1:
-        n = len(episodes[0].query_texts)
-        p = accuracies[0]
-        mean, ci = p, Z95 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+        per_episode = [float(v) for v in correct[0]]
+        p = float(np.mean(per_episode))
+        mean, ci = p, Z95 * math.sqrt(max(p * (1 - p), 1e-12) / len(per_episode))
     else:
-        mean, ci = mean_ci95(accuracies)
+        per_episode = [float(c.mean()) for c in correct]
+        mean, ci = mean_ci95(per_episode)
     adapt, predict = float("nan"), float("nan")
     if timed:
         adapt = float(np.median([t[1] for t in timed]))
@@ -116,7 +132,7 @@ def evaluate_episodes(
         ci95=ci,
         adapt_seconds=adapt,
         predict_texts_per_second=predict,
-        per_episode=accuracies,
+        per_episode=per_episode,
     )
 
 

@@ -167,6 +167,8 @@ def model_card(metadata: dict[str, Any], report: dict[str, Any] | None) -> str:
     if datasets:
         front.append(f"datasets: [{', '.join(datasets)}]")
     front.append("---")
+    head = metadata["learner"].get("head")  # frozen, protonet: learner.head
+    head_note = f" It adapts to a new task with the `{head}` head." if head else ""
     lines = [
         *front,
         "",
@@ -174,7 +176,8 @@ def model_card(metadata: dict[str, Any], report: dict[str, Any] | None) -> str:
         "",
         f"A `{learner}` meta-learner over `{encoder['base_model']}` "
         f"({encoder['num_layers']} layers, {encoder['pooling']} pooling, "
-        f"max {encoder['max_length']} tokens), saved by metalm {metadata['metalm_version']}.",
+        f"max {encoder['max_length']} tokens), saved by metalm {metadata['metalm_version']}."
+        + head_note,
         "",
         "```python",
         "from metalm import FewShotClassifier",
@@ -211,7 +214,11 @@ def model_card(metadata: dict[str, Any], report: dict[str, Any] | None) -> str:
                 f"| {row['method']} | {row['protocol']} | {row['dataset']} | "
                 f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f} | {row['episodes']} |"
             )
-        lines += ["", "Intervals: normal 95% confidence intervals over test episodes."]
+        lines += [
+            "",
+            "Intervals: normal 95% confidence intervals over test episodes (full-way: "
+            "over the test texts).",
+        ]
     else:
         lines.append("Not measured: no evaluation report was saved with this model.")
     lines += ["", "## Data and licenses", ""]
@@ -335,7 +342,7 @@ def from_pretrained(name_or_path: str | Path, device: str = "auto") -> MetaLearn
     if not weights.exists():
         raise MetalmError(f"{directory}: missing {LEARNER_WEIGHTS}")
     encoder = _load_encoder(directory, metadata["encoder"], device)
-    learner = build_learner(encoder, parse_learner_config(metadata["learner"], "metalm.json"))
+    learner = build_learner(encoder, parse_learner_config(_with_head(metadata), "metalm.json"))
     try:
         tensors = load_file(str(weights), device=str(encoder.device))
     except Exception as err:
@@ -348,6 +355,21 @@ def from_pretrained(name_or_path: str | Path, device: str = "auto") -> MetaLearn
     if lost:
         raise MetalmError(f"{weights}: missing the learner's tensors {lost[:3]}")
     return learner.eval()
+
+
+def _with_head(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The saved learner config; one of an embedding learner saved before `learner.head`
+    existed adapts as it did then, with the centroid head (whatever today's default)."""
+    from metalm.learners.base import learner_class
+    from metalm.learners.protonet import EmbeddingHeadConfig
+
+    saved = dict(metadata["learner"])
+    name = saved.get("name")
+    if isinstance(name, str) and "head" not in saved:
+        config_class = learner_class(name).config_class
+        if issubclass(config_class, EmbeddingHeadConfig):
+            saved["head"] = "centroid"
+    return saved
 
 
 def fingerprint(directory: str | Path) -> str:

@@ -34,11 +34,17 @@ class EvalReport:
         return None
 
     def paired_difference(self, result: MethodResult) -> tuple[float, float] | None:
-        """Mean accuracy difference to `frozen` on the same episodes, with its 95% CI."""
+        """Mean accuracy difference to `frozen` with its 95% CI, paired on the same test
+        units: the same episodes (the first ones both ran: episode i is the same task
+        for every method), or for a single episode (full-way) the same query texts."""
         base = self.find(BASELINE, result.protocol)
-        if base is None or base is result or result.episodes < 2:
+        if base is None or base is result or (base.episodes == 1) != (result.episodes == 1):
             return None
+        if result.episodes == 1 and len(base.per_episode) != len(result.per_episode):
+            return None  # not the same query texts
         n = min(len(base.per_episode), len(result.per_episode))
+        if n < 2:
+            return None
         diffs = np.asarray(result.per_episode[:n]) - np.asarray(base.per_episode[:n])
         return mean_ci95(diffs)
 
@@ -79,7 +85,8 @@ class EvalReport:
                 f"{self.train.get('best_val_accuracy')} at step {self.train.get('best_step')}.\n\n"
             )
         (run_dir / "report.md").write_text(header + self.to_markdown() + "\n")
-        plot_accuracy(self, run_dir / "accuracy.png")
+        if self.results:
+            plot_accuracy(self, run_dir / "accuracy.png")
         if (run_dir / "log.jsonl").exists():
             plot_training(run_dir / "log.jsonl", run_dir / "training.png")
 

@@ -15,7 +15,7 @@ from metalm.data.episodes import Episode, EpisodeSampler
 from metalm.data.mixture import TaskSampler
 from metalm.errors import MetalmError
 from metalm.evaluate import MethodResult, evaluate_episodes
-from metalm.learners import LearnerConfig, MetaLearner, build_learner
+from metalm.learners import LearnerConfig, MetaLearner, build_learner, method_label
 from metalm.models.encoder import TextEncoder
 from metalm.report import EvalReport
 from metalm.tasks import TaskPools, build_pools, validation_sampler
@@ -28,6 +28,7 @@ from metalm.trainer import (
 )
 
 CONFIG_FILE = "config.yaml"
+EVALS_DIR = "evals"
 
 
 def _run_dir(config: RunConfig) -> Path:
@@ -38,6 +39,13 @@ def _run_dir(config: RunConfig) -> Path:
 def _test_samplers(
     config: RunConfig, pools: TaskPools
 ) -> list[tuple[SettingConfig, EpisodeSampler]]:
+    if pools.test is None:
+        if config.eval.settings:
+            raise MetalmError(
+                "no test data: set data.test (labeled texts of your own), or "
+                "eval.settings=[] to meta-train without a test"
+            )
+        return []
     return [
         (
             setting,
@@ -61,8 +69,13 @@ def evaluate_learner(
     pools: TaskPools,
     progress: bool = True,
 ) -> list[MethodResult]:
-    """Every test protocol of `config` for one learner, on the same fixed tasks."""
-    episodes = config.eval.episodes_by_method.get(method, config.eval.episodes)
+    """Every test protocol of `config` for one learner, on the same fixed tasks.
+
+    `method` is the learner's label in the report (see `method_label`); its episode
+    count is `eval.episodes_by_method[method]`, else that of its learner name (the label
+    before any `/head`), else `eval.episodes`."""
+    by_method = config.eval.episodes_by_method
+    episodes = by_method.get(method, by_method.get(method.split("/")[0], config.eval.episodes))
     results = []
     for setting, sampler in _test_samplers(config, pools):
         chosen: list[Episode] = [sampler.sample(i) for i in range(episodes)]
@@ -87,20 +100,24 @@ def evaluate_learner(
 
 
 def _baselines(config: RunConfig) -> list[LearnerConfig]:
-    return [b for b in config.eval.baselines if b.name != config.learner.name]
+    """The baselines to evaluate beside the learner: all but those with the learner's own
+    report label (so `frozen/logreg` stays beside the learner `frozen`)."""
+    own = method_label(config.learner)
+    return [b for b in config.eval.baselines if method_label(b) != own]
 
 
 def evaluate_with_baselines(
     learner: MetaLearner, config: RunConfig, pools: TaskPools, progress: bool = True
 ) -> list[MethodResult]:
-    """The learner, then each baseline on a fresh pretrained encoder, on the same tasks."""
-    results = evaluate_learner(learner, config.learner.name, config, pools, progress)
+    """The learner, then each baseline on a fresh pretrained encoder, on the same tasks;
+    each is reported under its `method_label` (`frozen`, `frozen/logreg`, ...)."""
+    results = evaluate_learner(learner, method_label(config.learner), config, pools, progress)
     baselines = _baselines(config)
     if baselines:
         fresh = TextEncoder.from_config(config.model)
         for baseline in baselines:
             results += evaluate_learner(
-                build_learner(fresh, baseline), baseline.name, config, pools, progress
+                build_learner(fresh, baseline), method_label(baseline), config, pools, progress
             )
     return results
 
@@ -228,34 +245,82 @@ def resume_run(run_dir: str | Path, progress: bool = True) -> EvalReport:
     return run(load_config(run_dir / CONFIG_FILE), resume=run_dir, progress=progress)
 
 
-def load_trained_learner(run_dir: str | Path) -> tuple[RunConfig, MetaLearner]:
-    """The learner of a finished run, with its best weights."""
+def load_trained_learner(
+    run_dir: str | Path, overrides: Sequence[str] | None = None
+) -> tuple[RunConfig, MetaLearner]:
+    """The learner of a finished run, with its best weights.
+
+    `overrides` (`key.sub=value`) change the saved config first, so that the learner is
+    built from the changed config (e.g. `learner.head=logreg`, `model.device=cpu`) and
+    then gets the run's weights; a change that alters the weights' shapes
+    (`model.num_layers`, ...) is refused."""
     from metalm.checkpoint import load_weights
+    from metalm.config import apply_overrides, from_dict, to_dict
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / CONFIG_FILE)
+    if overrides:
+        config = from_dict(RunConfig, apply_overrides(to_dict(config), list(overrides)))
     learner = build_learner(TextEncoder.from_config(config.model), config.learner)
     for weights in (run_dir / BEST_WEIGHTS, run_dir / CHECKPOINT_DIR / "learner.safetensors"):
         if weights.exists():
-            load_weights(learner, weights)
+            try:
+                load_weights(learner, weights)
+            except RuntimeError as err:  # shapes that differ from the saved ones
+                first = (str(err).splitlines() or [type(err).__name__])[0]
+                raise MetalmError(
+                    f"{weights}: the run's weights do not fit the learner built with these "
+                    f"overrides ({first}); leave the encoder's shape as the run had it"
+                ) from None
             break
     return config, learner
 
 
+def _eval_dir(run_dir: Path, name: str | None) -> Path:
+    """`RUN/evals/<name>`: a new folder for one re-evaluation (default name: a
+    timestamp, made unique); an explicit name already used is refused."""
+    if name is not None:
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise MetalmError(f"--name must be a plain folder name, got {name!r}")
+        out = run_dir / EVALS_DIR / name
+        if out.exists():
+            raise MetalmError(f"{out} already exists; pick another --name")
+        return out
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, n = run_dir / EVALS_DIR / stamp, 1
+    while out.exists():
+        n += 1
+        out = run_dir / EVALS_DIR / f"{stamp}-{n}"
+    return out
+
+
 def evaluate_run(
-    run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    name: str | None = None,
 ) -> EvalReport:
     """Evaluate a finished run's best learner (and the baselines) again, e.g. with
-    more episodes (`eval.episodes=1000`); the report replaces the run's report."""
-    from metalm.config import apply_overrides, from_dict, to_dict
+    more episodes (`eval.episodes=1000`) or another task head (`learner.head=logreg`):
+    `overrides` apply to the whole saved config, learner and model included, before the
+    learner is built. The report, and the config it used, go to a new folder
+    `RUN/evals/<name>` (default name: a timestamp); the run's own report is left as it
+    is.
 
+    Example:
+        >>> report = evaluate_run("runs/protonet-demo", ["learner.head=logreg"])
+        >>> report.run_dir
+        'runs/protonet-demo/evals/20261123-120000'
+    """
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).exists():
         raise MetalmError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    config, learner = load_trained_learner(run_dir)
-    if overrides:
-        config = from_dict(RunConfig, apply_overrides(to_dict(config), overrides))
+    out = _eval_dir(run_dir, name)
+    config, learner = load_trained_learner(run_dir, overrides)
     pools = build_pools(config.data, config.eval.full_way_shots)
+    _test_samplers(config, pools)  # validates N, K, Q against the test classes up front
     report = EvalReport(results=evaluate_with_baselines(learner, config, pools, progress))
-    report.write(run_dir)
+    out.mkdir(parents=True)
+    save_config(config, out / CONFIG_FILE)
+    report.write(out)
     return report

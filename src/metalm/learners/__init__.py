@@ -7,11 +7,13 @@ from metalm.learners.base import (
     TaskState,
     build_learner,
     learner_class,
+    method_label,
     register_learner,
 )
 from metalm.learners.finetune import Finetune, FinetuneConfig
 from metalm.learners.functional import inner_loop, select_params
 from metalm.learners.gradient import EncoderAdaptConfig, GradientConfig, GradientLearner
+from metalm.learners.heads import fit_logreg
 from metalm.learners.lstm_meta import LSTMMeta, LSTMMetaConfig
 from metalm.learners.maml import (
     ANIL,
@@ -24,16 +26,25 @@ from metalm.learners.maml import (
     MetaSGDConfig,
 )
 from metalm.learners.metanet import MetaNet, MetaNetConfig
-from metalm.learners.protonet import FrozenCentroids, FrozenConfig, ProtoNet, ProtoNetConfig
+from metalm.learners.protonet import (
+    HEADS,
+    EmbeddingHeadConfig,
+    FrozenCentroids,
+    FrozenConfig,
+    ProtoNet,
+    ProtoNetConfig,
+)
 from metalm.learners.proximal import Proximal, ProximalConfig
 from metalm.learners.reptile import Reptile, ReptileConfig
 
 __all__ = [
     "ANIL",
     "FOMAML",
+    "HEADS",
     "LEARNERS",
     "MAML",
     "ANILConfig",
+    "EmbeddingHeadConfig",
     "EncoderAdaptConfig",
     "FOMAMLConfig",
     "Finetune",
@@ -59,8 +70,10 @@ __all__ = [
     "ReptileConfig",
     "TaskState",
     "build_learner",
+    "fit_logreg",
     "inner_loop",
     "learner_class",
+    "method_label",
     "register_learner",
     "select_params",
 ]

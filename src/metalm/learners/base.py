@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -92,6 +92,22 @@ def learner_class(name: str) -> type[MetaLearner]:
     if name not in LEARNERS:
         raise MetalmError(f"unknown learner {name!r}; valid learners are {sorted(LEARNERS)}")
     return LEARNERS[name]
+
+
+def method_label(config: LearnerConfig) -> str:
+    """The name a learner config goes by in reports: `config.name`, or `name/head` when
+    its task head (`learner.head`, where it has one) is not its config class's default,
+    so that e.g. `frozen` and `frozen/logreg` stay apart.
+
+    Example:
+        >>> method_label(FrozenConfig()), method_label(FrozenConfig(head="logreg"))
+        ('frozen', 'frozen/logreg')
+    """
+    head = getattr(config, "head", None)
+    default = next((f.default for f in fields(config) if f.name == "head"), MISSING)
+    if head is None or head == default:
+        return config.name
+    return f"{config.name}/{head}"
 
 
 def build_learner(encoder: TextEncoder, config: LearnerConfig) -> MetaLearner:

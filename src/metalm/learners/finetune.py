@@ -18,6 +18,7 @@ from metalm.learners.base import (
     one_hot_means,
     register_learner,
 )
+from metalm.models.encoder import TextEncoder
 
 ENCODER_PREFIX = "encoder."
 
@@ -90,45 +91,78 @@ class Finetune(MetaLearner):
             for _ in range(head_steps):
                 rows = torch.randperm(len(support_texts), generator=generator)[: cfg.batch_size]
                 _step(head_optimizer, _head_loss(head, frozen[rows], labels[rows]))
-            encoder_params = self._finetune(support_texts, labels, head, generator)
+        encoder_params = finetune_encoder(
+            self.encoder,
+            support_texts,
+            labels,
+            head,
+            generator,
+            steps=cfg.steps if cfg.train_encoder else 0,
+            lr=cfg.lr,
+            head_lr=cfg.head_lr,
+            weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch_size,
+        )
         state = {k: v.detach() for k, v in head.items()}
         state.update({ENCODER_PREFIX + k: v.detach() for k, v in encoder_params.items()})
         return state
 
-    def _finetune(self, texts, labels, head, generator) -> dict[str, Tensor]:
-        """Joint steps on fast copies of the encoder weights (the model is untouched)."""
-        cfg = self.config
-        if not cfg.train_encoder or cfg.steps == 0:
-            return {}
-        params = {
-            name: p.detach().clone().requires_grad_()
-            for name, p in self.encoder.model.named_parameters()
-        }
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": list(head.values()), "lr": cfg.head_lr},
-                {"params": list(params.values()), "lr": cfg.lr},
-            ],
-            weight_decay=cfg.weight_decay,
-        )
-        was_training = self.encoder.training
-        self.encoder.eval()
-        try:
-            for _ in range(cfg.steps):
-                rows = torch.randperm(len(texts), generator=generator)[: cfg.batch_size]
-                features = self.encoder([texts[i] for i in rows], params)
-                _step(optimizer, _head_loss(head, features, labels[rows]))
-        finally:
-            self.encoder.train(was_training)
-        return params
-
     @torch.no_grad()
     def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
-        params = {
-            k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)
-        }
-        features = self.encoder.embed(query_texts, params=params or None)
+        features = self.encoder.embed(query_texts, params=encoder_params(state))
         return head_logits(state, features)
+
+
+def encoder_params(state: TaskState) -> dict[str, Tensor] | None:
+    """The adapted encoder tensors of a task state (keys `encoder.<name>`), by parameter
+    name, or None when the task uses the encoder as it is."""
+    params = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    return params or None
+
+
+def finetune_encoder(
+    encoder: TextEncoder,
+    texts: Sequence[str],
+    labels: Tensor,
+    head: dict[str, Tensor],
+    generator: torch.Generator,
+    steps: int,
+    lr: float,
+    head_lr: float,
+    weight_decay: float = 0.01,
+    batch_size: int = 64,
+) -> dict[str, Tensor]:
+    """Fine-tune encoder and task head together on a support set for `steps` AdamW steps
+    (mini-batches of `batch_size` rows drawn with `generator`; encoder at `lr`, head at
+    `head_lr`), on fast copies of the encoder weights: the encoder itself is untouched.
+
+    `head` (`{"head.weight", "head.bias"}`, leaf tensors with `requires_grad`) is
+    updated in place; returns the adapted encoder tensors by parameter name (empty when
+    `steps` is 0). Dropout is off (eval mode) throughout, as at prediction time.
+    """
+    if steps == 0:
+        return {}
+    params = {
+        name: p.detach().clone().requires_grad_() for name, p in encoder.model.named_parameters()
+    }
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(head.values()), "lr": head_lr},
+            {"params": list(params.values()), "lr": lr},
+        ],
+        weight_decay=weight_decay,
+    )
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                rows = torch.randperm(len(texts), generator=generator)[:batch_size]
+                features = encoder([texts[i] for i in rows], params)
+                _step(optimizer, _head_loss(head, features, labels[rows]))
+    finally:
+        encoder.train(was_training)
+    return params
 
 
 def _head_loss(head: dict[str, Tensor], features: Tensor, labels: Tensor) -> Tensor:

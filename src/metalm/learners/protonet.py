@@ -1,4 +1,10 @@
-"""Nearest-centroid learners: `frozen` (no training) and `protonet` (meta-trained)."""
+"""Embedding learners: `frozen` (no training) and `protonet` (meta-trained).
+
+Both adapt to a task through a head on the support embeddings (`learner.head`):
+`centroid` (nearest class centroid, the classic prototypical network), `logreg` (a
+logistic regression fitted on the support set, see `metalm.learners.heads`) or `lpft`
+(that logistic regression, then a few steps fine-tuning encoder and head together).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,12 @@ from metalm.learners.base import (
     MetaLearner,
     TaskState,
     as_labels,
+    head_logits,
     one_hot_means,
     register_learner,
 )
+from metalm.learners.finetune import ENCODER_PREFIX, encoder_params, finetune_encoder
+from metalm.learners.heads import fit_logreg
 from metalm.models.encoder import TextEncoder
 
 
@@ -31,16 +40,45 @@ def prototype_logits(query: Tensor, prototypes: Tensor, distance: str, scale: Te
     return query @ prototypes.T * scale
 
 
+HEADS = ("centroid", "logreg", "lpft")
+LPFT_BATCH_SIZE = 64
+LPFT_WEIGHT_DECAY = 0.01
+
+
 @dataclass
-class FrozenConfig(LearnerConfig):
-    """Nearest class centroid on the pretrained embeddings: the floor, no training."""
+class EmbeddingHeadConfig(LearnerConfig):
+    """How an embedding learner adapts to a task (`learner.head`):
+
+    * `centroid`: nearest class centroid (prototypes) with the learner's `distance`;
+    * `logreg`: a multinomial logistic regression on the support embeddings, started
+      from the prototypes; its L2 strength is `logreg_l2`, or when 0 chosen by
+      leave-one-shot-out on the support set (`metalm.learners.heads.fit_logreg`);
+    * `lpft`: that logistic regression (linear probe), then `lpft_steps` AdamW steps
+      fine-tuning encoder (at `lpft_lr`) and head (at `lpft_head_lr`) on the support set;
+      the task state then holds the adapted encoder tensors.
+
+    Meta-training (`protonet`) always uses the prototype loss: the head only changes how
+    a trained encoder is adapted and applied to a task.
+    """
+
+    head: str = "centroid"
+    logreg_l2: float = 0.0
+    lpft_steps: int = 10
+    lpft_lr: float = 3e-5
+    lpft_head_lr: float = 1e-3
+
+
+@dataclass
+class FrozenConfig(EmbeddingHeadConfig):
+    """A head on the pretrained embeddings (nearest centroid by default): the floor,
+    no training."""
 
     name: str = "frozen"
     distance: str = "euclidean"
 
 
 @dataclass
-class ProtoNetConfig(LearnerConfig):
+class ProtoNetConfig(EmbeddingHeadConfig):
     """Prototypical networks: the encoder is meta-trained with the prototype loss.
 
     `distance`: `euclidean` (squared) or `cosine`; logits are scaled by a temperature
@@ -67,23 +105,63 @@ class _CentroidLearner(MetaLearner):
             raise MetalmError(f"learner.init_scale must be > 0, got {init}")
         learn = getattr(config, "learn_scale", False)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learn)
+        check_head_config(config)
 
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
+        cfg = self.config
         labels, n_way = as_labels(support_labels, self.encoder.device)
-        prototypes = one_hot_means(self.encoder.embed(support_texts), labels, n_way)
-        return {"prototypes": prototypes}
+        features = self.encoder.embed(support_texts)
+        if cfg.head == "centroid":
+            return {"prototypes": one_hot_means(features, labels, n_way)}
+        state = fit_logreg(features, labels, n_way, l2=cfg.logreg_l2 or None)
+        if cfg.head == "lpft":
+            head = {k: state[k].clone().requires_grad_() for k in ("head.weight", "head.bias")}
+            params = finetune_encoder(
+                self.encoder,
+                list(support_texts),
+                labels,
+                head,
+                torch.Generator().manual_seed(0),
+                steps=cfg.lpft_steps,
+                lr=cfg.lpft_lr,
+                head_lr=cfg.lpft_head_lr,
+                weight_decay=LPFT_WEIGHT_DECAY,
+                batch_size=LPFT_BATCH_SIZE,
+            )
+            state.update({k: v.detach() for k, v in head.items()})
+            state.update({ENCODER_PREFIX + k: v.detach() for k, v in params.items()})
+        return state
 
     @torch.no_grad()
     def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
-        query = self.encoder.embed(query_texts)
-        return prototype_logits(
-            query, state["prototypes"], self.config.distance, self.log_scale.exp().detach()
+        """Logits of the head the task state holds: prototypes or a linear head (with
+        the adapted encoder tensors, if any)."""
+        if "prototypes" in state:
+            query = self.encoder.embed(query_texts)
+            return prototype_logits(
+                query, state["prototypes"], self.config.distance, self.log_scale.exp().detach()
+            )
+        features = self.encoder.embed(query_texts, params=encoder_params(state))
+        return head_logits(state, features)
+
+
+def check_head_config(config: EmbeddingHeadConfig) -> None:
+    """A MetalmError naming the valid values when a head setting is wrong."""
+    if config.head not in HEADS:
+        raise MetalmError(f"learner.head must be one of {', '.join(HEADS)}; got {config.head!r}")
+    if config.logreg_l2 < 0:
+        raise MetalmError(
+            f"learner.logreg_l2 must be >= 0 (0: chosen on the support set), got {config.logreg_l2}"
         )
+    if config.lpft_steps < 0:
+        raise MetalmError(f"learner.lpft_steps must be >= 0, got {config.lpft_steps}")
+    if config.lpft_lr < 0 or config.lpft_head_lr < 0:
+        raise MetalmError("learner.lpft_lr and learner.lpft_head_lr must be >= 0")
 
 
 @register_learner("frozen", FrozenConfig)
 class FrozenCentroids(_CentroidLearner):
-    """Nearest centroid on frozen pretrained embeddings.
+    """Nearest centroid (or another `learner.head`) on frozen pretrained embeddings.
 
     Example:
         >>> learner = FrozenCentroids(encoder, FrozenConfig())
