@@ -238,3 +238,37 @@ def test_real_minilm_meta_trains_on_unlabeled_banking_texts(tmp_path):
     )
     state_dir = Path(tmp_path) / "run" / "checkpoint"
     assert (state_dir / "samplers.safetensors").exists()
+
+
+def test_meta_pretraining_on_unlabeled_texts_alone_then_adapting(tiny_model_dir, tmp_path):
+    """No labels at all: meta-train on tickets, export, then adapt from the first labels."""
+    from conftest import tiny_overrides
+
+    import metalm
+    from metalm import FewShotClassifier
+    from metalm.pretrained import export_run
+
+    tickets = tmp_path / "tickets.txt"
+    tickets.write_text("\n".join(_texts(20)))
+    extra = {
+        "train.steps": 4,
+        "data.train": "[]",
+        "data.test": "null",
+        "eval.settings": "[]",
+        "data.unlabeled": f"{{source: {tickets}, clusters: 6, n_way: 4}}",
+    }
+    report = metalm.run(load_config(None, tiny_overrides(tiny_model_dir, tmp_path, **extra)),
+                        progress=False)  # fmt: skip
+    assert report.results == []
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    export_run(tmp_path / "run", tmp_path / "model")
+    clf = FewShotClassifier.from_pretrained(tmp_path / "model")
+    clf.adapt(["card question", "loan question", "card help", "loan help"], ["c", "l", "c", "l"])
+    assert clf.predict(["card please"])[0] in ("c", "l")
+    # without labeled sources or unlabeled texts there is nothing to meta-train on
+    with pytest.raises(MetalmError, match=r"data\.unlabeled to meta-train"):
+        load_config(None, ["data.train=[]"])
+    with pytest.raises(MetalmError, match="no test data"):
+        extra["eval.settings"] = "[{n_way: 2}]"
+        metalm.run(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "x", **extra)))

@@ -56,7 +56,8 @@ class DataConfig:
     `train` is one source or a list (a task mixture): each episode draws its classes
     from one source, chosen by the sources' `weight`, and each source's classes are
     split into meta-train/val/test on their own. `unlabeled` adds tasks made from texts
-    without labels (see `UnlabeledConfig`).
+    without labels (see `UnlabeledConfig`); with `train: []` they are the only tasks
+    (no meta-val classes; `test` may then be null, with no test protocols).
     """
 
     train: DataSource | list[DataSource] = field(
@@ -70,8 +71,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.train, list):
-            if not self.train:
-                raise MetalmError("data.train is an empty list; give at least one source")
+            if not self.train and self.unlabeled is None:
+                raise MetalmError(
+                    "data.train is an empty list; give at least one labeled source, or "
+                    "data.unlabeled to meta-train on texts without labels"
+                )
             if len(self.train) > 1 and self.val is not None:
                 raise MetalmError(
                     "data.val works with one training source; with a list, each source's "

@@ -35,9 +35,9 @@ class TaskPools:
     """
 
     split: ClassSplit
-    train: LabeledTextDataset
+    train: LabeledTextDataset | None
     val: LabeledTextDataset | None
-    test: LabeledTextDataset
+    test: LabeledTextDataset | None
     test_source_name: str
     full_way: dict[int, Episode] = field(default_factory=dict)
     train_parts: list[tuple[LabeledTextDataset, float]] = field(default_factory=list)
@@ -59,7 +59,9 @@ class TaskPools:
     def train_sampler(self, episode: EpisodeConfig, seed: int, drop_small: bool = False) -> Any:
         """Meta-training episodes: every labeled source (episodes shaped by `episode`,
         hard negatives included) and the unlabeled tasks, mixed by weight."""
-        parts = [(dataset, weight) for dataset, weight in self.train_parts] or [(self.train, 1.0)]
+        parts = list(self.train_parts)
+        if not parts and self.train is not None:
+            parts = [(self.train, 1.0)]
         samplers: list[Any] = [
             EpisodeSampler(
                 dataset,
@@ -158,16 +160,16 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         (77, [])
     """
     sources = data.train_sources
-    test_spec = data.test or sources[0].with_split("test")
-    home = [j for j, s in enumerate(sources) if s.source == test_spec.source]
+    test_spec = data.test or (sources[0].with_split("test") if sources else None)
+    home = [j for j, s in enumerate(sources) if test_spec and s.source == test_spec.source]
     cross = not home
     loaded = [spec.load() for spec in sources]
     splits = [_split(data, dataset, cross or j not in home) for j, dataset in enumerate(loaded)]
     _check_listed_classes(data, loaded)
-    if not any(split.train for split in splits):
+    if sources and not any(split.train for split in splits):
         raise MetalmError("no meta-train classes; raise data.classes.fractions[0]")
     # the test classes are those of the first source that is also the test dataset
-    split = splits[home[0]] if home else splits[0]
+    split = splits[home[0]] if home else (splits[0] if splits else ClassSplit([], [], []))
     val_source = data.val.load() if data.val else None
     train_parts, val_parts = [], []
     for spec, dataset, part in zip(sources, loaded, splits, strict=True):
@@ -177,10 +179,10 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         if part.val:
             pool = val_source or dataset
             val_parts.append(pool.subset(part.val, f"{pool.name}[meta-val]"))
-    test_source = test_spec.load()
+    test_source = test_spec.load() if test_spec else None
     test_pool = test_source if cross else _restrict(test_source, split.test, "test")
     full_way = {}
-    for shots in full_way_shots or []:
+    for shots in (full_way_shots or []) if test_spec else []:
         support_spec = test_spec.with_split(f"train_{shots}")
         if not (support_spec.is_builtin or support_spec.source.startswith("hf:")):
             continue
@@ -191,13 +193,14 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
     unlabeled: list[str] = []
     if data.unlabeled is not None:
         unlabeled = load_texts(data.unlabeled)
-        _warn_overlap(unlabeled, test_pool, data.unlabeled)
+        if test_pool is not None:
+            _warn_overlap(unlabeled, test_pool, data.unlabeled)
     return TaskPools(
         split=split,
-        train=train_parts[0][0],
+        train=train_parts[0][0] if train_parts else None,
         val=val_parts[0] if val_parts else None,
         test=test_pool,
-        test_source_name=test_source.name,
+        test_source_name=test_source.name if test_source else "",
         full_way=full_way,
         train_parts=train_parts,
         val_parts=val_parts,
@@ -228,7 +231,7 @@ def _warn_overlap(texts: list[str], test_pool: LabeledTextDataset, config: Unlab
         )
 
 
-def _restrict(dataset: LabeledTextDataset, classes: list[str], part: str) -> LabeledTextDataset:
+def _restrict(dataset: Any, classes: list[str], part: str) -> LabeledTextDataset:
     if not classes:
         raise MetalmError(
             f"no meta-{part} classes in {dataset.name}; give data.classes.fractions a "
