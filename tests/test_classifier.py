@@ -161,7 +161,11 @@ def test_classifier_integer_labels_batches_and_determinism(frozen_dir):
     assert all(isinstance(label, int) for label in clf.predict(QUERIES))
     one_batch = FewShotClassifier.from_pretrained(frozen_dir, batch_size=64)
     one_batch.adapt(TEXTS, [7, 7, 3, 3, 5, 5])
-    np.testing.assert_allclose(clf.predict_proba(QUERIES), one_batch.predict_proba(QUERIES))
+    # batches of other widths pad differently: equal up to float32 rounding (the logistic
+    # regression head's larger logits show it in the 7th digit)
+    np.testing.assert_allclose(
+        clf.predict_proba(QUERIES), one_batch.predict_proba(QUERIES), rtol=0, atol=1e-6
+    )
     np.testing.assert_array_equal(
         one_batch.predict_proba(QUERIES), one_batch.predict_proba(QUERIES)
     )

@@ -566,7 +566,9 @@ def test_resume_rejects_overrides_and_non_runs(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- real model
 
-FROZEN_FULL_WAY_5_SHOT = 78.38  # published floor: nearest centroid on all-MiniLM-L6-v2
+# the floor measured for frozen all-MiniLM-L6-v2 (shared data README): logistic regression,
+# the default head
+FROZEN_FULL_WAY_5_SHOT = 80.75
 
 
 @pytest.mark.slow

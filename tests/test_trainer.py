@@ -427,6 +427,20 @@ def test_early_stopping_keeps_the_best_weights(
     assert _leftovers(run_dir) == [] and (run_dir / "checkpoint" / "state.json").exists()
 
 
+def test_select_best_false_keeps_the_last_weights(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    extra = {"train.steps": 6, "train.eval_every": 2, "train.select_best": "false"}
+    trainer = _trainer(tiny_model_dir, tmp_path, **extra)
+    scores = iter([0.5, 0.9, 0.4])  # best at step 4, but the last weights are kept
+    monkeypatch.setattr("metalm.trainer.validation_accuracy", lambda *args: next(scores))
+    result = trainer.fit()
+    assert (result.steps, result.best_step, result.best_val_accuracy) == (6, 4, 0.9)
+    assert not (trainer.run_dir / "best.safetensors").exists()
+    last = load_file(trainer.run_dir / "checkpoint" / "learner.safetensors")
+    _assert_same_tensors(_weights(trainer.learner), last)
+
+
 def test_early_stopping_when_validation_cannot_improve(tiny_model_dir: Path, tmp_path: Path):
     # lr=0: the weights never change, so the eval at step 4 ties the one at 2 -> stop
     trainer = _trainer(

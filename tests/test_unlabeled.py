@@ -174,8 +174,8 @@ def test_cluster_tasks_follow_the_clusters_and_refresh_on_schedule():
 
 
 def test_cluster_tasks_default_count_and_errors():
-    texts = _texts(30)  # 180 texts -> 3 clusters by default (one per 50)
-    assert ClusterTaskSampler(texts).clusters == 3
+    texts = _texts(30)  # 180 texts -> 6 clusters by default (one per 30)
+    assert ClusterTaskSampler(texts).clusters == 6
     subset = ClusterTaskSampler(texts, max_texts=100)
     assert len(subset.texts) == 100 and set(subset.texts) <= set(texts)
     with pytest.raises(MetalmError, match=r"lower data\.unlabeled\.clusters"):
@@ -218,8 +218,8 @@ def test_meta_training_on_labeled_mixture_plus_unlabeled_tasks(tiny_model_dir, t
 
     state = load_file(saved)
     # hard-negative neighbours of both labeled sources, and the cluster assignments
-    assert {"0.neighbours", "1.neighbours", "3.assignments"} <= set(state)
-    assert state["3.assignments"].shape == (60,)
+    assert {"0.neighbours", "1.neighbours", "2.assignments"} <= set(state)
+    assert state["2.assignments"].shape == (60,)
     assert report.find("protonet", "3-way 1-shot") is not None
 
 

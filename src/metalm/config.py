@@ -145,6 +145,10 @@ class TrainConfig:
     val_k_shot: int = 1
     val_q_queries: int = 5
     patience: int = 0
+    # keep the weights with the best validation accuracy (true), or the last ones (false:
+    # validation is only logged; e.g. when the meta-val classes come from another domain
+    # than the one the unlabeled tasks adapt the encoder to)
+    select_best: bool = True
     checkpoint_every: int = 50
     tensorboard: bool = True
     # hypergradient descent on the learning rate (Baydin et al. 2018): the step size β of

@@ -266,7 +266,8 @@ class MetaTrainer:
         if best is None or accuracy > best:
             self.state.update(best_val_accuracy=accuracy, best_step=step)
             self.state["evals_without_improvement"] = 0
-            save_weights_atomic(self.learner, self.run_dir / BEST_WEIGHTS)
+            if self.config.select_best:
+                save_weights_atomic(self.learner, self.run_dir / BEST_WEIGHTS)
         else:
             self.state["evals_without_improvement"] += 1
             patience = self.config.patience

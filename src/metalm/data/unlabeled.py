@@ -40,6 +40,7 @@ from metalm.data.episodes import Embed, Episode, EpisodeSampler
 from metalm.errors import MetalmError
 
 TASK_KINDS = ("instance", "cluster", "both")
+TEXTS_PER_CLUSTER = 30  # the default number of clusters: one per 30 texts
 AUGMENTATIONS = ("words", "none")
 
 
@@ -50,11 +51,11 @@ class UnlabeledConfig:
     `source`: a `.txt` file (one text per line), a `.csv`/`.jsonl` file (`text_column`),
     a built-in dataset (its labels are not read) or `hf:<name or directory>`.
     `weight`: the share of meta-training episodes, beside each labeled source's weight.
-    `tasks`: `instance`, `cluster` or `both` (half the weight each).
+    `tasks`: `cluster` (the default), `instance` or `both` (half the weight each).
     Instance tasks are `n_way` texts, one view each in support and query; `augment`
     (`words`: drop each word with probability `word_dropout`; `none`: identical texts, so
     only the encoder's dropout makes the views differ). Cluster tasks are `n_way`-way
-    `k_shot`-shot episodes over `clusters` k-means pseudo-classes (0: one per 50 texts),
+    `k_shot`-shot episodes over `clusters` k-means pseudo-classes (0: one per 30 texts),
     re-clustered every `refresh_every` steps; at most `max_texts` texts are clustered.
     """
 
@@ -63,8 +64,8 @@ class UnlabeledConfig:
     text_column: str = "text"
     hf_config: str | None = None
     weight: float = 1.0
-    tasks: str = "both"
-    n_way: int = 32
+    tasks: str = "cluster"
+    n_way: int = 64
     k_shot: int = 1
     q_queries: int = 1
     clusters: int = 0
@@ -227,7 +228,7 @@ class ClusterTaskSampler:
             keep = np.random.default_rng([seed, 4]).choice(len(texts), max_texts, replace=False)
             texts = [texts[int(i)] for i in sorted(keep)]
         self.texts = texts
-        self.clusters = clusters or max(2, len(texts) // 50)
+        self.clusters = clusters or max(2, len(texts) // TEXTS_PER_CLUSTER)
         if self.clusters > len(texts):
             raise MetalmError(f"cluster tasks: {self.clusters} clusters need as many texts, "
                               f"got {len(texts)}; lower data.unlabeled.clusters")  # fmt: skip

@@ -61,7 +61,7 @@ class EmbeddingHeadConfig(LearnerConfig):
     a trained encoder is adapted and applied to a task.
     """
 
-    head: str = "centroid"
+    head: str = "logreg"
     logreg_l2: float = 0.0
     lpft_steps: int = 10
     lpft_lr: float = 3e-5
