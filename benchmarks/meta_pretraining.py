@@ -12,7 +12,8 @@ Rows (each ingredient alone on top of today's protonet, then combined):
   hard            + hard-negative episodes (nearest classes under the current encoder)
   instance        + instance tasks from the unlabeled texts (two word-dropout views)
   cluster         + k-means cluster tasks from the unlabeled texts
-  combined        all of the above
+  neighbours      + nearest-neighbour tasks from the unlabeled texts
+  all             many-way + hard + instance + cluster tasks
 
 Every trained encoder is scored with both heads (`centroid`, `logreg`); `Δ` is the paired
 difference to `frozen` with the same head, on the same episodes / the same test texts,
@@ -64,12 +65,13 @@ ROWS: dict[str, list[str]] = {
     ],
     "instance": ["@instance"],
     "cluster": ["@cluster"],
-    "combined": [
+    "neighbours": ["@neighbours"],
+    "all": [
         "episode.n_way=all",
         "episode.k_shot=1",
         "episode.q_queries=1",
         "episode.hard_negatives=0.5",
-        "@both",
+        "@cluster+instance",
     ],
 }
 
@@ -115,23 +117,25 @@ def with_head(learner: MetaLearner, head: str) -> MetaLearner:
 
 
 def score(learner: MetaLearner, name: str, config: RunConfig, pools) -> dict[str, MethodResult]:
-    """Every protocol under every head: {"<head> <protocol>": result}."""
+    """Every protocol under every head: {"<head> <protocol>": result}. The test texts are
+    embedded once for all of them (so adapt times here are not what a user meets: see
+    benchmarks/logreg_head.py and the README for those)."""
+    texts = list(pools.test.texts)
+    for episode in pools.full_way.values():
+        texts += episode.support_texts
     out = {}
-    for head in HEADS:
-        results = evaluate_learner(with_head(learner, head), name, config, pools, progress=False)
-        out.update({f"{head} {r.protocol}": r for r in results})
+    with learner.encoder.cached_embeddings(texts):
+        for head in HEADS:
+            scored = with_head(learner, head)
+            results = evaluate_learner(scored, name, config, pools, progress=False)
+            out.update({f"{head} {r.protocol}": r for r in results})
     return out
 
 
 def summary(results: dict[str, MethodResult], frozen: dict[str, MethodResult] | None) -> dict:
     rows = {}
     for key, result in results.items():
-        row = {
-            "accuracy": result.accuracy,
-            "ci95": result.ci95,
-            "units": result.episodes,
-            "adapt_seconds": result.adapt_seconds,
-        }
+        row = {"accuracy": result.accuracy, "ci95": result.ci95, "units": len(result.per_episode)}
         if frozen is not None:
             base = np.asarray(frozen[key].per_episode)
             mine = np.asarray(result.per_episode)

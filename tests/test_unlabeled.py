@@ -16,9 +16,11 @@ from metalm.config import load_config
 from metalm.data.unlabeled import (
     ClusterTaskSampler,
     InstanceTaskSampler,
+    NeighbourTaskSampler,
     UnlabeledConfig,
     kmeans,
     load_texts,
+    nearest_neighbours,
     word_dropout,
 )
 from metalm.errors import MetalmError
@@ -84,6 +86,8 @@ def test_bad_unlabeled_sources_say_what_to_fix(tmp_path):
             load_texts(config)
     for override, message in (
         ("data.unlabeled.tasks=all", "must be one of"),
+        ("data.unlabeled.tasks=cluster+cluster", "must be one of"),
+        ("data.unlabeled.neighbours=0", "neighbours must be >= 1"),
         ("data.unlabeled.n_way=1", "n_way must be >= 2"),
         ("data.unlabeled.weight=0", "weight must be > 0"),
         ("data.unlabeled.word_dropout=1.0", "word_dropout"),
@@ -184,6 +188,38 @@ def test_cluster_tasks_default_count_and_errors():
     tiny = ClusterTaskSampler(texts[:12], clusters=6, n_way=2, k_shot=5, q_queries=5)
     with pytest.raises(MetalmError, match="fewer than 2 clusters"):
         tiny.on_step(0, embed)
+
+
+# ------------------------------------------------------------------------ neighbour tasks
+
+
+def test_nearest_neighbours_exclude_self_and_come_nearest_first():
+    x = torch.tensor([[1.0, 0.0], [0.95, 0.05], [0.8, 0.2], [0.0, 1.0]])
+    table = nearest_neighbours(x, 2, chunk=3)  # chunks must not change the answer
+    assert table.tolist() == [[1, 2], [0, 2], [1, 0], [2, 1]]
+    assert nearest_neighbours(x, 10).shape == (4, 3)  # at most n - 1
+
+
+def test_neighbour_tasks_pair_each_anchor_with_a_near_text_of_its_topic():
+    embed, calls = _topic_embed()
+    texts = _texts()
+    tasks = NeighbourTaskSampler(texts, n_way=6, neighbours=5, seed=1, refresh_every=4,
+                                 augment="none")  # fmt: skip
+    with pytest.raises(MetalmError, match="after the neighbours"):
+        tasks.sample(0)
+    for step in range(9):
+        tasks.on_step(step, embed)
+    assert calls == [180, 180, 180]  # steps 0, 4, 8
+    for i in range(40):
+        episode = tasks.sample(i)
+        assert episode.support_labels == episode.query_labels == list(range(6))
+        for anchor, partner in zip(episode.support_texts, episode.query_texts, strict=True):
+            assert anchor != partner and anchor.split()[0] == partner.split()[0]
+    restored = NeighbourTaskSampler(texts, n_way=6, neighbours=5, seed=1, augment="none")
+    restored.load_state_dict(tasks.state_dict())
+    assert [restored.sample(i) for i in range(5)] == [tasks.sample(i) for i in range(5)]
+    config = UnlabeledConfig(source="x.txt", tasks="cluster+neighbours")
+    assert config.task_kinds == ["cluster", "neighbours"]
 
 
 # ------------------------------------------------------------ meta-training with them

@@ -15,6 +15,7 @@ from metalm.data.splits import ClassSplit, explicit_split, split_classes
 from metalm.data.unlabeled import (
     ClusterTaskSampler,
     InstanceTaskSampler,
+    NeighbourTaskSampler,
     UnlabeledConfig,
     load_texts,
 )
@@ -86,11 +87,25 @@ class TaskPools:
 def unlabeled_samplers(
     texts: list[str], config: UnlabeledConfig, seed: int
 ) -> tuple[list[Any], list[float]]:
-    """The instance and/or cluster task samplers of `config`, with their weights."""
+    """The instance, neighbour and/or cluster task samplers of `config`, with their
+    weights (`config.weight` shared equally)."""
     samplers: list[Any] = []
-    kinds = ("instance", "cluster") if config.tasks == "both" else (config.tasks,)
+    kinds = config.task_kinds
     for kind in kinds:
-        if kind == "instance":
+        if kind == "neighbours":
+            samplers.append(
+                NeighbourTaskSampler(
+                    texts,
+                    config.n_way,
+                    config.neighbours,
+                    seed + 3,
+                    config.refresh_every,
+                    config.max_texts,
+                    config.augment,
+                    config.word_dropout,
+                )
+            )
+        elif kind == "instance":
             samplers.append(
                 InstanceTaskSampler(
                     texts, config.n_way, seed + 1, config.augment, config.word_dropout

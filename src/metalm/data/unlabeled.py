@@ -6,6 +6,9 @@
 * Cluster tasks (CACTUs-style): k-means pseudo-classes over the current embeddings,
   re-clustered every `refresh_every` steps; episodes are drawn from the clusters as
   from labeled classes.
+* Neighbour tasks (nearest-neighbour contrastive learning, as in CLNN): N anchor texts,
+  each its own class, whose query is one of the anchor's `neighbours` nearest texts
+  under the current embeddings (recomputed every `refresh_every` steps).
 
 Example:
     >>> texts = [f"ticket number {i} about topic {i % 7}" for i in range(100)]
@@ -39,7 +42,7 @@ from metalm.data.dataset import (
 from metalm.data.episodes import Embed, Episode, EpisodeSampler
 from metalm.errors import MetalmError
 
-TASK_KINDS = ("instance", "cluster", "both")
+TASK_KINDS = ("cluster", "neighbours", "instance")
 TEXTS_PER_CLUSTER = 30  # the default number of clusters: one per 30 texts
 AUGMENTATIONS = ("words", "none")
 
@@ -51,12 +54,16 @@ class UnlabeledConfig:
     `source`: a `.txt` file (one text per line), a `.csv`/`.jsonl` file (`text_column`),
     a built-in dataset (its labels are not read) or `hf:<name or directory>`.
     `weight`: the share of meta-training episodes, beside each labeled source's weight.
-    `tasks`: `cluster` (the default), `instance` or `both` (half the weight each).
-    Instance tasks are `n_way` texts, one view each in support and query; `augment`
-    (`words`: drop each word with probability `word_dropout`; `none`: identical texts, so
-    only the encoder's dropout makes the views differ). Cluster tasks are `n_way`-way
-    `k_shot`-shot episodes over `clusters` k-means pseudo-classes (0: one per 30 texts),
-    re-clustered every `refresh_every` steps; at most `max_texts` texts are clustered.
+    `tasks`: `cluster` (the default), `neighbours`, `instance`, or several joined by `+`
+    (`cluster+neighbours`: the weight is shared equally).
+    Cluster tasks are `n_way`-way `k_shot`-shot episodes over `clusters` k-means
+    pseudo-classes (0: one per 30 texts), re-clustered every `refresh_every` steps.
+    Neighbour tasks are `n_way` anchors, each with one of its `neighbours` nearest texts
+    as query. Instance tasks are `n_way` texts, one view each in support and query.
+    `augment` makes the views of instance and neighbour tasks (`words`: drop each word
+    with probability `word_dropout`; `none`: the texts as they are, so for instance tasks
+    only the encoder's dropout makes the views differ). At most `max_texts` texts are
+    clustered or searched for neighbours.
     """
 
     source: str = ""
@@ -69,15 +76,18 @@ class UnlabeledConfig:
     k_shot: int = 1
     q_queries: int = 1
     clusters: int = 0
+    neighbours: int = 10
     refresh_every: int = 100
     augment: str = "words"
     word_dropout: float = 0.1
     max_texts: int = 20000
 
     def __post_init__(self) -> None:
-        if self.tasks not in TASK_KINDS:
+        kinds = self.task_kinds
+        if not kinds or any(k not in TASK_KINDS for k in kinds) or len(set(kinds)) < len(kinds):
             raise MetalmError(
-                f"data.unlabeled.tasks must be one of {TASK_KINDS}, got {self.tasks!r}"
+                f"data.unlabeled.tasks must be one of {TASK_KINDS} or several joined by '+', "
+                f"got {self.tasks!r}"
             )
         if self.augment not in AUGMENTATIONS:
             raise MetalmError(
@@ -88,13 +98,18 @@ class UnlabeledConfig:
                 f"data.unlabeled.word_dropout must be in [0, 1), got {self.word_dropout}"
             )
         for name, low in (("n_way", 2), ("k_shot", 1), ("q_queries", 1), ("refresh_every", 1),
-                          ("max_texts", 2), ("clusters", 0)):  # fmt: skip
+                          ("max_texts", 2), ("clusters", 0), ("neighbours", 1)):  # fmt: skip
             if getattr(self, name) < low:
                 raise MetalmError(
                     f"data.unlabeled.{name} must be >= {low}, got {getattr(self, name)}"
                 )
         if not self.weight > 0:
             raise MetalmError(f"data.unlabeled.weight must be > 0, got {self.weight}")
+
+    @property
+    def task_kinds(self) -> list[str]:
+        """The kinds of task in `tasks`, e.g. `["cluster", "neighbours"]`."""
+        return [kind.strip() for kind in self.tasks.split("+") if kind.strip()]
 
 
 def load_texts(config: UnlabeledConfig) -> list[str]:
@@ -204,6 +219,88 @@ def kmeans(vectors: torch.Tensor, k: int, seed: int, iterations: int = 25) -> to
     return assign
 
 
+def seeded_subset(texts: Sequence[str], max_texts: int, seed: int) -> list[str]:
+    """`texts`, or a fixed seeded subset of `max_texts` of them (in their order)."""
+    texts = list(texts)
+    if len(texts) <= max_texts:
+        return texts
+    keep = np.random.default_rng([seed, 4]).choice(len(texts), max_texts, replace=False)
+    return [texts[int(i)] for i in sorted(keep)]
+
+
+def nearest_neighbours(vectors: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """The `k` nearest other rows of each row by cosine, nearest first: [n, k].
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+        >>> nearest_neighbours(x, 1).flatten().tolist()
+        [1, 0, 1]
+    """
+    x = torch.nn.functional.normalize(vectors.detach().float().cpu(), dim=-1)
+    k = min(k, len(x) - 1)
+    out = []
+    for start in range(0, len(x), chunk):
+        similarity = x[start : start + chunk] @ x.T
+        rows = torch.arange(start, min(start + chunk, len(x)))
+        similarity[rows - start, rows] = -float("inf")  # not its own neighbour
+        out.append(similarity.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+class NeighbourTaskSampler:
+    """Episodes of `n_way` anchor texts, each its own class, whose query is one of the
+    anchor's `neighbours` nearest texts under the current encoder (recomputed by
+    `on_step` every `refresh_every` steps); support and query get the `augment` views.
+    Episode `i` depends on `(seed, i)` and the neighbour table in effect."""
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        n_way: int = 64,
+        neighbours: int = 10,
+        seed: int = 0,
+        refresh_every: int = 100,
+        max_texts: int = 20000,
+        augment: str = "words",
+        dropout: float = 0.1,
+    ):
+        self.texts = seeded_subset(texts, max_texts, seed)
+        if n_way > len(self.texts) or len(self.texts) < 2:
+            raise MetalmError(f"neighbour tasks: {n_way}-way needs {n_way} texts, got "
+                              f"{len(self.texts)}; lower data.unlabeled.n_way")  # fmt: skip
+        self.n_way, self.neighbours, self.seed = n_way, neighbours, seed
+        self.refresh_every = refresh_every
+        self.dropout = dropout if augment == "words" else 0.0
+        self.table: torch.Tensor | None = None
+
+    def on_step(self, step: int, embed: Embed) -> None:
+        if self.table is None or step % self.refresh_every == 0:
+            self.refresh(embed)
+
+    def refresh(self, embed: Embed) -> None:
+        self.table = nearest_neighbours(embed(self.texts), self.neighbours)
+
+    def sample(self, index: int) -> Episode:
+        if self.table is None:
+            raise MetalmError("neighbour tasks are drawn after the neighbours are found: "
+                              "call on_step/refresh first")  # fmt: skip
+        rng = np.random.default_rng([self.seed, index, 5])
+        anchors = [int(i) for i in rng.choice(len(self.texts), size=self.n_way, replace=False)]
+        picks = rng.integers(self.table.shape[1], size=self.n_way)
+        partners = [int(self.table[a, int(j)]) for a, j in zip(anchors, picks, strict=True)]
+        support = [word_dropout(self.texts[a], rng, self.dropout) for a in anchors]
+        query = [word_dropout(self.texts[p], rng, self.dropout) for p in partners]
+        labels = list(range(self.n_way))
+        return Episode(support, labels, query, list(labels), [f"text-{a}" for a in anchors])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.table is None else {"neighbours": self.table.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "neighbours" in state:
+            self.table = state["neighbours"].long()
+
+
 class ClusterTaskSampler:
     """Episodes over k-means pseudo-classes of unlabeled texts under the current encoder.
 
@@ -223,10 +320,7 @@ class ClusterTaskSampler:
         refresh_every: int = 100,
         max_texts: int = 20000,
     ):
-        texts = list(texts)
-        if len(texts) > max_texts:  # a fixed, seeded subset is clustered
-            keep = np.random.default_rng([seed, 4]).choice(len(texts), max_texts, replace=False)
-            texts = [texts[int(i)] for i in sorted(keep)]
+        texts = seeded_subset(texts, max_texts, seed)  # a fixed, seeded subset is clustered
         self.texts = texts
         self.clusters = clusters or max(2, len(texts) // TEXTS_PER_CLUSTER)
         if self.clusters > len(texts):
