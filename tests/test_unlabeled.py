@@ -260,20 +260,25 @@ def test_meta_training_on_labeled_mixture_plus_unlabeled_tasks(tiny_model_dir, t
 
 
 @pytest.mark.slow
-def test_real_minilm_meta_trains_on_unlabeled_banking_texts(tmp_path):
+def test_real_minilm_meta_trains_on_a_mixture_and_unlabeled_banking_texts(tmp_path):
     from conftest import run_real_minilm_briefly
+    from safetensors.torch import load_file
 
+    intents = Path(__file__).parents[1] / "examples" / "intents.csv"
     run_real_minilm_briefly(
         "protonet",
         [
+            f"data.train=[clinc150, {{source: {intents}, weight: 0.5}}]",
             "data.unlabeled={source: banking77, split: train, max_texts: 400, clusters: 20,"
-            " n_way: 5, refresh_every: 1}",
+            " n_way: 5, refresh_every: 1, tasks: cluster+neighbours}",
             "episode.hard_negatives=1.0",
         ],
         tmp_path,
     )
-    state_dir = Path(tmp_path) / "run" / "checkpoint"
-    assert (state_dir / "samplers.safetensors").exists()
+    state = load_file(Path(tmp_path) / "run" / "checkpoint" / "samplers.safetensors")
+    # both labeled sources' neighbour tables, the clusters and the text neighbours
+    assert set(state) == {"0.neighbours", "1.neighbours", "2.assignments", "3.neighbours"}
+    assert state["2.assignments"].shape == (400,) and state["3.neighbours"].shape == (400, 10)
 
 
 def test_meta_pretraining_on_unlabeled_texts_alone_then_adapting(tiny_model_dir, tmp_path):
