@@ -83,12 +83,18 @@ class ProtoNetConfig(EmbeddingHeadConfig):
 
     `distance`: `euclidean` (squared) or `cosine`; logits are scaled by a temperature
     that starts at `init_scale` and is learned when `learn_scale` is set.
+    `train_head`: the head inside the meta-training loss: `prototype` (the prototype
+    loss), or `ridge`, a ridge regression onto the one-hot labels solved in closed form
+    on each episode's support set (R2-D2, Bertinetto et al. 2019) with L2 strength
+    `ridge_lambda`, closer to the linear head used at test time (`head=logreg`).
     """
 
     name: str = "protonet"
     distance: str = "euclidean"
     init_scale: float = 10.0
     learn_scale: bool = True
+    train_head: str = "prototype"
+    ridge_lambda: float = 1.0
 
 
 class _CentroidLearner(MetaLearner):
@@ -183,14 +189,42 @@ class ProtoNet(_CentroidLearner):
         >>> logits = learner.predict(learner.adapt(texts, labels), queries)
     """
 
+    def __init__(self, encoder: TextEncoder, config: ProtoNetConfig):
+        super().__init__(encoder, config)
+        if config.train_head not in TRAIN_HEADS:
+            raise MetalmError(
+                f"learner.train_head must be one of {', '.join(TRAIN_HEADS)}; "
+                f"got {config.train_head!r}"
+            )
+        if not config.ridge_lambda > 0:
+            raise MetalmError(f"learner.ridge_lambda must be > 0, got {config.ridge_lambda}")
+
     def meta_loss(self, episode: Episode) -> Tensor:
         texts = episode.support_texts + episode.query_texts
         embeddings = self.encoder(texts)
         n_support = len(episode.support_texts)
         labels = torch.as_tensor(episode.support_labels, device=embeddings.device)
-        prototypes = one_hot_means(embeddings[:n_support], labels, episode.n_way)
-        logits = prototype_logits(
-            embeddings[n_support:], prototypes, self.config.distance, self.log_scale.exp()
-        )
+        support, query = embeddings[:n_support], embeddings[n_support:]
+        if self.config.train_head == "ridge":
+            logits = self.log_scale.exp() * ridge_logits(
+                support, labels, query, episode.n_way, self.config.ridge_lambda
+            )
+        else:
+            prototypes = one_hot_means(support, labels, episode.n_way)
+            logits = prototype_logits(query, prototypes, self.config.distance, self.log_scale.exp())
         targets = torch.as_tensor(episode.query_labels, device=logits.device)
         return nn.functional.cross_entropy(logits, targets)
+
+
+TRAIN_HEADS = ("prototype", "ridge")
+
+
+def ridge_logits(support: Tensor, labels: Tensor, query: Tensor, n_way: int, lam: float) -> Tensor:
+    """Query scores of the ridge regression of the one-hot support labels on the support
+    embeddings, `Q·W` with `W = Sᵀ(S·Sᵀ + λI)⁻¹Y` (the dual form: one n×n solve, with n
+    the support size), differentiable in the embeddings."""
+    onehot = nn.functional.one_hot(labels, n_way).to(support.dtype)
+    gram = support @ support.T
+    eye = torch.eye(len(support), device=support.device, dtype=support.dtype)
+    alpha = torch.linalg.solve(gram + lam * eye, onehot)
+    return (query @ support.T) @ alpha
