@@ -23,7 +23,9 @@ from metalm.errors import MetalmError
 from metalm.learners import FinetuneConfig, FrozenConfig, ProtoNetConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted(REPO_ROOT.glob("configs/**/*.yaml"))
+CONFIG_FILES = sorted(REPO_ROOT.glob("configs/**/*.yaml")) + sorted(
+    REPO_ROOT.glob("src/metalm/recipes/*.yaml")
+)
 
 
 def write(path: Path, text: str) -> Path:

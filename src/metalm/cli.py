@@ -92,14 +92,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from metalm.config import load_config
+    from metalm.config import DEMO_CONFIG, load_config
     from metalm.run import run
 
     print(
-        "metalm demo: meta-train protonet on CLINC150 classes, test on BANKING77 "
-        "beside frozen and finetune\n"
+        "metalm demo: meta-train protonet on CLINC150's labeled intents and BANKING77's "
+        "texts without labels,\nthen learn BANKING77's unseen intents from a few examples, "
+        "beside the untrained encoder\n"
     )
-    report = run(load_config(args.config, args.overrides), progress=not args.quiet)
+    report = run(load_config(args.config or DEMO_CONFIG, args.overrides), progress=not args.quiet)
     _print_report(report)
 
 

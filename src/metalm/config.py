@@ -33,6 +33,9 @@ from metalm.learners import (
 )
 from metalm.models.encoder import EncoderConfig
 
+DEMO_CONFIG = Path(__file__).parent / "recipes" / "demo.yaml"
+"""The recipe `metalm demo` runs (the best one measured in BENCHMARKS.md)."""
+
 
 @dataclass
 class ClassesConfig:
