@@ -32,6 +32,7 @@ from metalm.pretrained import (
     resolve_pretrained,
     safetensors_ready,
 )
+from metalm.scoring import ScoreResult, score_predictions
 
 Label = str | int
 TASK_FORMAT_VERSION = 1
@@ -163,6 +164,42 @@ class FewShotClassifier:
         classes = self.classes_
         probs = self.predict_proba(texts)
         return [(classes[int(row.argmax())], float(row.max())) for row in probs]
+
+    def score(
+        self, texts: Sequence[str], labels: Sequence[Label], top_pairs: int = 10
+    ) -> ScoreResult:
+        """Predict `texts` and score the predictions against their `labels`: accuracy,
+        macro-F1, per-class precision/recall/F1/support, the most confused pairs. Labels
+        the task does not know raise a MetalmError naming them (a label read as the string
+        "3" matches an integer class 3).
+
+        Example:
+            >>> result = clf.score(["is it sunny", "wake me at 7"], ["weather", "alarm"])
+            >>> result.accuracy, result.macro_f1, result.confused_pairs
+            >>> result.write("scores/")          # score.json, score.md, confusion.png
+        """
+        classes = self.classes_
+        texts = check_texts(texts)
+        labels = [_label(v, i) for i, v in enumerate(labels)]
+        if len(texts) != len(labels):
+            raise MetalmError(f"{len(texts)} texts but {len(labels)} labels")
+        if not texts:
+            raise MetalmError("nothing to score: give at least one labeled text")
+        known: dict[Label, Label] = {str(c): c for c in classes}
+        known.update({c: c for c in classes})
+        unknown = sorted({str(v) for v in labels if v not in known and str(v) not in known})
+        if unknown:
+            shown = ", ".join(repr(v) for v in unknown[:20])
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            raise MetalmError(
+                f"labels the task does not know: {shown}{more} (its {len(classes)} classes: "
+                f"{', '.join(repr(c) for c in classes[:20])}{' ...' if len(classes) > 20 else ''}"
+                "); drop those rows, or adapt the task on examples of them"
+            )
+        truth = [known[v] if v in known else known[str(v)] for v in labels]
+        result = score_predictions(truth, self.predict(texts), classes, top_pairs)
+        result.info.update(learner=self.learner.name, model=self.model_path)
+        return result
 
     # -- task files --------------------------------------------------------------------
     def save_task(self, directory: str | Path, info: dict[str, Any] | None = None) -> Path:

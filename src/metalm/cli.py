@@ -152,11 +152,35 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from metalm.pretrained import export_run
+    from metalm.pretrained import export_run, export_untrained
 
-    out = export_run(args.run_dir, args.out)
+    run_dir, items = args.run, list(args.items)
+    if run_dir is None and args.learner is None and len(items) == 1 and "=" not in items[0]:
+        run_dir, items = items[0], []  # the older form: metalm export RUN_DIR --out DIR
+    if run_dir is not None:
+        if args.learner is not None or items:
+            raise MetalmError(
+                "export --run RUN_DIR takes the run's learner and weights as they are; "
+                "drop --learner and key=value overrides (or drop --run to export untrained)"
+            )
+        out = export_run(run_dir, args.out)
+        print(f"exported {run_dir} to {out}: metalm.json, learner.safetensors, encoder/, README.md")
+        return
+    if args.learner is None and not items:
+        raise MetalmError(
+            "say what to export: --run RUN_DIR (a trained run) or --learner NAME "
+            "(frozen, protonet, ...: the shipped encoder or model.name_or_path=..., untrained)"
+        )
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise MetalmError(
+            f"{bad[0]!r}: overrides look like key.sub=value (model.*, learner.*); "
+            "a run directory goes after --run"
+        )
+    out = export_untrained(args.out, args.learner or "frozen", items)
     print(
-        f"exported {args.run_dir} to {out}: metalm.json, learner.safetensors, encoder/, README.md"
+        f"exported an untrained {args.learner or 'frozen'} model to {out}; next: "
+        f"metalm adapt --model {out} --support support.csv --out TASK_DIR"
     )
 
 
@@ -179,6 +203,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"{count} predictions written to {args.output}")
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from metalm.classifier import FewShotClassifier, read_labeled
+
+    texts, labels = read_labeled(args.input, args.text_column, args.label_column)
+    clf = FewShotClassifier.load_task(args.task, model=args.model, device=args.device)
+    clf.batch_size = args.batch_size
+    result = clf.score(texts, labels, top_pairs=args.top)
+    result.info.update(task=str(args.task), input=str(args.input))
+    paths = result.write(args.out)
+    print(result.summary())
+    print(f"\nresults: {', '.join(str(p) for p in paths)}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from metalm.serve import ServeLimits, serve
 
@@ -194,8 +231,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _add_use_commands(sub) -> None:
     """`export`, `adapt`, `predict` and `serve`: use a meta-learned model."""
-    export = sub.add_parser("export", help="make a pretrained model directory from a run")
-    export.add_argument("run_dir", metavar="RUN_DIR")
+    export = sub.add_parser(
+        "export", help="write a model directory: from a run, or untrained (--learner)"
+    )
+    export.add_argument(
+        "items", nargs="*", metavar="key=value", help="with --learner: model.*/learner.* overrides"
+    )
+    export.add_argument("--run", metavar="RUN_DIR", help="a finished run: its best weights")
+    export.add_argument(
+        "--learner", help="frozen, protonet, ...: untrained, over the shipped encoder"
+    )
     export.add_argument("--out", required=True, help="the model directory to write")
     export.set_defaults(func=cmd_export)
     adapt = sub.add_parser("adapt", help="adapt a model to a task from labeled examples")
@@ -215,6 +260,17 @@ def _add_use_commands(sub) -> None:
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--device", default="auto")
     predict.set_defaults(func=cmd_predict)
+    score = sub.add_parser("score", help="score an adapted task on labeled texts")
+    score.add_argument("--task", required=True, help="a task directory from `metalm adapt`")
+    score.add_argument("--input", required=True, help="labeled texts (.csv or .jsonl)")
+    score.add_argument("--out", required=True, help="directory for score.json/.md, confusion.png")
+    score.add_argument("--model", help="model directory (default: the one the task names)")
+    score.add_argument("--text-column", default="text")
+    score.add_argument("--label-column", default="label")
+    score.add_argument("--top", type=int, default=10, help="confused pairs to list")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--device", default="auto")
+    score.set_defaults(func=cmd_score)
     serve = sub.add_parser("serve", help="an HTTP service: adapt tasks and classify texts")
     serve.add_argument("--model", required=True, help="model directory or Hugging Face id")
     serve.add_argument("--host", default="127.0.0.1")

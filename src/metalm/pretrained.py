@@ -287,7 +287,8 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise MetalmError(
             f"{directory}: not a metalm model directory (no {METADATA}); "
-            "make one with `metalm export RUN_DIR --out DIR` or save_pretrained"
+            "make one with `metalm export --learner frozen --out DIR` (untrained), "
+            "`metalm export --run RUN_DIR --out DIR` or save_pretrained"
         )
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
@@ -405,3 +406,36 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     with torch.no_grad():
         return save_pretrained(learner, out, run_config=config, report=report)
+
+
+EXPORT_SECTIONS = ("model", "learner")
+
+
+def export_untrained(
+    out: str | Path, learner: str = "frozen", overrides: list[str] | None = None
+) -> Path:
+    """A pretrained directory without a training run: learner `learner` over the shipped
+    all-MiniLM-L6-v2, or over another encoder (`model.name_or_path=...`), with its
+    config's defaults and `overrides` (`model.*` and `learner.*` keys only).
+
+    Example:
+        >>> export_untrained("models/minilm-frozen")
+        >>> export_untrained("models/e5-protonet", "protonet",
+        ...                  ["model.name_or_path=intfloat/e5-small-v2", "learner.head=centroid"])
+    """
+    from metalm.config import load_config
+
+    overrides = list(overrides or [])
+    for item in overrides:
+        section = item.partition("=")[0].split(".")[0]
+        if section not in EXPORT_SECTIONS:
+            raise MetalmError(
+                f"export without a run takes model.* and learner.* overrides only; got {item!r}"
+            )
+    config = load_config(None, [f"learner.name={learner}", *overrides])
+    out = Path(out)
+    if out.exists() and not (out / METADATA).exists() and any(out.iterdir()):
+        raise MetalmError(f"{out} exists and is not a metalm model directory; pick --out")
+    built = build_learner(TextEncoder.from_config(config.model), config.learner)
+    with torch.no_grad():
+        return save_pretrained(built.eval(), out)

@@ -1,0 +1,349 @@
+"""`metalm score` / `FewShotClassifier.score` (metrics checked against hand counts) and
+`metalm export --learner` (a model directory without a training run), on the tiny random
+BERT of conftest; one slow test on the real all-MiniLM-L6-v2: export, adapt, score."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from metalm import FewShotClassifier, MetalmError, from_pretrained
+from metalm.cli import main
+from metalm.config import load_config
+from metalm.learners import build_learner
+from metalm.models.encoder import TextEncoder
+from metalm.pretrained import METADATA, export_untrained
+from metalm.scoring import ClassScore, ConfusedPair, ScoreResult, score_predictions
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "intents.csv"
+TEXTS = [
+    "set an alarm for six",
+    "wake me up at seven",
+    "what is the weather in paris",
+    "will it rain tomorrow",
+    "play some jazz music",
+    "put on my workout playlist",
+]
+LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
+TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
+TEST_LABELS = ["alarm", "weather", "music", "weather", "music"]
+
+
+def _write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _assert_consistent(result: ScoreResult | dict) -> None:
+    """Per-class numbers and confused pairs follow from the confusion matrix."""
+    data = result.as_dict() if isinstance(result, ScoreResult) else result
+    classes, counts = data["classes"], np.asarray(data["confusion"])
+    assert counts.shape == (len(classes), len(classes))
+    assert data["accuracy"] == pytest.approx(np.trace(counts) / counts.sum())
+    for i, row in enumerate(data["per_class"]):
+        assert row["label"] == classes[i] and row["support"] == counts[i].sum()
+        assert row["predicted"] == counts[:, i].sum()
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    pairs = data["confused_pairs"]
+    assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
+    for pair in pairs:
+        i, j = classes.index(pair["true"]), classes.index(pair["predicted"])
+        assert i != j and pair["count"] == counts[i, j] > 0
+        assert pair["rate"] == pytest.approx(counts[i, j] / counts[i].sum())
+    # the listed pairs are the largest off-diagonal cells
+    largest = sorted(off.ravel(), reverse=True)[: len(pairs)]
+    assert [p["count"] for p in pairs] == [c for c in largest if c > 0]
+
+
+# -- the metrics -------------------------------------------------------------------------
+def test_score_predictions_against_hand_counts():
+    labels = ["a", "a", "a", "a", "b", "b", "c", "c", "c", "c"]
+    preds = ["a", "a", "b", "c", "b", "a", "c", "c", "b", "b"]
+    result = score_predictions(labels, preds, classes=["a", "b", "c", "d"], top_pairs=3)
+    assert result.confusion == [[2, 1, 1, 0], [1, 1, 0, 0], [0, 2, 2, 0], [0, 0, 0, 0]]
+    assert result.accuracy == pytest.approx(0.5) and result.n_texts == 10
+    # a: P 2/3 R 2/4; b: P 1/4 R 1/2; c: P 2/3 R 2/4; d never occurs: 0s, not averaged
+    expected = {"a": (2 / 3, 0.5), "b": (0.25, 0.5), "c": (2 / 3, 0.5), "d": (0.0, 0.0)}
+    f1 = {}
+    for row in result.per_class:
+        p, r = expected[row.label]
+        f1[row.label] = 2 * p * r / (p + r) if p + r else 0.0
+        assert (row.precision, row.recall, row.f1) == pytest.approx((p, r, f1[row.label]))
+    assert result.per_class[3] == ClassScore("d", 0.0, 0.0, 0.0, 0, 0)
+    assert result.macro_f1 == pytest.approx((f1["a"] + f1["b"] + f1["c"]) / 3)
+    # the most texts first (c→b), ties in class order: (a→b), (a→c), then (b→a) cut
+    assert result.confused_pairs == [
+        ConfusedPair("c", "b", 2, 0.5),
+        ConfusedPair("a", "b", 1, 0.25),
+        ConfusedPair("a", "c", 1, 0.25),
+    ]
+    _assert_consistent(result)
+
+
+def test_score_predictions_perfect_and_integer_labels():
+    result = score_predictions([0, 1, 1, 2], [0, 1, 1, 2])
+    assert result.classes == [0, 1, 2] and result.accuracy == 1.0 and result.macro_f1 == 1.0
+    assert result.confused_pairs == [] and result.accuracy_ci95 == 0.0
+    assert "| 4 | 3 | 100.00 ± 0.00 | 100.00 |" in result.summary()
+
+
+@pytest.mark.parametrize(
+    "labels, preds, classes, message",
+    [
+        (["a", "x"], ["a", "a"], ["a", "b"], "'x'"),
+        (["a"], ["a", "b"], None, "1 labels but 2 predictions"),
+        ([], [], None, "nothing to score"),
+    ],
+)
+def test_score_predictions_bad_input(labels, preds, classes, message):
+    with pytest.raises(MetalmError, match=message):
+        score_predictions(labels, preds, classes)
+
+
+def test_score_result_files(tmp_path):
+    result = score_predictions(["a", "b", "b", "c"], ["a", "a", "b", "c"])
+    paths = result.write(tmp_path / "out")
+    assert [p.name for p in paths] == ["score.json", "score.md", "confusion.png"]
+    data = json.loads(paths[0].read_text())
+    assert data["n_texts"] == 4 and data["confusion"] == result.confusion
+    _assert_consistent(data)
+    markdown = paths[1].read_text()
+    assert (
+        "| b | a | 1 | 50.0% |" in markdown and "| b | 100.00 | 50.00 | 66.67 | 2 | 1 |" in markdown
+    )
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MetalmError, match="is a file"):
+        result.write(tmp_path / "file")
+
+
+# -- export without a run --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
+    return out
+
+
+def _built(tiny_model_dir: Path, name: str, *overrides: str):
+    config = load_config(
+        None, [f"learner.name={name}", f"model.name_or_path={tiny_model_dir}", *overrides]
+    )
+    return build_learner(TextEncoder.from_config(config.model), config.learner).eval()
+
+
+def _probabilities(learner) -> np.ndarray:
+    return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(TEST_TEXTS)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, head",
+    [
+        ("frozen", ["model.max_length=16"], "logreg"),
+        ("protonet", ["model.max_length=16", "learner.head=centroid"], "centroid"),
+        ("anil", ["model.max_length=16"], None),
+    ],
+)
+def test_export_untrained_equals_the_learner_built_from_config(
+    name, overrides, head, tiny_model_dir, tmp_path
+):
+    out = export_untrained(
+        tmp_path / "m", name, [f"model.name_or_path={tiny_model_dir}", *overrides]
+    )
+    metadata = json.loads((out / METADATA).read_text())
+    assert metadata["learner"]["name"] == name and metadata["learner"].get("head") == head
+    assert metadata["meta_trained"] is False and metadata["encoder"]["max_length"] == 16
+    assert "No training run was recorded" in (out / "README.md").read_text()
+    np.testing.assert_allclose(
+        _probabilities(from_pretrained(out)),
+        _probabilities(_built(tiny_model_dir, name, *overrides)),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--learner", "frozen", "train.steps=3"], "model.* and learner.* overrides only"),
+        (["--learner", "nosuch"], "nosuch"),
+        (["--learner", "frozen", "learner.nokey=1"], "nokey"),
+        (["--learner", "frozen", "oops"], "'oops': overrides look like key.sub=value"),
+        (["--run", "somewhere", "--learner", "frozen"], "drop --learner"),
+        ([], "say what to export"),
+    ],
+)
+def test_export_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
+    assert main(["export", *args, "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_does_not_overwrite_other_directories(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    assert main([*args, "--out", str(tmp_path / "m")]) == 2
+    assert "not a metalm model directory" in capsys.readouterr().err
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+
+
+def test_export_run_by_flag_and_by_position(tiny_model_dir, tmp_path):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"learner.name": "protonet"})
+    assert main(["-q", "train", *overrides, "train.steps=2", "train.eval_every=2"]) == 0
+    run = tmp_path / "run"
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert json.loads((out / METADATA).read_text())["meta_trained"] is True
+    np.testing.assert_array_equal(
+        _probabilities(from_pretrained(tmp_path / "a")),
+        _probabilities(from_pretrained(tmp_path / "b")),
+    )
+
+
+# -- FewShotClassifier.score and metalm score ---------------------------------------------
+def test_classifier_score_matches_its_predictions(frozen_model):
+    clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
+    result = clf.score(TEST_TEXTS, TEST_LABELS)
+    predictions = clf.predict(TEST_TEXTS)
+    assert result.classes == clf.classes_
+    assert result.accuracy == pytest.approx(np.mean(np.array(predictions) == TEST_LABELS))
+    expected = np.zeros((3, 3), dtype=int)
+    for truth, pred in zip(TEST_LABELS, predictions, strict=True):
+        expected[clf.classes_.index(truth), clf.classes_.index(pred)] += 1
+    assert result.confusion == expected.tolist()
+    assert result.info["learner"] == "frozen"
+    _assert_consistent(result)
+
+
+def test_classifier_score_labels_the_task_does_not_know(frozen_model):
+    clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
+    with pytest.raises(MetalmError, match=r"does not know: 'snooze', 'taxi' \(its 3 classes"):
+        clf.score([*TEST_TEXTS, "x", "y", "z"], [*TEST_LABELS, "taxi", "snooze", "taxi"])
+    with pytest.raises(MetalmError, match="2 texts but 1 labels"):
+        clf.score(TEST_TEXTS[:2], TEST_LABELS[:1])
+    with pytest.raises(MetalmError, match="not adapted"):
+        FewShotClassifier.from_pretrained(frozen_model).score(TEST_TEXTS, TEST_LABELS)
+
+
+def test_classifier_score_matches_string_labels_to_integer_classes(frozen_model):
+    clf = FewShotClassifier.from_pretrained(frozen_model)
+    clf.adapt(TEXTS, [{"alarm": 0, "weather": 1, "music": 2}[y] for y in LABELS])
+    as_int = [{"alarm": 0, "weather": 1, "music": 2}[y] for y in TEST_LABELS]
+    by_int, by_str = clf.score(TEST_TEXTS, as_int), clf.score(TEST_TEXTS, list(map(str, as_int)))
+    assert by_int.classes == [0, 1, 2] and by_int.confusion == by_str.confusion
+
+
+def test_cli_export_adapt_score(frozen_model, tmp_path, capsys):
+    support = _write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
+    task, out = tmp_path / "task", tmp_path / "scores"
+    assert (
+        main(["adapt", "--model", str(frozen_model), "--support", str(support), "--out", str(task)])
+        == 0
+    )
+    test = tmp_path / "test.jsonl"
+    test.write_text(
+        "".join(
+            json.dumps({"utterance": t, "intent": y}) + "\n"
+            for t, y in zip(TEST_TEXTS, TEST_LABELS, strict=True)
+        )
+    )
+    capsys.readouterr()
+    args = ["score", "--task", str(task), "--input", str(test), "--out", str(out)]
+    assert main([*args, "--text-column", "utterance", "--label-column", "intent"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "score.json").read_text())
+    expected = FewShotClassifier.load_task(task).score(TEST_TEXTS, TEST_LABELS)
+    assert data["confusion"] == expected.confusion and data["n_texts"] == len(TEST_TEXTS)
+    assert data["info"]["task"] == str(task) and data["info"]["input"] == str(test)
+    _assert_consistent(data)
+    assert f"{100 * expected.accuracy:.2f}" in printed and "score.json" in printed
+    assert (out / "score.md").read_text().startswith("# metalm score")
+    assert (out / "confusion.png").stat().st_size > 1000
+
+
+def test_cli_score_unknown_labels_is_one_line_error_and_writes_nothing(
+    frozen_model, tmp_path, capsys
+):
+    clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
+    clf.save_task(tmp_path / "task")
+    rows = [*zip(TEST_TEXTS, TEST_LABELS, strict=True), ("call a cab", "taxi")]
+    test = _write_csv(tmp_path / "test.csv", rows)
+    args = ["score", "--task", str(tmp_path / "task"), "--input", str(test)]
+    assert main([*args, "--out", str(tmp_path / "scores")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "'taxi'" in err
+    assert not (tmp_path / "scores").exists()
+    assert main([*args, "--out", str(tmp_path / "s"), "--label-column", "intent"]) == 2
+    assert "intent" in capsys.readouterr().err
+
+
+# -- the real model -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_minilm_first_minute_export_adapt_score(tmp_path, capsys):
+    """The README's first minute: export frozen MiniLM, adapt on 3 examples of each of
+    the 10 intents of examples/intents.csv, score the other texts: far above chance."""
+    with open(EXAMPLES, newline="", encoding="utf-8") as f:
+        rows = [(r["text"], r["label"]) for r in csv.DictReader(f)]
+    seen: dict[str, int] = {}
+    support, test = [], []
+    for text, label in rows:
+        seen[label] = seen.get(label, 0) + 1
+        (support if seen[label] <= 3 else test).append((text, label))
+    assert len(seen) == 10 and len(test) >= 25
+    model, task, out = tmp_path / "model", tmp_path / "task", tmp_path / "scores"
+    torch.manual_seed(0)
+    assert main(["export", "--learner", "frozen", "--out", str(model)]) == 0
+    metadata = json.loads((model / METADATA).read_text())
+    assert metadata["encoder"]["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert metadata["encoder"]["dim"] == 384 and metadata["learner"]["head"] == "logreg"
+    support_csv = _write_csv(tmp_path / "support.csv", support)
+    test_csv = _write_csv(tmp_path / "test.csv", test)
+    assert (
+        main(["adapt", "--model", str(model), "--support", str(support_csv), "--out", str(task)])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["score", "--task", str(task), "--input", str(test_csv), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "score.json").read_text())
+    assert data["n_texts"] == len(test) and len(data["classes"]) == 10
+    assert data["accuracy"] > 0.6, data["accuracy"]  # chance: 0.1
+    assert data["macro_f1"] > 0.5
+    _assert_consistent(data)
+    assert f"{100 * data['accuracy']:.2f}" in printed
+    assert (out / "confusion.png").stat().st_size > 5000 and (out / "score.md").exists()
+    # the Python API gives the same numbers
+    texts, labels = zip(*test, strict=True)
+    result = FewShotClassifier.load_task(task).score(list(texts), list(labels))
+    assert result.confusion == data["confusion"] and result.macro_f1 == pytest.approx(
+        data["macro_f1"]
+    )
+
+
+def test_serve_runs_on_an_untrained_export(frozen_model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from metalm.serve import create_app
+
+    client = TestClient(create_app(frozen_model))
+    examples = [{"text": t, "label": y} for t, y in zip(TEXTS, LABELS, strict=True)]
+    created = client.post("/tasks", json={"examples": examples})
+    assert created.status_code == 201 and created.json()["classes"] == sorted(set(LABELS))
+    answer = client.post(f"/tasks/{created.json()['task_id']}/classify", json={"texts": TEXTS})
+    assert [p["label"] for p in answer.json()["predictions"]] == (
+        FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS).predict(TEXTS)
+    )
