@@ -13,8 +13,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from metalm.atomic import recover, replace_dir
 from metalm.errors import MetalmError
 from metalm.learners.base import MetaLearner, TaskState
 from metalm.pretrained import (
@@ -204,14 +203,10 @@ class FewShotClassifier:
     # -- task files --------------------------------------------------------------------
     def save_task(self, directory: str | Path, info: dict[str, Any] | None = None) -> Path:
         """Write the adapted task: `task.safetensors` (the task state) and `task.json`
-        (label names, the model's path and fingerprint; `info` is kept as given)."""
+        (label names, the model's path and fingerprint; `info` is kept as given). An
+        existing directory is replaced atomically (`metalm.atomic`)."""
         classes = self.classes_
         assert self.state_ is not None
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(safetensors_ready(self.state_), str(tmp / TASK_WEIGHTS))
         meta = {
             "format_version": TASK_FORMAT_VERSION,
             "metalm_version": metalm_version(),
@@ -221,16 +216,18 @@ class FewShotClassifier:
             "model_fingerprint": self.model_fingerprint,
             "info": info or {},
         }
-        (tmp / TASK_INFO).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        state = safetensors_ready(self.state_)
+
+        def write(tmp: Path) -> None:
+            save_file(state, str(tmp / TASK_WEIGHTS))
+            (tmp / TASK_INFO).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+        return replace_dir(directory, write)
 
     @staticmethod
     def read_task_info(directory: str | Path) -> dict[str, Any]:
         """The `task.json` of a task directory, checked."""
-        path = Path(directory) / TASK_INFO
+        path = recover(directory) / TASK_INFO
         if not path.exists():
             raise MetalmError(f"{directory}: not a task directory (no {TASK_INFO})")
         try:
@@ -260,7 +257,7 @@ class FewShotClassifier:
         """An adapted classifier from `save_task`'s directory, over `model` (a loaded
         classifier to share, or a model directory; default: the path the task recorded).
         A task adapted with another model is refused (fingerprints differ)."""
-        directory = Path(directory)
+        directory = recover(directory)
         meta = cls.read_task_info(directory)
         if model is None:
             model = meta.get("model") or ""

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from metalm.atomic import recover, replace_dir
 from metalm.errors import MetalmError
 from metalm.learners.base import MetaLearner, build_learner
 from metalm.models.encoder import (
@@ -115,7 +114,8 @@ def save_pretrained(
     """Write `learner` as a pretrained directory (see the module docstring).
 
     `run_config` (a `RunConfig`) and `report` (an `EvalReport` or its `as_dict()`) go
-    into `metalm.json` and the model card when given. An existing directory is replaced.
+    into `metalm.json` and the model card when given. An existing directory is replaced
+    atomically: a crash at any point leaves the old or the new one whole (`metalm.atomic`).
 
     Example:
         >>> config, learner = load_trained_learner("runs/protonet-demo")
@@ -123,20 +123,11 @@ def save_pretrained(
     """
     from metalm.config import to_dict
 
-    directory = Path(directory)
+    directory = recover(directory)
     if directory.exists() and not (directory / METADATA).exists() and any(directory.iterdir()):
         raise MetalmError(f"{directory} exists and is not a metalm model directory; pick --out")
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     encoder_state, own_state = split_state(learner)
     encoder = learner.encoder
-    with quiet_transformers():
-        encoder.model.save_pretrained(
-            str(tmp / ENCODER_DIR), state_dict=safetensors_ready(encoder_state)
-        )
-        encoder.tokenizer.save_pretrained(str(tmp / ENCODER_DIR))
-    save_file(safetensors_ready(own_state), str(tmp / LEARNER_WEIGHTS))
     report_dict = report.as_dict() if hasattr(report, "as_dict") else report
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -148,11 +139,18 @@ def save_pretrained(
         ),
         "run": to_dict(run_config) if run_config is not None else None,
     }
-    (tmp / METADATA).write_text(json.dumps(metadata, indent=1), encoding="utf-8")
-    (tmp / MODEL_CARD).write_text(model_card(metadata, report_dict), encoding="utf-8")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+
+    def write(tmp: Path) -> None:
+        with quiet_transformers():
+            encoder.model.save_pretrained(
+                str(tmp / ENCODER_DIR), state_dict=safetensors_ready(encoder_state)
+            )
+            encoder.tokenizer.save_pretrained(str(tmp / ENCODER_DIR))
+        save_file(safetensors_ready(own_state), str(tmp / LEARNER_WEIGHTS))
+        (tmp / METADATA).write_text(json.dumps(metadata, indent=1), encoding="utf-8")
+        (tmp / MODEL_CARD).write_text(model_card(metadata, report_dict), encoding="utf-8")
+
+    replace_dir(directory, write)  # a crash leaves the old or the new directory whole
     return directory
 
 
@@ -257,7 +255,7 @@ def _dataset_names(run: dict[str, Any]) -> list[str]:
 # -- loading ---------------------------------------------------------------------------
 def resolve_pretrained(name_or_path: str | Path) -> Path:
     """A local pretrained directory, downloading a Hugging Face Hub id if needed."""
-    path = Path(name_or_path).expanduser()
+    path = recover(Path(name_or_path).expanduser())
     if path.is_dir():
         return path
     text = str(name_or_path)
@@ -282,7 +280,7 @@ def resolve_pretrained(name_or_path: str | Path) -> Path:
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
     """`metalm.json` of a pretrained directory, its format version checked."""
-    directory = Path(directory)
+    directory = recover(directory)
     path = directory / METADATA
     if not path.exists():
         raise MetalmError(
