@@ -1,16 +1,20 @@
 """`metalm serve` over real HTTP: a uvicorn server in a subprocess on a free localhost
 port, serving a model saved from the tiny random BERT of conftest.
 
-Covers the endpoints, every kind of bad request, restarts that keep the tasks, and the
-OpenAPI document (schemathesis: generated requests against the live server)."""
+Covers the endpoints, every kind of bad request, restarts that keep the tasks, the
+OpenAPI document (schemathesis: generated requests against the live server), the
+separate task/batch limits, bearer-token auth, the stored-bytes cap, the time limit and
+graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
@@ -25,8 +30,15 @@ from metalm import save_pretrained
 from metalm.config import parse_learner_config
 from metalm.learners import build_learner
 from metalm.models.encoder import EncoderConfig, TextEncoder
+from metalm.serve import ServeLimits, create_app
 
-LIMITS = {"max-tasks": 20, "max-texts": 8, "max-text-chars": 200, "max-labels": 3}
+LIMITS = {
+    "max-tasks": 20,
+    "max-task-examples": 10,
+    "max-batch-texts": 8,
+    "max-text-chars": 200,
+    "max-labels": 3,
+}
 MAX_BODY = 20_000
 EXAMPLES = [
     {"text": "set an alarm for six", "label": "alarm"},
@@ -45,15 +57,25 @@ def free_port() -> int:
 class Server:
     """`metalm serve` in a subprocess; `url` once /health answers."""
 
-    def __init__(self, model: Path, tasks_dir: Path, **limits: int):
+    def __init__(
+        self,
+        model: Path,
+        tasks_dir: Path,
+        defaults: bool = False,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+        **limits: float,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "metalm.cli", "serve", "--model", str(model)]
-        args += ["--port", str(self.port), "--tasks-dir", str(tasks_dir)]
-        args += ["--max-body-bytes", str(MAX_BODY)]
-        for key, value in {**LIMITS, **{k.replace("_", "-"): v for k, v in limits.items()}}.items():
+        args += ["--port", str(self.port), "--tasks-dir", str(tasks_dir), *extra]
+        if not defaults:  # the small limits of these tests, else the shipped defaults
+            args += ["--max-body-bytes", str(MAX_BODY)]
+            limits = {**LIMITS, **{k.replace("_", "-"): v for k, v in limits.items()}}
+        for key, value in limits.items():
             args += [f"--{key}", str(value)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.log = tasks_dir.parent / f"server-{self.port}.log"
         with open(self.log, "w") as log:  # the child keeps its own copy of the handle
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -159,7 +181,7 @@ BAD_TASKS = {
     "empty text": ([{"text": "", "label": "a"}, *EXAMPLES], 422, "at least 1 character"),
     "blank text": ([{"text": "   ", "label": "a"}, *EXAMPLES], 422, "pattern"),
     "oversized text": ([{"text": "x" * 201, "label": "a"}, *EXAMPLES], 422, "at most 200"),
-    "too many examples": (_examples(2, 5), 422, "at most 8 items"),
+    "too many examples": (_examples(2, 6), 422, "at most 10 items"),
     "too many labels": (_examples(4), 422, "2 to 3 distinct labels, got 4"),
     "one label": ([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}], 422, "got 1"),
     "no examples": ([], 422, "at least 2 items"),
@@ -275,8 +297,10 @@ def test_openapi_document(client):
     assert set(paths) == {"/health", "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/classify"}
     assert {"409", "413", "422"} <= set(paths["/tasks"]["post"]["responses"])
     assert "404" in paths["/tasks/{task_id}/classify"]["post"]["responses"]
-    text = document["components"]["schemas"]["ClassifyRequest"]["properties"]["texts"]
+    schemas = document["components"]["schemas"]
+    text = schemas["ClassifyRequest"]["properties"]["texts"]
     assert text["maxItems"] == 8 and text["items"]["maxLength"] == 200
+    assert schemas["CreateTask"]["properties"]["examples"]["maxItems"] == 10
     assert len(list(loaded.get_all_operations())) == 6
 
 
@@ -318,3 +342,195 @@ def test_api_conforms_to_its_schema(path, method, live_schema, server):
         )
 
     check()
+
+
+# -- limits, auth, stored bytes, time limit, graceful shutdown ---------------------------
+def test_task_and_batch_limits_are_separate(client):
+    """10 examples fit a task (--max-task-examples 10) though a batch holds 8 texts."""
+    task = client.post("/tasks", json={"examples": _examples(2, 5)})
+    assert task.status_code == 201 and task.json()["n_examples"] == 10
+    tid = task.json()["task_id"]
+    assert client.post(f"/tasks/{tid}/classify", json={"texts": ["a"] * 8}).status_code == 200
+    assert client.post(f"/tasks/{tid}/classify", json={"texts": ["a"] * 9}).status_code == 422
+    client.delete(f"/tasks/{tid}")
+
+
+def _banking_sized(n_way: int = 77, k_shot: int = 5) -> list[dict]:
+    """A task the size of BANKING77's 77-way 5-shot one (385 examples)."""
+    return [
+        {"text": f"question {j} about topic {i}", "label": f"intent_{i}"}
+        for i in range(n_way)
+        for j in range(k_shot)
+    ]
+
+
+API_KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def locked_server(model_dir, tmp_path_factory) -> Iterator[Server]:
+    """The shipped default limits, the API key from METALM_API_KEY."""
+    tasks = tmp_path_factory.mktemp("locked") / "tasks"
+    running = Server(model_dir, tasks, defaults=True, env={"METALM_API_KEY": API_KEY})
+    yield running
+    running.stop()
+
+
+def test_default_limits_take_a_77_way_5_shot_task(locked_server):
+    """The defaults take a 385-example task and a batch of 200 (one limit of 256 did not)."""
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=locked_server.url, timeout=60, headers=auth) as http:
+        created = http.post("/tasks", json={"examples": _banking_sized()})
+        assert created.status_code == 201, created.text
+        assert created.json()["n_examples"] == 385 and len(created.json()["classes"]) == 77
+        tid = created.json()["task_id"]
+        texts = [f"a question about topic {i % 77}" for i in range(200)]
+        result = http.post(f"/tasks/{tid}/classify", json={"texts": texts})
+        assert result.status_code == 200 and len(result.json()["predictions"]) == 200
+        assert http.get("/health").json()["stored_bytes"] > 0
+        assert http.delete(f"/tasks/{tid}").status_code == 204
+    assert ServeLimits().max_task_examples >= 2000
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer wrong-key", f"Basic {API_KEY}", f"Bearer {API_KEY}x", "Bearer", ""],
+    ids=["none", "wrong", "basic", "longer", "no-token", "empty"],
+)
+def test_auth_refuses_without_the_key(locked_server, header):
+    headers = {} if header is None else {"authorization": header}
+    for method, path in [("GET", "/tasks"), ("POST", "/tasks"), ("GET", "/tasks/" + "0" * 32)]:
+        response = httpx.request(
+            method, locked_server.url + path, headers=headers, json={"examples": EXAMPLES}
+        )
+        assert response.status_code == 401, (method, path, response.text)
+        assert "Authorization: Bearer" in response.json()["detail"]
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_auth_accepts_the_key(locked_server):
+    assert httpx.get(locked_server.url + "/health").status_code == 200  # open, for probes
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=locked_server.url, timeout=30, headers=auth) as http:
+        assert http.get("/tasks").status_code == 200
+        created = http.post("/tasks", json={"examples": EXAMPLES})
+        assert created.status_code == 201
+        tid = created.json()["task_id"]
+        assert http.post(f"/tasks/{tid}/classify", json={"texts": ["hi"]}).status_code == 200
+        assert http.delete(f"/tasks/{tid}").status_code == 204
+    document = httpx.get(locked_server.url + "/openapi.json").json()
+    assert "401" in document["paths"]["/tasks/{task_id}/classify"]["post"]["responses"]
+
+
+@pytest.fixture(scope="module")
+def loaded_model(model_dir):
+    from metalm import FewShotClassifier
+
+    return FewShotClassifier.from_pretrained(model_dir)
+
+
+def test_stored_bytes_cap(loaded_model, tmp_path):
+    with TestClient(create_app(loaded_model)) as http:  # the default cap: one task's size
+        assert http.post("/tasks", json={"examples": EXAMPLES}).status_code == 201
+        size = http.get("/health").json()["stored_bytes"]
+    assert size > 0
+    limits = ServeLimits(max_store_bytes=size + size // 2)
+    with TestClient(create_app(loaded_model, tmp_path / "tasks", limits)) as http:
+        first = http.post("/tasks", json={"examples": EXAMPLES})
+        assert first.status_code == 201
+        second = http.post("/tasks", json={"examples": EXAMPLES})
+        assert second.status_code == 409
+        detail = second.json()["detail"]
+        assert f"over the limit of {size + size // 2}" in detail and "delete a task" in detail
+        assert len(http.get("/tasks").json()["tasks"]) == 1
+        assert len(list((tmp_path / "tasks").iterdir())) == 1  # nothing written for it
+        assert http.delete(f"/tasks/{first.json()['task_id']}").status_code == 204
+        assert http.post("/tasks", json={"examples": EXAMPLES}).status_code == 201
+    with TestClient(create_app(loaded_model, limits=ServeLimits(max_store_bytes=1))) as http:
+        refused = http.post("/tasks", json={"examples": EXAMPLES})
+        assert refused.status_code == 409
+        assert "over the limit of 1 bytes for all stored tasks" in refused.json()["detail"]
+
+
+def test_time_limit(loaded_model):
+    """A batch that cannot finish within --request-timeout gets 503 with a message, and
+    the service keeps serving."""
+    app = create_app(loaded_model, limits=ServeLimits(request_timeout=0.001))
+    task_id, _ = app.state.store.create(
+        [e["text"] for e in EXAMPLES], [e["label"] for e in EXAMPLES]
+    )
+    texts = [f"a long enough text number {i} " * 8 for i in range(1000)]
+    with TestClient(app) as http:
+        response = http.post(f"/tasks/{task_id}/classify", json={"texts": texts})
+        assert response.status_code == 503, response.text
+        assert "time limit of 0.001 s" in response.json()["detail"]
+        assert response.headers["retry-after"] == "1"
+        slow_task = http.post("/tasks", json={"examples": _banking_sized(20, 5)})
+        assert slow_task.status_code == 503
+        app.state.worker.submit(lambda: None).result()  # the abandoned work is over
+        assert len(http.get("/tasks").json()["tasks"]) == 1  # the late task was not kept
+        assert http.get("/health").status_code == 200
+    roomy = create_app(loaded_model, limits=ServeLimits(request_timeout=60))
+    task_id, _ = roomy.state.store.create(
+        [e["text"] for e in EXAMPLES], [e["label"] for e in EXAMPLES]
+    )
+    with TestClient(roomy) as http:
+        assert http.post(f"/tasks/{task_id}/classify", json={"texts": texts}).status_code == 200
+
+
+def test_sigterm_finishes_the_request_in_flight(model_dir, tmp_path):
+    """SIGTERM while a classify request is half-sent: the server waits for it, answers
+    200, then exits 0. (--api-key given as a flag here.)"""
+    server = Server(model_dir, tmp_path / "tasks", extra=("--api-key", API_KEY))
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=server.url, timeout=60, headers=auth) as http:
+        tid = http.post("/tasks", json={"examples": EXAMPLES}).json()["task_id"]
+    go_on = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def body() -> Iterator[bytes]:
+        yield b'{"texts": ["alarm at noon", '
+        go_on.wait(30)
+        yield b'"is it sunny"]}'
+
+    def client() -> None:
+        try:
+            outcome["response"] = httpx.post(
+                f"{server.url}/tasks/{tid}/classify",
+                content=body(),
+                headers={**auth, "content-type": "application/json"},
+                timeout=60,
+            )
+        except httpx.HTTPError as err:
+            outcome["error"] = err
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        time.sleep(1.0)  # the headers and half the body are in
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert server.process.poll() is None, "the server quit with a request in flight"
+        go_on.set()
+        sender.join(30)
+        response = outcome.get("response")
+        assert isinstance(response, httpx.Response), outcome
+        assert response.status_code == 200
+        assert len(response.json()["predictions"]) == 2
+        assert server.process.wait(timeout=30) == 0
+        assert "metalm serve: stopped" in server.log.read_text()
+    finally:
+        go_on.set()
+        if server.process.poll() is None:
+            server.stop()
+
+
+def test_bad_settings_are_metalm_errors(loaded_model):
+    from metalm.errors import MetalmError
+
+    with pytest.raises(MetalmError, match="request_timeout must be > 0"):
+        ServeLimits(request_timeout=0)
+    with pytest.raises(MetalmError, match="max_batch_texts must be >= 1"):
+        ServeLimits(max_batch_texts=0)
+    with pytest.raises(MetalmError, match="API key is empty"):
+        create_app(loaded_model, api_key=" ")

@@ -217,16 +217,36 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from metalm.serve import ServeLimits, serve
+    import os
+
+    from metalm.serve import API_KEY_ENV, ServeLimits, serve
+
+    def pick(value: int | None, default: int) -> int:
+        # --max-texts, the older single limit, sets both where they are not given
+        older = args.max_texts
+        return value if value is not None else older if older is not None else default
 
     limits = ServeLimits(
         max_tasks=args.max_tasks,
-        max_texts=args.max_texts,
+        max_task_examples=pick(args.max_task_examples, ServeLimits.max_task_examples),
+        max_batch_texts=pick(args.max_batch_texts, ServeLimits.max_batch_texts),
         max_text_chars=args.max_text_chars,
         max_labels=args.max_labels,
         max_body_bytes=args.max_body_bytes,
+        max_store_bytes=args.max_store_bytes,
+        request_timeout=args.request_timeout,
     )
-    serve(args.model, args.host, args.port, args.tasks_dir, limits, device=args.device)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        args.tasks_dir,
+        limits,
+        device=args.device,
+        api_key=api_key,
+        shutdown_timeout=args.shutdown_timeout,
+    )
 
 
 def _add_use_commands(sub) -> None:
@@ -276,11 +296,43 @@ def _add_use_commands(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--tasks-dir", help="keep tasks here across restarts (default: memory)")
-    serve.add_argument("--max-tasks", type=int, default=100)
-    serve.add_argument("--max-texts", type=int, default=256, help="texts per request")
-    serve.add_argument("--max-text-chars", type=int, default=2000)
-    serve.add_argument("--max-labels", type=int, default=200, help="classes per task")
-    serve.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    serve.add_argument("--max-tasks", type=int, default=100, help="tasks stored (default 100)")
+    serve.add_argument(
+        "--max-task-examples", type=int, help="labeled examples per new task (default 5000)"
+    )
+    serve.add_argument(
+        "--max-batch-texts", type=int, help="texts per classify request (default 1000)"
+    )
+    serve.add_argument("--max-texts", type=int, help="sets both limits above unless they are given")
+    serve.add_argument(
+        "--max-text-chars", type=int, default=2000, help="characters per text (default 2000)"
+    )
+    serve.add_argument("--max-labels", type=int, default=200, help="classes per task (default 200)")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=5_000_000, help="request body (default 5000000)"
+    )
+    serve.add_argument(
+        "--max-store-bytes",
+        type=int,
+        default=2_000_000_000,
+        help="task states of all stored tasks together (default 2000000000); over it, 409",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a request may take, queueing included (default 120); over it, 503",
+    )
+    serve.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' (default: $METALM_API_KEY; unset: no auth)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default 30)",
+    )
     serve.add_argument("--device", default="auto")
     serve.set_defaults(func=cmd_serve)
 
