@@ -18,7 +18,7 @@ from metalm.config import (
     load_config,
     save_config,
 )
-from metalm.data.sources import DataSource
+from metalm.data.sources import DataSource, EvalSource
 from metalm.errors import MetalmError
 from metalm.learners import FinetuneConfig, FrozenConfig, ProtoNetConfig
 
@@ -42,7 +42,7 @@ def test_defaults_load():
     assert isinstance(config.learner, ProtoNetConfig)
     assert config.learner.name == "protonet"
     assert config.data.train == DataSource("clinc150", "train")
-    assert config.data.test == DataSource("banking77", "test")
+    assert config.data.test == EvalSource("banking77", "test")
     assert config.data.val is None
     assert config.eval.settings == [SettingConfig(5, 1), SettingConfig(5, 5)]
     assert config.eval.full_way_shots == [5]
@@ -136,9 +136,9 @@ def test_yaml_learner_section_without_name_updates_default(tmp_path):
             ("data", "val"),
             DataSource("banking77", "valid"),
         ),
-        ("data.test=banking77", ("data", "test"), DataSource("banking77", "train")),
+        ("data.test=banking77", ("data", "test"), EvalSource("banking77", "train")),
         ("data.train.source=/data/x.csv", ("data", "train", "source"), "/data/x.csv"),
-        ("data.test.split=valid", ("data", "test"), DataSource("banking77", "valid")),
+        ("data.test.split=valid", ("data", "test"), EvalSource("banking77", "valid")),
     ],
 )
 def test_override_values_are_parsed(override, attribute, expected):

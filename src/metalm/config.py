@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from metalm.data.episodes import _range
-from metalm.data.sources import DataSource
+from metalm.data.sources import DataSource, EvalSource
 from metalm.data.unlabeled import UnlabeledConfig
 from metalm.errors import MetalmError
 from metalm.learners import (
@@ -58,16 +58,18 @@ class DataConfig:
 
     `train` is one source or a list (a task mixture): each episode draws its classes
     from one source, chosen by the sources' `weight`, and each source's classes are
-    split into meta-train/val/test on their own. `unlabeled` adds tasks made from texts
-    without labels (see `UnlabeledConfig`); with `train: []` they are the only tasks
-    (no meta-val classes; `test` may then be null, with no test protocols).
+    split into meta-train/val/test on their own. `test` may also pair a `support` and a
+    `query` source of your own (the full-way protocol on them, see `EvalSource`).
+    `unlabeled` adds tasks made from texts without labels (see `UnlabeledConfig`); with
+    `train: []` they are the only tasks (no meta-val classes; `test` may then be null,
+    with no test protocols).
     """
 
     train: DataSource | list[DataSource] = field(
         default_factory=lambda: DataSource("clinc150", "train")
     )
     val: DataSource | None = None
-    test: DataSource | None = field(default_factory=lambda: DataSource("banking77", "test"))
+    test: EvalSource | None = field(default_factory=lambda: EvalSource("banking77", "test"))
     classes: ClassesConfig = field(default_factory=ClassesConfig)
     drop_small_classes: bool = False
     unlabeled: UnlabeledConfig | None = None
@@ -240,7 +242,7 @@ def _parse(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if isinstance(value, str) and tp in (DataSource, UnlabeledConfig):
+        if isinstance(value, str) and tp in (DataSource, EvalSource, UnlabeledConfig):
             return tp(source=value)
         if not isinstance(value, dict):
             raise MetalmError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
@@ -370,8 +372,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         if key == "learner" and isinstance(value, dict) and "name" in value:
             out[key] = dict(value)  # a learner section replaces the default learner whole
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and value and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)  # an empty mapping replaces (`{}` means none)
         else:
             out[key] = value
     return out

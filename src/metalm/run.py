@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from metalm.config import RunConfig, SettingConfig, load_config, save_config
-from metalm.data.episodes import Episode, EpisodeSampler
+from metalm.data.episodes import Episode, EpisodeSampler, SettingNames
 from metalm.data.mixture import TaskSampler
 from metalm.errors import MetalmError
 from metalm.evaluate import MethodResult, evaluate_episodes
@@ -56,9 +56,12 @@ def _test_samplers(
                 config.eval.q_queries,
                 config.eval.seed,
                 config.data.drop_small_classes,
+                names=SettingNames(
+                    f"eval.settings.{i}.n_way", f"eval.settings.{i}.k_shot", "eval.q_queries"
+                ),
             ),
         )
-        for setting in config.eval.settings
+        for i, setting in enumerate(config.eval.settings)
     ]
 
 

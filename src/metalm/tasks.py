@@ -9,8 +9,15 @@ from typing import Any
 
 from metalm.config import DataConfig, EpisodeConfig, TrainConfig
 from metalm.data.dataset import LabeledTextDataset
-from metalm.data.episodes import Episode, EpisodeSampler, full_way_episode
+from metalm.data.episodes import (
+    EPISODE_SETTINGS,
+    Episode,
+    EpisodeSampler,
+    SettingNames,
+    full_way_episode,
+)
 from metalm.data.mixture import mixture
+from metalm.data.sources import DataSource, EvalSource
 from metalm.data.splits import ClassSplit, explicit_split, split_classes
 from metalm.data.unlabeled import (
     ClusterTaskSampler,
@@ -23,6 +30,7 @@ from metalm.errors import MetalmError
 
 # seeds of the second, third, ... training source: episode i of each source differs
 SOURCE_SEED_STRIDE = 7919
+VAL_SETTINGS = SettingNames("train.val_n_way", "train.val_k_shot", "train.val_q_queries")
 
 
 @dataclass
@@ -54,7 +62,13 @@ class TaskPools:
                 f"no {pool} classes; set data.classes.fractions or data.classes.{pool}"
             )
         return EpisodeSampler(
-            dataset, episode.n_way, episode.k_shot, episode.q_queries, seed, drop_small
+            dataset,
+            episode.n_way,
+            episode.k_shot,
+            episode.q_queries,
+            seed,
+            drop_small,
+            names=EPISODE_SETTINGS,
         )
 
     def train_sampler(self, episode: EpisodeConfig, seed: int, drop_small: bool = False) -> Any:
@@ -73,6 +87,7 @@ class TaskPools:
                 drop_small,
                 episode.hard_negatives,
                 episode.hard_refresh_every,
+                names=EPISODE_SETTINGS,
             )
             for j, (dataset, _) in enumerate(parts)
         ]
@@ -141,6 +156,7 @@ def validation_sampler(
             train.val_q_queries,
             seed + SOURCE_SEED_STRIDE * j,
             drop_small,
+            names=VAL_SETTINGS,
         )
         for j, dataset in enumerate(parts)
     ]
@@ -175,7 +191,7 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         (77, [])
     """
     sources = data.train_sources
-    test_spec = data.test or (sources[0].with_split("test") if sources else None)
+    test_spec = _query_spec(data.test) or (sources[0].with_split("test") if sources else None)
     home = [j for j, s in enumerate(sources) if test_spec and s.source == test_spec.source]
     cross = not home
     loaded = [spec.load() for spec in sources]
@@ -196,15 +212,7 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
             val_parts.append(pool.subset(part.val, f"{pool.name}[meta-val]"))
     test_source = test_spec.load() if test_spec else None
     test_pool = test_source if cross else _restrict(test_source, split.test, "test")
-    full_way = {}
-    for shots in (full_way_shots or []) if test_spec else []:
-        support_spec = test_spec.with_split(f"train_{shots}")
-        if not (support_spec.is_builtin or support_spec.source.startswith("hf:")):
-            continue
-        support = support_spec.load()
-        if not cross:
-            support = _restrict(support, split.test, "test")
-        full_way[shots] = full_way_episode(support, test_pool)
+    full_way = _full_way(data, test_spec, test_pool, full_way_shots or [], split, cross)
     unlabeled: list[str] = []
     if data.unlabeled is not None:
         unlabeled = load_texts(data.unlabeled)
@@ -222,6 +230,50 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         unlabeled=unlabeled,
         unlabeled_config=data.unlabeled,
     )
+
+
+def _query_spec(test: DataSource | None) -> DataSource | None:
+    """Where the test texts come from (`data.test.query`, else `data.test` itself)."""
+    return test.query_source() if isinstance(test, EvalSource) else test
+
+
+def _full_way(
+    data: DataConfig,
+    test_spec: DataSource | None,
+    test_pool: LabeledTextDataset | None,
+    shots: list[int],
+    split: ClassSplit,
+    cross: bool,
+) -> dict[int, Episode]:
+    """The full-way episodes, by shot: from `data.test.support` if given, else from the
+    test dataset's K-shot splits (`train_K`; built-in and `hf:` sources only)."""
+    if test_spec is None or test_pool is None:
+        return {}
+    own = data.test.support if isinstance(data.test, EvalSource) else None
+    if isinstance(own, DataSource):
+        return _own_full_way(own.load(), test_pool, None if cross else split.test)
+    full_way = {}
+    for k in shots:
+        support_spec = test_spec.with_split(f"train_{k}")
+        if not (support_spec.is_builtin or support_spec.source.startswith("hf:")):
+            continue
+        support = support_spec.load()
+        if not cross:
+            support = _restrict(support, split.test, "test")
+        full_way[k] = full_way_episode(support, test_pool)
+    return full_way
+
+
+def _own_full_way(
+    support: LabeledTextDataset, query: LabeledTextDataset, classes: list[str] | None
+) -> dict[int, Episode]:
+    """One full-way episode from a support file of your own (restricted to the meta-test
+    `classes` when the queries are a training source's), keyed by its examples per class
+    (rounded down, as reports count K)."""
+    if classes is not None:
+        support = support.subset([c for c in support.classes if c in set(classes)])
+    episode = full_way_episode(support, query)
+    return {len(support) // episode.n_way: episode}
 
 
 def _check_listed_classes(data: DataConfig, loaded: list[LabeledTextDataset]) -> None:

@@ -9,7 +9,7 @@ from metalm.data.dataset import (
     load_jsonl,
 )
 from metalm.data.episodes import Episode, EpisodeSampler, full_way_episode
-from metalm.data.sources import DataSource, load_source
+from metalm.data.sources import DataSource, EvalSource, load_source
 from metalm.data.splits import ClassSplit, explicit_split, split_classes
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "DataSource",
     "Episode",
     "EpisodeSampler",
+    "EvalSource",
     "LabeledTextDataset",
     "builtin_dataset",
     "explicit_split",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +37,19 @@ class Episode:
 
 WaySpec = int | str | Sequence[int]
 ShotSpec = int | Sequence[int]
+
+
+class SettingNames(NamedTuple):
+    """The config keys an episode shape came from, named in errors (what to lower)."""
+
+    n_way: str = "n_way"
+    k_shot: str = "k_shot"
+    q_queries: str = "q_queries"
+
+
+PLAIN_SETTINGS = SettingNames()
+EPISODE_SETTINGS = SettingNames("episode.n_way", "episode.k_shot", "episode.q_queries")
+"""The keys of meta-training episodes (`episode.*`)."""
 
 
 def _range(name: str, value: Any, low: int) -> tuple[int, int]:
@@ -94,6 +107,7 @@ class EpisodeSampler:
         drop_small_classes: bool = False,
         hard_negatives: float = 0.0,
         refresh_every: int = 100,
+        names: SettingNames = PLAIN_SETTINGS,
     ):
         ways = None if n_way == "all" else _range("n_way", n_way, 2)
         self.k_range = _range("k_shot", k_shot, 1)
@@ -102,25 +116,10 @@ class EpisodeSampler:
             raise MetalmError(f"hard_negatives must be a share in [0, 1], got {hard_negatives}")
         if refresh_every < 1:
             raise MetalmError(f"hard_refresh_every must be >= 1, got {refresh_every}")
-        needed = self.k_range[1] + q_queries
-        if drop_small_classes:
-            dataset, dropped = dataset.drop_small_classes(needed)
-            if dropped:
-                warnings.warn(
-                    f"{dataset.name}: dropped {len(dropped)} classes with fewer than "
-                    f"{needed} examples (K+Q): {dropped[:5]}",
-                    stacklevel=2,
-                )
-        else:
-            small = {c: n for c, n in dataset.class_counts().items() if n < needed}
-            if small:
-                first = next(iter(small))
-                raise MetalmError(
-                    f"{dataset.name}: class {first!r} has {small[first]} examples but "
-                    f"{self.k_range[1]}-shot with {q_queries} queries needs {needed} "
-                    f"({len(small)} classes are short); lower K or Q, or set "
-                    "data.drop_small_classes=true"
-                )
+        lower = f"lower {names.q_queries} ({q_queries}) or {names.k_shot} ({self.k_range[1]})"
+        dataset, dropped = _large_enough(
+            dataset, self.k_range[1], q_queries, drop_small_classes, lower
+        )
         classes = len(dataset.classes)
         if ways is None:
             ways = (classes, classes)
@@ -129,7 +128,8 @@ class EpisodeSampler:
         if ways[1] > classes or classes < 2:
             raise MetalmError(
                 f"{dataset.name}: {ways[1]}-way episodes need {ways[1]} classes but it has "
-                f"{classes}; lower n_way"
+                f"{classes}; lower {names.n_way}"
+                + (f", or {lower} so that fewer classes are dropped" if dropped else "")
             )
         self.dataset = dataset
         self.n_range = ways
@@ -232,6 +232,37 @@ class EpisodeSampler:
             index += 1
 
 
+def _large_enough(
+    dataset: LabeledTextDataset, k_shot: int, q_queries: int, drop_small: bool, lower: str
+) -> tuple[LabeledTextDataset, list[str]]:
+    """`dataset` with every class holding K + Q examples (small classes dropped with a
+    warning when `drop_small`, else an error), and the dropped classes; errors end with
+    `lower`, the settings to lower."""
+    needed = k_shot + q_queries
+    counts = dataset.class_counts()
+    small = {c: n for c, n in counts.items() if n < needed}
+    if small and (not drop_small or len(small) == len(counts)):
+        first = next(iter(small))
+        short = f"{len(small)} classes are short"
+        if len(small) == len(counts):
+            short += f": every class has fewer than {needed} examples"
+        else:
+            lower += ", or set data.drop_small_classes=true"
+        raise MetalmError(
+            f"{dataset.name}: class {first!r} has {small[first]} examples but {k_shot}-shot "
+            f"with {q_queries} queries needs {needed} ({short}); {lower}"
+        )
+    if not small:
+        return dataset, []
+    kept, dropped = dataset.drop_small_classes(needed)
+    warnings.warn(
+        f"{kept.name}: dropped {len(dropped)} classes with fewer than {needed} examples "
+        f"(K+Q): {dropped[:5]}",
+        stacklevel=3,
+    )
+    return kept, dropped
+
+
 def full_way_episode(support: LabeledTextDataset, query: LabeledTextDataset) -> Episode:
     """The published protocol: every class's K-shot split as support, a whole split as query.
 
@@ -245,9 +276,16 @@ def full_way_episode(support: LabeledTextDataset, query: LabeledTextDataset) -> 
     names = support.classes
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(query.labels) - set(names))
-    if unknown:
+    unused = sorted(set(names) - set(query.labels))
+    if unknown or unused:
+        sides = []
+        if unknown:
+            sides.append(f"labels {_few(unknown)} have no support examples in {support.name}")
+        if unused:
+            sides.append(f"labels {_few(unused)} have no query texts in {query.name}")
         raise MetalmError(
-            f"{query.name}: labels {unknown[:5]} have no support examples in {support.name}"
+            f"{query.name}: {'; '.join(sides)}; the support and query sources must have "
+            "the same label set"
         )
     return Episode(
         list(support.texts),
@@ -256,3 +294,9 @@ def full_way_episode(support: LabeledTextDataset, query: LabeledTextDataset) -> 
         [index[label] for label in query.labels],
         names,
     )
+
+
+def _few(names: list[str], limit: int = 10) -> str:
+    """`names` for an error message: the first `limit`, and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{names[:limit]}{more}"

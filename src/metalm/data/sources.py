@@ -69,3 +69,50 @@ def load_source(spec: DataSource) -> LabeledTextDataset:
         f"unknown dataset {spec.source!r}; give a built-in name {sorted(BUILTIN_DATASETS)}, "
         "a .csv or .jsonl file, or hf:<name or directory>"
     )
+
+
+@dataclass
+class EvalSource(DataSource):
+    """The test data: one source, or (for the full-way protocol on files of your own) a
+    `support` source and a `query` source.
+
+    With `query`, the test texts are the query source's (`source`/`split` are then unused);
+    without, they are this source's own. With `support`, one full-way episode is built:
+    every support example against every query text (label sets must match). A plain
+    string for `support`/`query` is a path or name that takes this source's columns, with
+    split `train` (support) or `test` (query).
+
+    Example:
+        >>> spec = EvalSource(support="examples/intents_train_3.csv",
+        ...                   query="examples/intents_test.csv")
+        >>> spec.query_source().source, spec.support.text_column
+        ('examples/intents_test.csv', 'text')
+    """
+
+    source: str = ""
+    support: str | DataSource | None = None
+    query: str | DataSource | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.support = self._as_source(self.support, "train")
+        self.query = self._as_source(self.query, "test")
+        if not self.source and self.query is None:
+            raise MetalmError(
+                "data.test: name the test data (data.test.source=...) or, for the "
+                "full-way protocol on your own files, data.test.support=... and "
+                "data.test.query=..."
+            )
+
+    def _as_source(self, value: str | DataSource | None, split: str) -> DataSource | None:
+        if isinstance(value, str):
+            return DataSource(value, split, self.text_column, self.label_column, self.hf_config)
+        return value
+
+    def query_source(self) -> DataSource:
+        """Where the test texts come from: `query`, else this source itself."""
+        if isinstance(self.query, DataSource):
+            return self.query
+        return DataSource(
+            self.source, self.split, self.text_column, self.label_column, self.hf_config
+        )
