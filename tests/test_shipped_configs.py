@@ -22,6 +22,7 @@ from metalm.cli import main
 from metalm.config import load_config, read_yaml, save_config
 from metalm.data import builtin_dataset
 from metalm.learners import FinetuneConfig, learner_class, method_label
+from metalm.tune import load_tune_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(
@@ -51,7 +52,10 @@ def budget(model_dir: Path, output_dir: Path) -> list[str]:
 
 def fewer_finetune_steps(config_path: Path | None, overrides: list[str]) -> list[str]:
     """Per-task fine-tuning (the learner or a baseline) for 2 steps instead of ~100."""
-    config = load_config(config_path, overrides)
+    if config_path is not None and "search" in read_yaml(config_path):
+        config, _ = load_tune_config(config_path, overrides)
+    else:
+        config = load_config(config_path, overrides)
     extra = ["learner.steps=2"] if isinstance(config.learner, FinetuneConfig) else []
     extra += [
         f"eval.baselines.{i}.steps=2"
