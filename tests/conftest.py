@@ -78,3 +78,14 @@ def run_real_minilm_briefly(name: str, extra: list[str], tmp_path: Path) -> None
     (result,) = report.results
     assert result.method == name and result.episodes == 3 and 0.0 <= result.accuracy <= 1.0
     assert (run_dir / "best.safetensors").exists()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long `fuzz` cases run only when asked for (`pytest -m fuzz`); the default run
+    keeps every surface's 200-case version."""
+    if "fuzz" in (config.option.markexpr or ""):
+        return
+    skip = [item for item in items if item.get_closest_marker("fuzz")]
+    if skip:
+        config.hook.pytest_deselected(items=skip)
+        items[:] = [item for item in items if not item.get_closest_marker("fuzz")]

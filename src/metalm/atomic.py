@@ -25,6 +25,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from metalm.errors import MetalmError
+
 NEW_SUFFIX = ".metalm-new"
 OLD_SUFFIX = ".metalm-old"
 _AT_FDCWD = -100
@@ -115,7 +117,7 @@ def _recover_locked(target: Path) -> None:
 def recover(target: str | Path) -> Path:
     """`target`, restored from its backup if a swap was cut short (see the module doc)."""
     target = Path(target)
-    if not target.exists() and old_path(target).is_dir():
+    if target.name and not target.exists() and old_path(target).is_dir():
         with _locked(target.parent):
             _recover_locked(target)
     return target
@@ -125,6 +127,8 @@ def replace_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(directory)` on a fresh directory, then make it `target` atomically,
     replacing what was there. If `write` raises, `target` is left as it was."""
     target = Path(target)
+    if not target.name or target.name == "..":
+        raise MetalmError(f"{str(target)!r}: name the directory to write, e.g. out/my-model")
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.parent):
         _recover_locked(target)

@@ -142,6 +142,8 @@ class FewShotClassifier:
         if not texts:
             return np.zeros((0, len(classes)), dtype=np.float32)
         assert self.state_ is not None
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise MetalmError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         # batches of similar length pad little: sort by length, restore the order after
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), len(classes)), dtype=np.float32)
@@ -317,23 +319,24 @@ def _text_of_line(line: str, text_column: str) -> str:
 def read_texts(source: str | Path, text_column: str = "text", stdin: Any = None) -> list[str]:
     """Texts to classify: a .csv (column `text_column`), a .jsonl (field `text_column`),
     or plain text / JSON lines from a file or `-` (standard input), blank lines skipped."""
-    import csv
-    import io
     import sys
+
+    from metalm.data.dataset import parse_csv, read_text_file
 
     if str(source) == "-":
         raw = (stdin or sys.stdin).read()
         suffix = ""
     else:
-        from metalm.data.dataset import read_text_file
-
         path = Path(source)
-        raw = read_text_file(path)
         suffix = path.suffix.lower()
+        raw = read_text_file(path, newline="" if suffix == ".csv" else None)
     if suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(raw, newline="")))
+        rows = parse_csv(raw, source)
         if rows and text_column not in rows[0]:
             raise MetalmError(f"{source}: no column {text_column!r}; columns are {sorted(rows[0])}")
+        short = [i for i, row in enumerate(rows) if row[text_column] is None]
+        if short:
+            raise MetalmError(f"{source}: row {short[0]} has no {text_column!r} field")
         return [row[text_column] for row in rows]
     lines = [line for line in raw.split("\n") if line.strip()]
     return [_text_of_line(line.rstrip("\r"), text_column) for line in lines]
@@ -355,5 +358,11 @@ def write_predictions(
         out.write(body)
         out.flush()
     else:
-        Path(destination).write_text(body, encoding="utf-8")
+        try:
+            Path(destination).write_text(body, encoding="utf-8")
+        except OSError as err:
+            raise MetalmError(
+                f"{destination}: cannot write the predictions ({err.strerror or err}); "
+                "give a file path in a writable directory, or - for stdout"
+            ) from None
     return len(lines)

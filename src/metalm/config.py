@@ -335,6 +335,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise MetalmError(f"override {key}: value nested too deeply") from None
         if key == "learner.name" and isinstance(data.get("learner"), dict):
             # switching learner: keep only the keys the new learner knows
             known = {f.name for f in dataclasses.fields(learner_class(str(value)).config_class)}
@@ -351,6 +353,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise MetalmError(f"{path}: no such config file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise MetalmError(f"{path}: not a valid YAML file ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise MetalmError(f"{path}: YAML nested too deeply; flatten the config") from None
+    except OSError as err:
+        raise MetalmError(f"{path}: cannot read the config file ({err.strerror or err})") from None
     if not isinstance(data, dict):
         raise MetalmError(f"{path}: a config file must hold a mapping at the top level")
     return data

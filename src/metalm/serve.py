@@ -476,6 +476,8 @@ def create_app(
     not_found = {404: {"model": Detail, "description": "no such task"}}
     too_large = {413: {"model": Detail, "description": "request body too large"}}
     too_slow = {503: {"model": Detail, "description": "over the time limit (--request-timeout)"}}
+    # a body that cannot be decoded at all (not UTF-8 text): Starlette answers 400 itself
+    bad_body = {400: {"model": Detail, "description": "the body is not UTF-8 JSON text"}}
     locked = {401: {"model": Detail, "description": "missing or wrong API key"}} if api_key else {}
 
     @asynccontextmanager
@@ -514,6 +516,7 @@ def create_app(
             },
             **too_large,
             **too_slow,
+            **bad_body,
         },
     )
     async def create_task(request: CreateTask) -> TaskInfo:
@@ -541,7 +544,7 @@ def create_app(
     @app.post(
         "/tasks/{task_id}/classify",
         response_model=ClassifyResponse,
-        responses={**not_found, **too_large, **too_slow},
+        responses={**not_found, **too_large, **too_slow, **bad_body},
     )
     async def classify(task_id: TaskIdParam, request: ClassifyRequest) -> Response:
         clf = found(task_id)

@@ -16,6 +16,7 @@ from metalm.errors import MetalmError
 
 BUILTIN_DATASETS: dict[str, str] = {"banking77": "banking77", "clinc150": "clinc150"}
 BUILTIN_SPLITS = ("train", "valid", "test", "train_5", "train_10")
+FIELD_LIMIT = 2**31 - 1  # the largest CSV field csv accepts on every platform
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,13 @@ def builtin_dataset(name: str, split: str = "train") -> LabeledTextDataset:
     return LabeledTextDataset(texts, labels, name=f"{name}/{split}")
 
 
-def read_text_file(path: Path) -> str:
-    """A UTF-8 text file (a byte-order mark is accepted), or a clear error."""
+def read_text_file(path: Path, newline: str | None = None) -> str:
+    """A UTF-8 text file (a byte-order mark is accepted), or a clear error. `newline=""`
+    keeps line endings as they are (CSV: a quoted field keeps its own)."""
     try:
         # utf-8-sig: also accept the byte-order mark that Excel and Notepad write.
-        return path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline=newline) as handle:
+            return handle.read()
     except FileNotFoundError:
         raise MetalmError(f"{path}: no such file") from None
     except UnicodeDecodeError as err:
@@ -126,7 +129,7 @@ def read_text_file(path: Path) -> str:
             f"{path}: not valid UTF-8 (byte {err.start}); re-save the file as UTF-8"
         ) from None
     except OSError as err:
-        raise MetalmError(f"{path}: cannot read the file ({err.strerror})") from None
+        raise MetalmError(f"{path}: cannot read the file ({err.strerror or err})") from None
 
 
 def _columns(rows: list[dict[str, Any]], path: Path, *columns: str) -> list[list[Any]]:
@@ -145,16 +148,31 @@ def _columns(rows: list[dict[str, Any]], path: Path, *columns: str) -> list[list
 
 def read_csv_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a CSV file with a header row, as mappings."""
+    return parse_csv(read_text_file(path, newline=""), path)
+
+
+def parse_csv(raw: str, where: str | Path) -> list[dict[str, Any]]:
+    """The rows of CSV text with a header row, as mappings; a header naming a column
+    twice, a row longer than the header, or broken quoting raise a MetalmError."""
     # newline="": quoted fields keep their line breaks (str.splitlines would drop them).
-    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+    reader = csv.DictReader(io.StringIO(raw, newline=""))
+    if csv.field_size_limit() < FIELD_LIMIT:
+        csv.field_size_limit(FIELD_LIMIT)  # long documents are texts too (default: 128 KiB)
     try:
+        header = reader.fieldnames or []
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise MetalmError(
+                f"{where}: the header names column {twice[0]!r} more than once; "
+                "rename or drop one of them"
+            )
         rows = list(reader)
     except csv.Error as err:
-        raise MetalmError(f"{path}: broken CSV ({err})") from None
+        raise MetalmError(f"{where}: broken CSV ({err}); check its quotes") from None
     for i, row in enumerate(rows):
         if None in row:  # DictReader puts fields beyond the header under the key None
             raise MetalmError(
-                f"{path}: row {i} has more fields than the header {reader.fieldnames}; "
+                f"{where}: row {i} has more fields than the header {reader.fieldnames}; "
                 "quote texts that contain commas"
             )
     return rows
