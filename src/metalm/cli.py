@@ -188,7 +188,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     from metalm.classifier import FewShotClassifier, read_labeled
 
     texts, labels = read_labeled(args.support, args.text_column, args.label_column)
-    clf = FewShotClassifier.from_pretrained(args.model, device=args.device)
+    clf = FewShotClassifier.from_pretrained(args.model, device=args.device, quantize=args.quantize)
     clf.adapt(texts, labels).save_task(args.out)
     print(f"adapted to {len(clf.classes_)} classes from {len(texts)} examples: task in {args.out}")
 
@@ -196,7 +196,9 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from metalm.classifier import FewShotClassifier, read_texts, write_predictions
 
-    clf = FewShotClassifier.load_task(args.task, model=args.model, device=args.device)
+    clf = FewShotClassifier.load_task(
+        args.task, model=args.model, device=args.device, quantize=args.quantize
+    )
     clf.batch_size = args.batch_size
     count = write_predictions(clf, read_texts(args.input, args.text_column), args.output)
     if args.output != "-":
@@ -207,7 +209,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     from metalm.classifier import FewShotClassifier, read_labeled
 
     texts, labels = read_labeled(args.input, args.text_column, args.label_column)
-    clf = FewShotClassifier.load_task(args.task, model=args.model, device=args.device)
+    clf = FewShotClassifier.load_task(
+        args.task, model=args.model, device=args.device, quantize=args.quantize
+    )
     clf.batch_size = args.batch_size
     result = clf.score(texts, labels, top_pairs=args.top)
     result.info.update(task=str(args.task), input=str(args.input))
@@ -244,8 +248,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.tasks_dir,
         limits,
         device=args.device,
+        quantize=args.quantize,
         api_key=api_key,
         shutdown_timeout=args.shutdown_timeout,
+    )
+
+
+def _add_quantize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),  # metalm.models.encoder.QUANTIZE_CHOICES
+        default="none",
+        help="int8: a faster CPU encoder at a small accuracy cost (see BENCHMARKS.md)",
     )
 
 
@@ -270,6 +284,7 @@ def _add_use_commands(sub) -> None:
     adapt.add_argument("--text-column", default="text")
     adapt.add_argument("--label-column", default="label")
     adapt.add_argument("--device", default="auto")
+    _add_quantize(adapt)
     adapt.set_defaults(func=cmd_adapt)
     predict = sub.add_parser("predict", help="classify texts with an adapted task")
     predict.add_argument("--task", required=True, help="a task directory from `metalm adapt`")
@@ -279,6 +294,7 @@ def _add_use_commands(sub) -> None:
     predict.add_argument("--text-column", default="text")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--device", default="auto")
+    _add_quantize(predict)
     predict.set_defaults(func=cmd_predict)
     score = sub.add_parser("score", help="score an adapted task on labeled texts")
     score.add_argument("--task", required=True, help="a task directory from `metalm adapt`")
@@ -290,6 +306,7 @@ def _add_use_commands(sub) -> None:
     score.add_argument("--top", type=int, default=10, help="confused pairs to list")
     score.add_argument("--batch-size", type=int, default=64)
     score.add_argument("--device", default="auto")
+    _add_quantize(score)
     score.set_defaults(func=cmd_score)
     serve = sub.add_parser("serve", help="an HTTP service: adapt tasks and classify texts")
     serve.add_argument("--model", required=True, help="model directory or Hugging Face id")
@@ -334,6 +351,7 @@ def _add_use_commands(sub) -> None:
         help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default 30)",
     )
     serve.add_argument("--device", default="auto")
+    _add_quantize(serve)
     serve.set_defaults(func=cmd_serve)
 
 

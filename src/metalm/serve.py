@@ -419,6 +419,7 @@ def create_app(
     limits: ServeLimits | None = None,
     device: str = "auto",
     api_key: str | None = None,
+    quantize: str = "none",
 ):
     """The FastAPI application serving `model` (a model directory, Hub id or a loaded
     classifier); see the module docstring for the endpoints. With `api_key`, requests
@@ -434,7 +435,7 @@ def create_app(
     base = (
         model
         if isinstance(model, FewShotClassifier)
-        else FewShotClassifier.from_pretrained(model, device=device)
+        else FewShotClassifier.from_pretrained(model, device=device, quantize=quantize)
     )
     store = TaskStore(base, tasks_dir, limits.max_tasks, limits.max_store_bytes)
     # every model call runs here, one at a time, on one thread with torch's thread settings
@@ -588,6 +589,7 @@ def serve(
     device: str = "auto",
     api_key: str | None = None,
     shutdown_timeout: float = 30.0,
+    quantize: str = "none",
 ) -> None:
     """Load `model` and serve it with uvicorn until SIGTERM/SIGINT, which stop new
     connections and let requests in flight finish (for up to `shutdown_timeout` s).
@@ -601,7 +603,7 @@ def serve(
     # under the handler it found: this one, so that the stop ends with exit status 0
     signal.signal(signal.SIGTERM, _exit_quietly)
     try:
-        app = create_app(model, tasks_dir, limits, device, api_key)
+        app = create_app(model, tasks_dir, limits, device, api_key, quantize)
         auth = ", bearer-token auth" if api_key else ""
         print(f"metalm serve: {model} on http://{host}:{port} (docs at /docs{auth})", flush=True)
         uvicorn.run(

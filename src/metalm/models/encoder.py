@@ -56,11 +56,26 @@ class EncoderConfig:
     pooling: str = "mean"
     normalize: bool = True
     max_length: int = 64
-    batch_size: int = 128
+    batch_size: int = 64
     trust_remote_code: bool = False
     num_layers: int = 0
     num_heads: int = 0
     device: str = "auto"
+
+
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every `nn.Linear` (per-channel weights, activations
+    quantized on the fly); CPU inference only: the result cannot be trained."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice; still supported
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -183,6 +198,7 @@ class TextEncoder(nn.Module):
         self.config = config
         self._token_cache: dict[str, list[int]] = {}
         self._embedding_cache: dict[str, Tensor] | None = None
+        self._quantized = False
 
     @classmethod
     def from_config(cls, config: EncoderConfig, safetensors_only: bool = False) -> TextEncoder:
@@ -207,6 +223,24 @@ class TextEncoder(nn.Module):
         if config.num_heads:
             prune_heads(model, config.num_heads)
         return cls(model.to(resolve_device(config.device)), tokenizer, config)
+
+    def quantize(self, kind: str) -> None:
+        """`int8`: replace the linear layers by dynamic int8 ones, in place: about 2x
+        faster on CPU at a measured accuracy cost (BENCHMARKS.md, "Encoding speed"); for
+        adapt/predict only (the weights must be loaded first). `none`: nothing."""
+        if kind not in QUANTIZE_CHOICES:
+            raise MetalmError(f"quantize must be one of {QUANTIZE_CHOICES}, got {kind!r}")
+        if kind == "none" or self.quantized:
+            return
+        if self.device.type != "cpu":
+            raise MetalmError("quantize=int8 runs on CPU only; load the model with device='cpu'")
+        self.model = quantize_int8(self.model.eval())
+        self._quantized = True
+
+    @property
+    def quantized(self) -> bool:
+        """True for an int8 encoder: it adapts and predicts, but cannot be meta-trained."""
+        return self._quantized
 
     @property
     def dim(self) -> int:
@@ -285,7 +319,9 @@ class TextEncoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            self.pretokenize(texts)  # batches of equal token length: little padding
+            tokens = self._token_cache
+            order = sorted(range(len(texts)), key=lambda i: len(tokens[texts[i]]))
             out = torch.empty(len(texts), self.dim, device=self.device)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
