@@ -37,7 +37,9 @@ Label = str | int
 TASK_FORMAT_VERSION = 1
 TASK_WEIGHTS = "task.safetensors"
 TASK_INFO = "task.json"
-TOKEN_CACHE_LIMIT = 50_000
+# texts whose tokens a classifier keeps between calls; tokenizing runs at ~45,000 texts/s
+# (benchmarks/encode_speed.py), so a small cache costs nothing and bounds a service's memory
+TOKEN_CACHE_LIMIT = 5_000
 
 
 def check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
@@ -149,8 +151,9 @@ class FewShotClassifier:
         assert self.state_ is not None
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise MetalmError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        # batches of similar length pad little: sort by length, restore the order after
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        # batches of equal token counts pad little: sort by them, restore the order after
+        counts = self.learner.encoder.token_counts(texts)
+        order = sorted(range(len(texts)), key=counts.__getitem__)
         out = np.empty((len(texts), len(classes)), dtype=np.float32)
         with torch.no_grad():
             for start in range(0, len(order), self.batch_size):

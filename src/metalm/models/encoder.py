@@ -265,6 +265,11 @@ class TextEncoder(nn.Module):
         device = self.device
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """The number of tokens of each text (after truncation), through the cache."""
+        self.pretokenize(texts)
+        return [len(self._token_cache[t]) for t in texts]
+
     def pretokenize(self, texts: Sequence[str]) -> None:
         """Fill the token cache for a whole dataset in one batched call."""
         new = [t for t in dict.fromkeys(texts) if t not in self._token_cache]
@@ -319,9 +324,8 @@ class TextEncoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            self.pretokenize(texts)  # batches of equal token length: little padding
-            tokens = self._token_cache
-            order = sorted(range(len(texts)), key=lambda i: len(tokens[texts[i]]))
+            counts = self.token_counts(texts)  # batches of equal token length: little padding
+            order = sorted(range(len(texts)), key=counts.__getitem__)
             out = torch.empty(len(texts), self.dim, device=self.device)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
