@@ -149,7 +149,10 @@ def summary(results: dict[str, MethodResult], frozen: dict[str, MethodResult] | 
 def run_row(source: str, row: str, args: argparse.Namespace, frozen) -> dict:
     target = DIRECTIONS[source]
     overrides = base_overrides(source, target, args.steps, args.quick)
-    overrides += row_overrides(row, target) + list(args.overrides)
+    extra = list(args.overrides)
+    if row == "frozen":  # learner.* overrides are for the meta-trained rows
+        extra = [o for o in extra if not o.startswith("learner.")]
+    overrides += row_overrides(row, target) + extra
     stamp = time.strftime("%Y%m%d-%H%M%S")
     overrides.append(f"output_dir={args.runs}")
     overrides.append(f"run_name={source}-{row}-{stamp}")
@@ -285,7 +288,9 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bench-meta-pretraining")
     parser.add_argument("--out", default="benchmarks/results/meta_pretraining.json")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="only print these results")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every row")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra key=value overrides (learner.*: trained rows only)"
+    )
     args = parser.parse_args()
     if args.table:
         records = [
