@@ -89,7 +89,7 @@ class MetaTrainer:
         for name in ("steps", "meta_batch_size", "eval_every", "checkpoint_every"):
             if getattr(config, name) < (0 if name == "steps" else 1):
                 raise MetalmError(f"train.{name} must be positive, got {getattr(config, name)}")
-        if getattr(learner.encoder, "quantized", False):
+        if getattr(getattr(learner, "encoder", None), "quantized", False):
             raise MetalmError(
                 "an int8-quantized encoder adapts and predicts but cannot be meta-trained; "
                 "meta-train the fp32 model and quantize when you load it (quantize='int8')"
