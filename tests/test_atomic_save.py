@@ -239,3 +239,15 @@ def test_an_interrupted_fallback_swap_is_recovered(tmp_path):
     with pytest.raises(Exception, match="format_version"):
         FewShotClassifier.read_task_info(target)  # found it (then refused the empty JSON)
     assert (target / "task.json").exists() and not clf_dir.exists()
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    def write(directory: Path) -> None:
+        private = directory / "weights.bin"
+        private.write_bytes(b"x")
+        private.chmod(0o600)  # as safetensors creates its files
+
+    target = replace_dir(tmp_path / "model", write)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target / "weights.bin").stat().st_mode & 0o777 == 0o666 & ~umask

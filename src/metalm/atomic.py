@@ -61,6 +61,16 @@ def _locked(parent: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock (and so does the kernel if we are killed)
 
 
+def _usual_permissions(directory: Path) -> None:
+    """Files as `open` would create them (0666 less the umask): some writers (safetensors)
+    create private 0600 files, which a service running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def _fsync_tree(directory: Path) -> None:
     """Flush every file and directory under `directory` (and itself) to disk."""
     for root, _dirs, files in os.walk(directory):
@@ -137,6 +147,7 @@ def replace_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
         fresh.mkdir()
         try:
             write(fresh)
+            _usual_permissions(fresh)
             _fsync_tree(fresh)
         except BaseException:
             shutil.rmtree(fresh, ignore_errors=True)
