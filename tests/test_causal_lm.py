@@ -11,6 +11,7 @@ import torch
 from metalm import MetalmError
 from metalm.models.causal import default_causal_path, load_causal_lm
 from metalm.models.encoder import default_model_path
+from metalm.models.prompting import DirectScorer, build_prefix, verbalize
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,43 @@ def test_the_shipped_smollm2_gguf_loads_and_knows_a_fact():
     with torch.no_grad():
         next_token = model(**ids).logits[0, -1].argmax()
     assert tokenizer.decode(next_token).strip() == "Paris"
+
+
+# -- in-context scoring ------------------------------------------------------------------
+SUPPORT = ["will it rain today", "set an alarm for 7", "play some jazz", "is it sunny out"]
+SUPPORT_LABELS = ["weather", "alarm", "music", "weather"]
+
+
+def test_verbalize_and_seeded_prefix():
+    assert verbalize("card_arrival") == "card arrival"
+    assert verbalize("get-  balance") == "get balance"
+    a = build_prefix(SUPPORT, SUPPORT_LABELS, seed=1)
+    assert a == build_prefix(SUPPORT, SUPPORT_LABELS, seed=1)
+    assert a != build_prefix(SUPPORT, SUPPORT_LABELS, seed=2)  # another order
+    assert all(
+        f"Input: {t}\nIntent: {y}\n" in a for t, y in zip(SUPPORT, SUPPORT_LABELS, strict=True)
+    )
+    with pytest.raises(MetalmError, match="as many labels as texts"):
+        build_prefix(SUPPORT, SUPPORT_LABELS[:2])
+
+
+def test_cached_prefix_scores_equal_full_prompt_scores(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
+    scorer = DirectScorer(model, tokenizer)
+    prefix = build_prefix(SUPPORT, SUPPORT_LABELS)
+    queries, labels = ["rain tomorrow?", "wake me at six"], ["weather", "alarm", "music"]
+    cached = scorer.score(prefix, queries, labels, use_cache=True)
+    full = scorer.score(prefix, queries, labels, use_cache=False)
+    assert cached.shape == (2, 3)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cached[:, 0], cached[:, 1])  # labels are told apart
+
+
+@pytest.mark.slow
+def test_smollm2_classifies_obvious_intents_in_context():
+    model, tokenizer = load_causal_lm(device="cpu")
+    scorer = DirectScorer(model, tokenizer)
+    prefix = build_prefix(SUPPORT, SUPPORT_LABELS)
+    queries = ["will it snow tonight", "wake me up at six", "put on some rock music"]
+    scores = scorer.score(prefix, queries, ["weather", "alarm", "music"])
+    assert scores.argmax(-1).tolist() == [0, 1, 2]

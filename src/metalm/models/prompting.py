@@ -1,0 +1,106 @@
+"""In-context scoring with a causal LM: a task's support set becomes a prompt of
+demonstrations, and each query is scored against every label by the LM's log-probability
+of the label's tokens (`direct`, length-normalised). The demonstration prefix is run once
+per task and its key/value cache reused for every query and label.
+
+Example:
+    >>> model, tokenizer = load_causal_lm()
+    >>> scorer = DirectScorer(model, tokenizer)
+    >>> prefix = build_prefix(["my card is lost", "what's my balance"], ["lost card", "balance"])
+    >>> scorer.score(prefix, ["someone took my card"], ["lost card", "balance"]).argmax(-1)
+    tensor([0])
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from metalm.errors import MetalmError
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How one example is written: `demo` for a support example, `query` for the text to
+    classify (the label's tokens follow it, after `label_prefix`)."""
+
+    demo: str = "Input: {text}\nIntent: {label}\n\n"
+    query: str = "Input: {text}\nIntent:"
+    label_prefix: str = " "
+
+
+def verbalize(class_name: str) -> str:
+    """A label as words: `card_arrival` → `card arrival`."""
+    return " ".join(str(class_name).replace("_", " ").replace("-", " ").split())
+
+
+def build_prefix(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    template: PromptTemplate = PromptTemplate(),
+    seed: int = 0,
+) -> str:
+    """The demonstrations of a support set in a seeded random order."""
+    if len(texts) != len(labels) or not texts:
+        raise MetalmError(f"need as many labels as texts, got {len(texts)} and {len(labels)}")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    return "".join(template.demo.format(text=texts[i], label=labels[i]) for i in order)
+
+
+class DirectScorer:
+    """log P(label | prefix, query) / label tokens, for every query and label."""
+
+    def __init__(self, model: nn.Module, tokenizer, template: PromptTemplate = PromptTemplate()):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+
+    def _forward(self, ids: Tensor, cache: object = None) -> tuple[Tensor, object]:
+        """Logits and the key/value cache, under the name this transformers gives it
+        (`cache` since 5.2x, `past_key_values` before)."""
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else None
+        name = name or "past_key_values"
+        out = self.model(ids, use_cache=True, **{name: cache})
+        return out.logits, out[name]
+
+    def _ids(self, text: str) -> Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return ids.to(next(self.model.parameters()).device)
+
+    @torch.no_grad()
+    def score(
+        self,
+        prefix: str,
+        queries: Sequence[str],
+        labels: Sequence[str],
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Scores, shape [len(queries), len(labels)] (higher is likelier). With
+        `use_cache`, the prefix runs once and its cache is copied for each query; without,
+        every (query, label) pair runs the whole prompt (the reference it must equal)."""
+        label_ids = [self._ids(self.template.label_prefix + label) for label in labels]
+        if any(ids.shape[1] == 0 for ids in label_ids):
+            raise MetalmError("every label needs at least one token; check the label names")
+        prefix_ids = self._ids(prefix)
+        prefix_cache = self._forward(prefix_ids)[1] if use_cache else None
+        out = torch.empty(len(queries), len(labels))
+        for q, query in enumerate(queries):
+            query_ids = self._ids(self.template.query.format(text=query))
+            for j, ids in enumerate(label_ids):
+                tail = torch.cat([query_ids, ids], dim=1)
+                if use_cache:
+                    cache = copy.deepcopy(prefix_cache)
+                    logits = self._forward(tail, cache)[0]
+                else:
+                    logits = self.model(torch.cat([prefix_ids, tail], dim=1)).logits
+                    logits = logits[:, prefix_ids.shape[1] :]
+                # the label's tokens are predicted from the positions just before them
+                predicted = logits[0, query_ids.shape[1] - 1 : -1].log_softmax(-1)
+                token_logp = predicted.gather(1, ids[0].unsqueeze(1)).squeeze(1)
+                out[q, j] = token_logp.mean()
+        return out
