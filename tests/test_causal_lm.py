@@ -103,3 +103,14 @@ def test_smollm2_classifies_obvious_intents_in_context():
     queries = ["will it snow tonight", "wake me up at six", "put on some rock music"]
     scores = scorer.score(prefix, queries, ["weather", "alarm", "music"])
     assert scores.argmax(-1).tolist() == [0, 1, 2]
+
+
+def test_calibration_subtracts_the_content_free_scores(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
+    scorer = DirectScorer(model, tokenizer)
+    prefix = build_prefix(SUPPORT, SUPPORT_LABELS)
+    labels = ["weather", "alarm", "music"]
+    plain = scorer.score(prefix, ["rain tomorrow?", "N/A"], labels)
+    calibrated = scorer.score(prefix, ["rain tomorrow?", "N/A"], labels, calibrate=True)
+    torch.testing.assert_close(calibrated[0], plain[0] - plain[1])
+    torch.testing.assert_close(calibrated[1], torch.zeros(3))

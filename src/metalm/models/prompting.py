@@ -72,6 +72,21 @@ class DirectScorer:
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids.to(next(self.model.parameters()).device)
 
+    def _mean_logprob(
+        self, prefix_ids: Tensor, prefix_cache: object, context: Tensor, target: Tensor
+    ) -> float:
+        """Mean log-probability of `target`'s tokens after prefix + `context`: from a copy
+        of the prefix's cache, or (`prefix_cache` None) running the whole prompt."""
+        tail = torch.cat([context, target], dim=1)
+        if prefix_cache is not None:
+            logits = self._forward(tail, copy.deepcopy(prefix_cache))[0]
+        else:
+            logits = self.model(torch.cat([prefix_ids, tail], dim=1)).logits
+            logits = logits[:, prefix_ids.shape[1] :]
+        # the target's tokens are predicted from the positions just before them
+        predicted = logits[0, context.shape[1] - 1 : -1].log_softmax(-1)
+        return float(predicted.gather(1, target[0].unsqueeze(1)).mean())
+
     @torch.no_grad()
     def score(
         self,
@@ -79,28 +94,22 @@ class DirectScorer:
         queries: Sequence[str],
         labels: Sequence[str],
         use_cache: bool = True,
+        calibrate: bool = False,
     ) -> Tensor:
         """Scores, shape [len(queries), len(labels)] (higher is likelier). With
         `use_cache`, the prefix runs once and its cache is copied for each query; without,
-        every (query, label) pair runs the whole prompt (the reference it must equal)."""
+        every (query, label) pair runs the whole prompt (the reference it must equal).
+        `calibrate`: subtract each label's score for the content-free input "N/A"
+        (contextual calibration, Zhao et al. 2021)."""
         label_ids = [self._ids(self.template.label_prefix + label) for label in labels]
         if any(ids.shape[1] == 0 for ids in label_ids):
             raise MetalmError("every label needs at least one token; check the label names")
         prefix_ids = self._ids(prefix)
         prefix_cache = self._forward(prefix_ids)[1] if use_cache else None
-        out = torch.empty(len(queries), len(labels))
-        for q, query in enumerate(queries):
-            query_ids = self._ids(self.template.query.format(text=query))
-            for j, ids in enumerate(label_ids):
-                tail = torch.cat([query_ids, ids], dim=1)
-                if use_cache:
-                    cache = copy.deepcopy(prefix_cache)
-                    logits = self._forward(tail, cache)[0]
-                else:
-                    logits = self.model(torch.cat([prefix_ids, tail], dim=1)).logits
-                    logits = logits[:, prefix_ids.shape[1] :]
-                # the label's tokens are predicted from the positions just before them
-                predicted = logits[0, query_ids.shape[1] - 1 : -1].log_softmax(-1)
-                token_logp = predicted.gather(1, ids[0].unsqueeze(1)).squeeze(1)
-                out[q, j] = token_logp.mean()
-        return out
+        rows = [*queries, "N/A"] if calibrate else list(queries)
+        out = torch.empty(len(rows), len(labels))
+        for q, query in enumerate(rows):
+            context = self._ids(self.template.query.format(text=query))
+            for j, target in enumerate(label_ids):
+                out[q, j] = self._mean_logprob(prefix_ids, prefix_cache, context, target)
+        return out[:-1] - out[-1] if calibrate else out
