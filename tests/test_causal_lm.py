@@ -11,7 +11,7 @@ import torch
 from metalm import MetalmError
 from metalm.models.causal import default_causal_path, load_causal_lm
 from metalm.models.encoder import default_model_path
-from metalm.models.prompting import DirectScorer, build_prefix, verbalize
+from metalm.models.prompting import CHANNEL_TEMPLATE, DirectScorer, build_prefix, verbalize
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,9 @@ def test_smollm2_classifies_obvious_intents_in_context():
     queries = ["will it snow tonight", "wake me up at six", "put on some rock music"]
     scores = scorer.score(prefix, queries, ["weather", "alarm", "music"])
     assert scores.argmax(-1).tolist() == [0, 1, 2]
+    channel_prefix = build_prefix(SUPPORT, SUPPORT_LABELS, CHANNEL_TEMPLATE)
+    channel = scorer.score_channel(channel_prefix, queries, ["weather", "alarm", "music"])
+    assert channel.argmax(-1).tolist() == [0, 1, 2]
 
 
 def test_calibration_subtracts_the_content_free_scores(tiny_llama_dir):
@@ -114,3 +117,15 @@ def test_calibration_subtracts_the_content_free_scores(tiny_llama_dir):
     calibrated = scorer.score(prefix, ["rain tomorrow?", "N/A"], labels, calibrate=True)
     torch.testing.assert_close(calibrated[0], plain[0] - plain[1])
     torch.testing.assert_close(calibrated[1], torch.zeros(3))
+
+
+def test_channel_scores_with_and_without_the_cache_agree(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
+    scorer = DirectScorer(model, tokenizer)
+    prefix = build_prefix(SUPPORT, SUPPORT_LABELS, CHANNEL_TEMPLATE)
+    assert prefix.startswith("Intent: ")
+    queries, labels = ["rain tomorrow?", "wake me at six"], ["weather", "alarm", "music"]
+    cached = scorer.score_channel(prefix, queries, labels)
+    full = scorer.score_channel(prefix, queries, labels, use_cache=False)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert cached.shape == (2, 3) and not torch.allclose(cached[0], cached[1])

@@ -35,6 +35,12 @@ class PromptTemplate:
     label_prefix: str = " "
 
 
+# `channel` scoring reads the other way: the label first, then the text it explains
+CHANNEL_TEMPLATE = PromptTemplate(
+    demo="Intent: {label}\nInput: {text}\n\n", query="Intent: {label}\nInput:"
+)
+
+
 def verbalize(class_name: str) -> str:
     """A label as words: `card_arrival` → `card arrival`."""
     return " ".join(str(class_name).replace("_", " ").replace("-", " ").split())
@@ -113,3 +119,22 @@ class DirectScorer:
             for j, target in enumerate(label_ids):
                 out[q, j] = self._mean_logprob(prefix_ids, prefix_cache, context, target)
         return out[:-1] - out[-1] if calibrate else out
+
+    @torch.no_grad()
+    def score_channel(
+        self, prefix: str, queries: Sequence[str], labels: Sequence[str], use_cache: bool = True
+    ) -> Tensor:
+        """`channel` scores, shape [len(queries), len(labels)]: mean log P(query | label)
+        after a prefix built with `CHANNEL_TEMPLATE` (Min et al. 2022); the cache is reused
+        as in `score`."""
+        prefix_ids = self._ids(prefix)
+        prefix_cache = self._forward(prefix_ids)[1] if use_cache else None
+        targets = [self._ids(self.template.label_prefix + q) for q in queries]
+        if any(ids.shape[1] == 0 for ids in targets):
+            raise MetalmError("every query needs at least one token")
+        out = torch.empty(len(queries), len(labels))
+        for j, label in enumerate(labels):
+            context = self._ids(CHANNEL_TEMPLATE.query.format(label=label))
+            for q, target in enumerate(targets):
+                out[q, j] = self._mean_logprob(prefix_ids, prefix_cache, context, target)
+        return out
