@@ -50,12 +50,12 @@ def embed_by_characters(encoder: TextEncoder, texts: list[str], batch_size: int)
             encoder.forward([texts[i] for i in order[start : start + batch_size]])
 
 
-def padding_share(encoder: TextEncoder, texts: list[str], batch_size: int, key) -> float:
-    """The share of token positions that are padding when batches follow `key`."""
-    lengths = sorted((len(encoder._token_cache[t]) for t in texts), key=lambda n: n)
-    if key == "characters":
-        order = sorted(texts, key=len)
-        lengths = [len(encoder._token_cache[t]) for t in order]
+def padding_share(encoder: TextEncoder, texts: list[str], batch_size: int, key: str) -> float:
+    """The share of token positions that are padding when batches follow `key`
+    (`characters` or `tokens`)."""
+    counts = encoder.token_counts(texts)
+    sort_by = counts if key == "tokens" else [len(t) for t in texts]
+    lengths = [counts[i] for i in sorted(range(len(texts)), key=sort_by.__getitem__)]
     padded = sum(
         max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
         for i in range(0, len(lengths), batch_size)

@@ -96,36 +96,11 @@ def test_quantize_at_load_through_python_and_cli(tiny_model_dir, tmp_path):
         "text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(TEXTS, LABELS, strict=True))
     )
     task = tmp_path / "task"
-    code = main(
-        [
-            "adapt",
-            "--model",
-            str(model),
-            "--support",
-            str(support),
-            "--out",
-            str(task),
-            "--quantize",
-            "int8",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert code == 0 and (task / "task.json").exists()
+    adapt = ["adapt", "--model", str(model), "--support", str(support), "--out", str(task)]
+    assert main([*adapt, "--quantize", "int8", "--device", "cpu"]) == 0
+    assert (task / "task.json").exists()
     with pytest.raises(SystemExit):
-        main(
-            [
-                "adapt",
-                "--model",
-                str(model),
-                "--support",
-                str(support),
-                "--out",
-                "x",
-                "--quantize",
-                "fp8",
-            ]
-        )
+        main([*adapt, "--quantize", "fp8"])
 
 
 @pytest.mark.slow

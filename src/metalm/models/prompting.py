@@ -65,14 +65,15 @@ class DirectScorer:
 
     def __init__(self, model: nn.Module, tokenizer, template: PromptTemplate = PromptTemplate()):
         self.model, self.tokenizer, self.template = model, tokenizer, template
+        # the key/value cache's argument name: `cache` since transformers 5.2x, before
+        # `past_key_values` (an unknown keyword would be swallowed silently by **kwargs)
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
 
     def _forward(self, ids: Tensor, cache: object = None) -> tuple[Tensor, object]:
-        """Logits and the key/value cache, under the name this transformers gives it
-        (`cache` since 5.2x, `past_key_values` before)."""
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else None
-        name = name or "past_key_values"
-        out = self.model(ids, use_cache=True, **{name: cache})
-        return out.logits, out[name]
+        """Logits and the key/value cache after `ids`, continuing `cache`."""
+        out = self.model(ids, use_cache=True, **{self._cache_name: cache})
+        return out.logits, out[self._cache_name]
 
     def _ids(self, text: str) -> Tensor:
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
