@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -65,16 +66,58 @@ def _print_report(report) -> None:
     print(f"\nresults: {report.run_dir}/report.md, report.json, accuracy.png")
 
 
+def _launch_train(args: argparse.Namespace) -> None:
+    """`metalm train --nproc N`: check the config here, then start N processes running
+    the same command through torch's elastic launcher (as `torchrun` would)."""
+    from pathlib import Path
+
+    from metalm import distributed
+    from metalm.config import load_config
+    from metalm.learners import learner_class
+
+    if distributed.launched():
+        raise MetalmError("--nproc starts the processes itself: drop it under torchrun")
+    saved = Path(args.resume or ".") / "config.yaml"
+    if args.resume and not saved.is_file():
+        raise MetalmError(f"{args.resume}: not a run directory (no config.yaml)")
+    config = load_config(saved) if args.resume else _config(args)
+    distributed.check_meta_batch(config.train.meta_batch_size, args.nproc)
+    distributed.pick_backend(config.model.device, args.backend or "auto")
+    if not (learner_class(config.learner.name).meta_trainable and config.train.steps > 0):
+        raise MetalmError(
+            f"learner {config.learner.name!r} with train.steps={config.train.steps} does not "
+            "meta-train: there is nothing to split across processes; drop --nproc"
+        )
+    if args.backend:
+        os.environ[distributed.BACKEND_ENV] = args.backend
+    argv = ["-q"] if args.quiet else []
+    argv.append("train")
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.config:
+        argv += ["-c", args.config]
+    distributed.launch([*argv, *args.overrides], args.nproc)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from metalm import distributed
     from metalm.run import resume_run, run
 
+    if args.resume and (args.config or args.overrides):
+        raise MetalmError("--resume continues a run with its saved config; drop -c/overrides")
+    if args.nproc is not None and args.nproc < 1:
+        raise MetalmError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1:
+        _launch_train(args)
+        return
+    if args.backend:
+        os.environ.setdefault(distributed.BACKEND_ENV, args.backend)
     if args.resume:
-        if args.config or args.overrides:
-            raise MetalmError("--resume continues a run with its saved config; drop -c/overrides")
         report = resume_run(args.resume, progress=not args.quiet)
     else:
         report = run(_config(args), progress=not args.quiet)
-    _print_report(report)
+    if distributed.world().is_main:
+        _print_report(report)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -377,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=cmd_sample)
     train = with_config(sub.add_parser("train", help="meta-train, then evaluate"))
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="meta-train data-parallel in N processes on this machine (as torchrun would)",
+    )
+    train.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        help="torch.distributed backend (default auto: nccl on CUDA, gloo on CPU)",
+    )
     train.set_defaults(func=cmd_train)
     ev = with_config(sub.add_parser("eval", help="evaluate without training, or a finished run"))
     ev.add_argument("--run", metavar="RUN_DIR", help="re-evaluate this run's best learner")
@@ -427,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except MetalmError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error{_rank_suffix()}: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a path the user gave: missing, a directory, not writable, ...
         where = f"{err.filename}: " if err.filename else ""
@@ -436,7 +490,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "metalm.distributed" in sys.modules:  # only a training command imports it
+            sys.modules["metalm.distributed"].teardown()
     return 0
+
+
+def _rank_suffix() -> str:
+    """` (rank R)` in a process of a distributed run, else nothing."""
+    module = sys.modules.get("metalm.distributed")
+    where = module.world() if module is not None else None
+    return f" (rank {where.rank})" if where is not None and where.distributed else ""
 
 
 if __name__ == "__main__":

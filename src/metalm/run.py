@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from metalm import distributed
 from metalm.config import RunConfig, SettingConfig, load_config, save_config
 from metalm.data.episodes import Episode, EpisodeSampler, SettingNames
 from metalm.data.mixture import TaskSampler
@@ -147,6 +148,7 @@ def _trainer(
 
     Builds the samplers either way, so bad data or episode shapes fail here."""
     train_sampler, val_sampler = _samplers(config, pools)
+    distributed.check_learner(learner, config.train.steps)
     if not (learner.meta_trainable and config.train.steps > 0):
         return None
     return MetaTrainer(
@@ -173,6 +175,7 @@ def run(
         >>> report = run(load_config("configs/demo.yaml", ["train.steps=20"]))
         >>> print(report.to_markdown())
     """
+    world = distributed.setup(config.model.device)  # under torchrun: one rank of several
     torch.manual_seed(config.seed)
     encoder = TextEncoder.from_config(config.model)
     learner = build_learner(encoder, config.learner)
@@ -183,7 +186,7 @@ def run(
     if config.train.steps < 0:
         raise MetalmError(f"train.steps must be >= 0, got {config.train.steps}")
 
-    run_dir = Path(resume) if resume else _run_dir(config)
+    run_dir = Path(resume) if resume else distributed.broadcast_object(_run_dir(config))
     # built before the run directory exists: the samplers and the trainer validate
     # the data and config.train
     trainer = _trainer(learner, config, pools, run_dir, progress, on_validation)
@@ -192,12 +195,16 @@ def run(
             f"{run_dir} already holds a run; continue it with --resume {run_dir} "
             "or pick another run_name"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
+    distributed.barrier()  # every rank has checked before rank 0 writes
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
 
     train_summary: dict = {}
     if trainer is not None:
         train_summary = asdict(trainer.fit(resume=resume is not None))
+    if not world.is_main:  # rank 0 evaluates and writes the report
+        return EvalReport(results=[], train=train_summary, run_dir=str(run_dir))
 
     results = evaluate_with_baselines(learner, config, pools, progress)
     report = EvalReport(results=results, train=train_summary)
@@ -216,6 +223,7 @@ def meta_train(
     `train.steps=0`, is validated once as it is."""
     from metalm.evaluate import validation_accuracy
 
+    world = distributed.setup(config.model.device)
     torch.manual_seed(config.seed)
     learner = build_learner(TextEncoder.from_config(config.model), config.learner)
     pools = build_pools(config.data)
@@ -223,8 +231,9 @@ def meta_train(
         raise MetalmError("tuning needs meta-val classes: set data.classes.fractions or .val")
     run_dir = Path(run_dir)
     trainer = _trainer(learner, config, pools, run_dir, progress, on_validation)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
     if trainer is not None:
         return learner, trainer.fit()
     _, val_sampler = _samplers(config, pools)

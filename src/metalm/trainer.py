@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metalm import distributed
 from metalm.checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -69,7 +72,14 @@ class MetaTrainer:
     """Meta-trains `learner` on episodes of `train_sampler`, validating on `val_sampler`.
 
     Episode `i` of step `s` is `train_sampler.sample(s * meta_batch_size + i)`, so a run
-    resumed from a checkpoint sees exactly the episodes the uninterrupted run would.
+    resumed from a checkpoint sees exactly the episodes the uninterrupted run would. Each
+    episode's meta-loss runs under its own torch seed (from `seed` and its index), so
+    its dropout masks do not depend on the episodes before it either.
+
+    Under torchrun (see `metalm.distributed`) each rank computes its share of every
+    meta-batch and the meta-gradients are summed over the ranks before the optimizer
+    step; rank 0 alone logs, validates and writes checkpoints, and sends its validation
+    outcome (best step, early stop, a callback's exception) to the others.
 
     Example:
         >>> trainer = MetaTrainer(learner, train_sampler, val_sampler, TrainConfig(), "runs/x")
@@ -85,6 +95,7 @@ class MetaTrainer:
         run_dir: str | Path,
         progress: bool = True,
         on_validation: Sequence[ValidationCallback] = (),
+        seed: int | None = None,
     ):
         for name in ("steps", "meta_batch_size", "eval_every", "checkpoint_every"):
             if getattr(config, name) < (0 if name == "steps" else 1):
@@ -94,12 +105,17 @@ class MetaTrainer:
                 "an int8-quantized encoder adapts and predicts but cannot be meta-trained; "
                 "meta-train the fp32 model and quantize when you load it (quantize='int8')"
             )
+        self.world = distributed.world()
+        if self.world.distributed:
+            distributed.check_meta_batch(config.meta_batch_size, self.world.size)
+        # the base of the episodes' torch seeds: by default the seed `run` gave torch
+        self.seed = torch.initial_seed() if seed is None else seed
         self.learner = learner
         self.train_sampler = train_sampler
         self.val_sampler = val_sampler
         self.config = config
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.progress = progress and self.world.is_main
         # called as callback(step, val_accuracy) after each validation; an exception
         # raised there (e.g. optuna.TrialPruned) stops training and propagates
         self.on_validation: list[ValidationCallback] = list(on_validation)
@@ -153,14 +169,15 @@ class MetaTrainer:
             raise MetalmError(f"{self.run_dir}: no checkpoint to resume from")
         self.state = load_checkpoint(found, self.learner, self.optimizer, self.scheduler)
         load_sampler_state(self.train_sampler, load_extra(found))
-        self._truncate_log(self.state["step"])
+        if self.world.is_main:
+            self._truncate_log(self.state["step"])
         return int(self.state["step"])
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self.resume() if resume else 0
-        writer = self._tensorboard()
+        writer = self._tensorboard() if self.world.is_main else None
         bar = tqdm(
             total=cfg.steps,
             initial=start,
@@ -170,7 +187,7 @@ class MetaTrainer:
             dynamic_ncols=True,
         )
         try:
-            with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+            with self._log_file() as log:
                 for step in range(start, cfg.steps):
                     if self.state["stopped_early"]:
                         break
@@ -187,25 +204,29 @@ class MetaTrainer:
                     }
                     self.state["step"] = step + 1
                     if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                        record["val_accuracy"] = self._validate(step + 1)
+                        record["val_accuracy"] = self._validate_everywhere(step + 1)
                         bar.set_postfix(loss=f"{loss:.3f}", val=f"{record['val_accuracy']:.3f}")
                     else:
                         bar.set_postfix(loss=f"{loss:.3f}")
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    if log is not None:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
                     if writer is not None:
                         for key in ("loss", "lr", "val_accuracy"):
                             if key in record:
                                 writer.add_scalar(f"train/{key}", record[key], step + 1)
-                    if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                    if self.world.is_main and (
+                        (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+                    ):
                         self._save()
                     bar.update(1)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
-        if self.state["stopped_early"] and self.state["step"] < cfg.steps:
+        if self.world.is_main and self.state["stopped_early"] and self.state["step"] < cfg.steps:
             self._save()
+        distributed.barrier()  # rank 0's best weights are written
         best = self.run_dir / BEST_WEIGHTS
         if best.exists():
             load_weights(self.learner, best)
@@ -221,21 +242,15 @@ class MetaTrainer:
         cfg = self.config
         # hard negatives and cluster tasks are recomputed from the current encoder
         on_step(self.train_sampler, step, self.learner.encoder.embed)
+        if self.world.distributed:
+            self._check_samplers_agree(step)
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        episodes = [
-            self.train_sampler.sample(step * cfg.meta_batch_size + i)
-            for i in range(cfg.meta_batch_size)
-        ]
-        batch_loss = getattr(self.learner, "meta_loss_batch", None)
-        batched = batch_loss(episodes) if batch_loss is not None else None  # one vmap call
-        losses = (
-            [batched]
-            if batched is not None
-            else (self.learner.meta_loss(ep) / cfg.meta_batch_size for ep in episodes)
-        )
-        for loss in losses:
+        # this rank's share of the meta-batch (all of it in one process)
+        share = distributed.shard(cfg.meta_batch_size, self.world)
+        indices = [step * cfg.meta_batch_size + i for i in share]
+        for loss in self._losses(indices):
             if not torch.isfinite(loss):
                 raise MetalmError(
                     f"the meta-training loss became {loss.item()} at step {step + 1}; "
@@ -245,6 +260,8 @@ class MetaTrainer:
             loss.backward()
             total += loss.item()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # sums over the ranks: the global meta-batch's mean loss and its gradient
+        total = distributed.all_reduce_gradients(params, total)
         norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
@@ -261,6 +278,74 @@ class MetaTrainer:
             self.hypergradient.after_step()
         self.scheduler.step()
         return total
+
+    def _losses(self, indices: list[int]) -> Iterator[torch.Tensor]:
+        """The meta-losses of episodes `indices`, each weighted by 1/meta_batch_size: one
+        vmap call for all of them when the learner batches, else one per episode."""
+        episodes = [self.train_sampler.sample(i) for i in indices]
+        size = self.config.meta_batch_size
+        batch_loss = getattr(self.learner, "meta_loss_batch", None)
+        if batch_loss is not None:
+            with self._episode_seed(indices[0]):
+                batched = batch_loss(episodes)  # the mean over these episodes, or None
+            if batched is not None:
+                yield batched * (len(episodes) / size)
+                return
+        for index, episode in zip(indices, episodes, strict=True):
+            with self._episode_seed(index):
+                loss = self.learner.meta_loss(episode)
+            yield loss / size
+
+    @contextlib.contextmanager
+    def _episode_seed(self, index: int) -> Iterator[None]:
+        """Torch's random numbers (dropout) for episode `index`: seeded from the trainer's
+        seed and the index, the global generator left as it was."""
+        device = self.learner.encoder.device
+        devices = []
+        if device.type == "cuda":
+            devices = [device.index if device.index is not None else torch.cuda.current_device()]
+        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0])
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def _check_samplers_agree(self, step: int) -> None:
+        """Samplers refreshed from the encoder (hard negatives, clusters) must be equal on
+        every rank: the ranks hold equal weights and the refresh is deterministic; a
+        difference (nondeterministic kernels) would make them draw different tasks."""
+        state = sampler_state(self.train_sampler)
+        if state and not distributed.same_on_all_ranks(state):
+            raise MetalmError(
+                f"at step {step + 1} the task samplers' refreshed state (hard negatives, "
+                "clusters) differs between processes; the encoder's embeddings are not "
+                "deterministic here: train in one process"
+            )
+
+    def _validate_everywhere(self, step: int) -> float:
+        """Rank 0 validates; every rank gets its outcome (best step, early stop) and stops
+        if rank 0's validation raised (e.g. a pruned trial)."""
+        accuracy, error = float("nan"), None
+        if self.world.is_main:
+            try:
+                accuracy = self._validate(step)
+            except BaseException as err:  # re-raised below, after the others know
+                if not self.world.distributed:
+                    raise
+                error = err
+        if self.world.distributed:
+            self.state, failed = distributed.broadcast_object((self.state, error is not None))
+            if error is not None:
+                raise error
+            if failed:
+                raise distributed.StoppedByMain(
+                    f"rank 0 stopped training at step {step} (see its message)"
+                )
+        return accuracy
+
+    def _log_file(self):
+        if not self.world.is_main:
+            return contextlib.nullcontext(None)
+        return open(self.run_dir / LOG_FILE, "a", encoding="utf-8")
 
     def _validate(self, step: int) -> float:
         if self.val_sampler is None:
