@@ -1,0 +1,85 @@
+"""Meta-trains several learners on the tiny BERT in float64 and saves, from rank 0, each
+one's final weights and log: run by `tests/test_distributed.py` under torchrun (2 ranks)
+and in the test process itself (1 process), to compare the two.
+
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py MODEL_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_overrides
+
+from metalm import distributed
+from metalm.config import load_config
+from metalm.learners import build_learner
+from metalm.models.encoder import TextEncoder
+from metalm.tasks import build_pools
+from metalm.trainer import MetaTrainer
+
+META_BATCH = 4
+STEPS = 3
+MIXTURE = {  # hard negatives and k-means cluster tasks refreshed from the encoder
+    "data.unlabeled": "{source: banking77, max_texts: 120, clusters: 6, n_way: 3, "
+    "refresh_every: 2}",
+    "episode.hard_negatives": 0.5,
+    "episode.hard_refresh_every": 2,
+}
+# each case: a learner and its overrides (short inner loops keep the test fast)
+INNER = {"learner.inner_steps": 1, "learner.adapt": "last_n", "learner.last_n": 1}
+CASES: dict[str, dict[str, object]] = {
+    "protonet": {},
+    "protonet-mixture": MIXTURE,
+    "maml": INNER,
+    "fomaml-hypergradient": {
+        "learner.name": "fomaml",
+        **INNER,
+        "train.hypergradient_lr": 0.05,
+    },
+    "anil": {"learner.inner_steps": 2},
+    "metasgd": INNER,
+    "reptile": {"learner.inner_steps": 2, "learner.adapt": "last_n", "learner.last_n": 1},
+    "proximal-implicit": {
+        "learner.name": "proximal",
+        **INNER,
+        "learner.implicit": True,
+        "learner.prox_lambda": 1.0,
+    },
+    "metanet": {},
+    "lstm_meta": {"learner.inner_steps": 2},
+}
+
+
+def train(model_dir: Path, out_dir: Path, cases: list[str]) -> None:
+    """Meta-train each case for `STEPS` steps of meta-batch `META_BATCH`, in float64."""
+    world = distributed.setup("cpu")
+    for case in cases:
+        extra = {"learner.name": case.split("-")[0], **CASES[case]}
+        extra |= {"train.steps": STEPS, "train.meta_batch_size": META_BATCH}
+        extra |= {"train.eval_every": 2, "train.checkpoint_every": 2, "train.val_episodes": 1}
+        extra |= {"train.val_n_way": 3, "train.val_q_queries": 2, "train.warmup_steps": 0}
+        config = load_config(None, tiny_overrides(model_dir, out_dir / case, **extra))
+        torch.manual_seed(config.seed)
+        learner = build_learner(TextEncoder.from_config(config.model), config.learner).double()
+        pools = build_pools(config.data)
+        drop = config.data.drop_small_classes
+        sampler = pools.train_sampler(config.episode, config.seed, drop)
+        val = pools.sampler("val", config.episode, config.seed + 1, drop)
+        trainer = MetaTrainer(learner, sampler, val, config.train, out_dir / case, progress=False)
+        result = trainer.fit()
+        if world.is_main:
+            weights = {k: v.detach().contiguous() for k, v in learner.state_dict().items()}
+            save_file(weights, str(out_dir / case / "final.safetensors"))
+            (out_dir / case / "result.json").write_text(json.dumps(result.__dict__))
+
+
+if __name__ == "__main__":
+    train(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(CASES))
+    distributed.teardown()

@@ -1,0 +1,290 @@
+"""Data-parallel meta-training (`metalm.distributed`): 2 gloo ranks give the weights of one
+process with the same global meta-batch, for every meta-trained learner; a SIGKILL of one
+rank, then `--resume` under 2 processes, ends equal to an uninterrupted run; bad input.
+
+Everything runs on CPU on the tiny random BERT of `conftest.py`; torchrun's `--standalone`
+rendezvous takes a free port, so parallel test runs do not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from metalm import distributed
+from metalm.checkpoint import find_checkpoint
+from metalm.cli import main
+from metalm.distributed import World
+from metalm.errors import MetalmError
+
+TESTS = Path(__file__).parent
+WORKER = TESTS / "distributed_worker.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+TIMEOUT = 240.0
+
+
+def _env() -> dict[str, str]:
+    """One torch thread per process (two ranks share this machine's cores)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+# ---------------------------------------------------------------------------- shares
+
+
+@pytest.mark.parametrize(("size", "batch"), [(1, 3), (2, 4), (3, 6), (4, 4)])
+def test_shards_cover_the_meta_batch_once(size: int, batch: int):
+    shares = [list(distributed.shard(batch, World(rank, size))) for rank in range(size)]
+    assert sorted(i for share in shares for i in share) == list(range(batch))
+    assert len({len(share) for share in shares}) == 1
+
+
+def test_uneven_or_too_small_meta_batches_are_refused():
+    with pytest.raises(MetalmError, match="not divisible by the 2 processes"):
+        distributed.check_meta_batch(3, 2)
+    with pytest.raises(MetalmError, match=r"4 processes but train\.meta_batch_size=2"):
+        distributed.check_meta_batch(2, 4)
+
+
+def test_backend_choice_and_nccl_without_cuda():
+    assert distributed.pick_backend("cpu") == "gloo"
+    assert distributed.pick_backend("cpu", "gloo") == "gloo"
+    with pytest.raises(MetalmError, match="--backend must be one of"):
+        distributed.pick_backend("cpu", "mpi")
+    if not torch.cuda.is_available():
+        assert distributed.pick_backend("auto") == "gloo"
+        with pytest.raises(MetalmError, match="nccl needs CUDA GPUs"):
+            distributed.pick_backend("auto", "nccl")
+
+
+def test_one_named_gpu_is_refused_under_torchrun(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MetalmError, match="names one GPU"):
+        distributed.setup("cuda:1", "gloo")
+
+
+def test_one_process_is_untouched():
+    assert distributed.world() == World() and World().is_main
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.full((2,), 3.0)
+    assert distributed.all_reduce_gradients([param], 1.5) == 1.5
+    assert torch.equal(param.grad, torch.full((2,), 3.0))
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+
+
+def _reduce_worker(rank: int, store_path: str) -> None:
+    store = torch.distributed.FileStore(store_path, 2)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    a, b, c = (torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)) for _ in range(3))
+    a.grad = torch.full((3,), float(rank + 1), dtype=torch.float64)
+    if rank == 1:  # b has a gradient on one rank only; c on none
+        b.grad = torch.full((3,), 5.0, dtype=torch.float64)
+    total = distributed.all_reduce_gradients([a, b, c], 0.25 * (rank + 1))
+    assert total == 0.75
+    assert torch.equal(a.grad, torch.full((3,), 3.0, dtype=torch.float64))
+    assert b.grad is not None and torch.equal(b.grad, torch.full((3,), 5.0, dtype=torch.float64))
+    assert c.grad is None
+    assert distributed.same_on_all_ranks({"x": torch.arange(3)})
+    assert not distributed.same_on_all_ranks({"x": torch.arange(3) + rank})
+    torch.distributed.destroy_process_group()
+
+
+def test_gradients_are_summed_and_missing_ones_stay_missing(tmp_path: Path):
+    torch.multiprocessing.spawn(_reduce_worker, args=(str(tmp_path / "store"),), nprocs=2)
+
+
+# ------------------------------------------------------- 2 ranks == 1 process (key test)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_weights_of_one_process(tiny_model_dir: Path, tmp_path: Path):
+    """Every meta-trained learner (and hard-negative/cluster samplers, hypergradient
+    rates), 3 steps of global meta-batch 4 in float64: 2 ranks vs 1 process."""
+    from distributed_worker import CASES
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [str(WORKER), str(tiny_model_dir)]
+    err_one, err_two = tmp_path / "one.err", tmp_path / "two.err"
+    with open(err_one, "w") as e1, open(err_two, "w") as e2:
+        procs = [
+            subprocess.Popen([sys.executable, *args, str(one)], env=_env(), stderr=e1),
+            subprocess.Popen(
+                [*TORCHRUN, "--nproc-per-node=2", *args, str(two)], env=_env(), stderr=e2
+            ),
+        ]
+    try:
+        for proc, err in zip(procs, (err_one, err_two), strict=True):
+            assert proc.wait(timeout=TIMEOUT) == 0, err.read_text()[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for case in CASES:
+        a, b = (
+            load_file(one / case / "final.safetensors"),
+            load_file(two / case / "final.safetensors"),
+        )
+        assert a.keys() == b.keys()
+        assert all(v.dtype == torch.float64 for v in a.values())
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst <= 1e-9, f"{case}: weights differ by {worst:.3g}"  # seen: ~1e-14
+        log_a = [json.loads(line) for line in (one / case / "log.jsonl").read_text().splitlines()]
+        log_b = [json.loads(line) for line in (two / case / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == [1, 2, 3]
+        for ra, rb in zip(log_a, log_b, strict=True):
+            assert abs(ra["loss"] - rb["loss"]) <= 1e-12, case
+            assert ra["lr"] == pytest.approx(rb["lr"], abs=1e-15), case
+            assert ra.get("val_accuracy") == rb.get("val_accuracy"), case
+        result_a = json.loads((one / case / "result.json").read_text())
+        assert result_a == json.loads((two / case / "result.json").read_text()), case
+
+
+# ------------------------------------------------ SIGKILL of one rank, resume under 2
+
+
+STEPS = 16
+KILL_AFTER = 6  # checkpoints every 4 steps: the kill lands between two of them
+KILL_EXTRA = {
+    "train.steps": STEPS,
+    "train.meta_batch_size": 2,
+    "train.checkpoint_every": 4,
+    "train.eval_every": 3,
+    "train.lr": 0.03,
+}
+
+
+TRAIN_2 = [sys.executable, "-m", "metalm", "-q", "train", "--nproc", "2"]
+
+
+def _train(model_dir: Path, out: Path) -> list[str]:
+    return [*TRAIN_2, *tiny_overrides(model_dir, out, **KILL_EXTRA)]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split()
+            found += [int(c) for c in children]
+            todo += [int(c) for c in children]
+    return found
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    for pid in _descendants(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            return pid
+    return None
+
+
+def _logged_steps(log: Path) -> list[int]:
+    if not log.exists():
+        return []
+    return [json.loads(line)["step"] for line in log.read_text().split("\n")[:-1]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds ranks through /proc")
+def test_sigkill_of_one_rank_then_resume_equals_an_uninterrupted_run(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    errs = {name: tmp_path / f"{name}.err" for name in ("a", "b", "resume")}
+    deadline = time.monotonic() + TIMEOUT
+    with open(errs["a"], "w") as ea, open(errs["b"], "w") as eb:
+        out = subprocess.DEVNULL
+        proc_a = subprocess.Popen(
+            _train(tiny_model_dir, tmp_path / "a"), env=_env(), stdout=out, stderr=ea
+        )
+        proc_b = subprocess.Popen(
+            _train(tiny_model_dir, tmp_path / "b"), env=_env(), stdout=out, stderr=eb
+        )
+    try:
+        while max(_logged_steps(run_b / "log.jsonl"), default=0) < KILL_AFTER:
+            assert proc_b.poll() is None, f"run B exited early:\n{errs['b'].read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"run B did not reach step {KILL_AFTER}"
+            time.sleep(0.005)
+        victim = _rank_pid(proc_b.pid, 1)
+        assert victim is not None, "rank 1 of run B not found"
+        os.kill(victim, signal.SIGKILL)
+        assert proc_b.wait(timeout=60) != 0  # the launcher stops rank 0 and fails
+        found = find_checkpoint(run_b / "checkpoint")
+        assert found is not None
+        killed_at = json.loads((found / "state.json").read_text())["step"]
+        assert killed_at < STEPS and not (run_b / "report.json").exists(), "no mid-run kill"
+
+        with open(errs["resume"], "w") as er:
+            resumed = subprocess.run(
+                [*TRAIN_2, "--resume", str(run_b)],
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=er,
+                timeout=max(10.0, deadline - time.monotonic()),
+            )
+        assert resumed.returncode == 0, errs["resume"].read_text()[-3000:]
+        assert proc_a.wait(timeout=max(10.0, deadline - time.monotonic())) == 0, errs[
+            "a"
+        ].read_text()[-3000:]
+    finally:
+        for proc in (proc_a, proc_b):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    context = f"(rank 1 of B killed, resumed from step {killed_at})"
+    fields = ("step", "loss", "lr", "val_accuracy")
+    log_a = [json.loads(line) for line in (run_a / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (run_b / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_b] == list(range(1, STEPS + 1)), context
+    assert [[r.get(f) for f in fields] for r in log_a] == [
+        [r.get(f) for f in fields] for r in log_b
+    ], context
+    for name in ("best.safetensors", "checkpoint/learner.safetensors"):
+        a, b = load_file(run_a / name), load_file(run_b / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs {context}"
+    report_a = json.loads((run_a / "report.json").read_text())
+    report_b = json.loads((run_b / "report.json").read_text())
+    assert report_a["train"] == report_b["train"]
+    assert [r["per_episode"] for r in report_a["results"]] == [
+        r["per_episode"] for r in report_b["results"]
+    ]
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_nproc_bad_input_is_a_clear_error(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"train.meta_batch_size": 4})
+    assert main(["train", "--nproc", "3", *overrides]) == 2
+    assert "not divisible by the 3 processes" in capsys.readouterr().err
+    assert main(["train", "--nproc", "8", *overrides]) == 2
+    assert "8 processes but train.meta_batch_size=4" in capsys.readouterr().err
+    assert main(["train", "--nproc", "0", *overrides]) == 2
+    assert "--nproc must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--nproc", "2", *overrides, "learner.name=frozen"]) == 2
+    assert "does not meta-train" in capsys.readouterr().err
+    assert main(["train", "--nproc", "2", "--resume", str(tmp_path / "none")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "--nproc", "2", "--backend", "nccl", *overrides]) == 2
+        assert "nccl needs CUDA GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
