@@ -80,6 +80,40 @@ def train(model_dir: Path, out_dir: Path, cases: list[str]) -> None:
             (out_dir / case / "result.json").write_text(json.dumps(result.__dict__))
 
 
+def tune_with_pruning(model_dir: Path, out_dir: Path) -> None:
+    """Three trials, each trained by every rank; the second is pruned at its first
+    validation: every rank stops it and goes on to the third. Rank 0 writes the states."""
+    import optuna
+
+    from metalm.run import meta_train
+    from metalm.tune import parse_space
+    from metalm.tune.objective import Objective
+
+    world = distributed.setup("cpu")
+    extra = {"train.steps": 6, "train.eval_every": 2, "train.meta_batch_size": 2}
+    base = load_config(None, tiny_overrides(model_dir, out_dir, **extra))
+    space = parse_space({"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, base)
+    if not world.is_main:
+        distributed.follow({"trial": lambda job: meta_train(job[0], job[1], progress=False)})
+        return
+
+    class PruneTrialOne(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            return trial.number == 1
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=PruneTrialOne())
+    try:
+        study.optimize(Objective(base, space, out_dir / "study"), n_trials=3)
+    finally:
+        distributed.announce("done")
+    states = [trial.state.name for trial in study.trials]
+    (out_dir / "tune.json").write_text(json.dumps(states))
+
+
 if __name__ == "__main__":
-    train(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(CASES))
+    if sys.argv[3:] == ["tune"]:
+        tune_with_pruning(Path(sys.argv[1]), Path(sys.argv[2]))
+    else:
+        train(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(CASES))
     distributed.teardown()

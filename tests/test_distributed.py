@@ -267,6 +267,43 @@ def test_sigkill_of_one_rank_then_resume_equals_an_uninterrupted_run(
     ]
 
 
+# ------------------------------------------------------------------- tune, distributed
+
+
+@pytest.mark.slow
+def test_tune_trials_run_on_every_rank_and_pruning_stops_them_all(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    err = tmp_path / "tune.err"
+    command = [*TORCHRUN, "--nproc-per-node=2", str(WORKER), str(tiny_model_dir), str(tmp_path)]
+    with open(err, "w") as handle:
+        done = subprocess.run([*command, "tune"], env=_env(), stderr=handle, timeout=TIMEOUT)
+    assert done.returncode == 0, err.read_text()[-3000:]
+    assert json.loads((tmp_path / "tune.json").read_text()) == ["COMPLETE", "PRUNED", "COMPLETE"]
+    trials = tmp_path / "study" / "trials"
+    # pruned at the validation of step 2, before that step was logged
+    assert _logged_steps(trials / "trial-0001" / "log.jsonl") == [1]
+    assert _logged_steps(trials / "trial-0002" / "log.jsonl") == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_tune_nproc_runs_the_study_and_the_final_run(tiny_model_dir: Path, tmp_path: Path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "learner: {name: protonet}\nsearch:\n  train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+    )
+    extra = {"train.meta_batch_size": 2, "train.steps": 4, "train.eval_every": 2}
+    command = [sys.executable, "-m", "metalm", "-q", "tune", "-c", str(config), "--nproc", "2"]
+    command += ["--trials", "2", "--sampler", "random", "--seed", "0"]
+    command += tiny_overrides(tiny_model_dir, tmp_path / "runs", **extra)
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = tmp_path / "runs" / "tiny"
+    assert (study / "trials.csv").exists() and (study / "best" / "report.json").exists()
+    assert _logged_steps(study / "best" / "log.jsonl") == [1, 2, 3, 4]
+    assert done.stdout.count("study outputs in") == 1  # rank 0 alone prints
+
+
 # ---------------------------------------------------------------------- bad input
 
 

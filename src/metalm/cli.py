@@ -88,15 +88,25 @@ def _launch_train(args: argparse.Namespace) -> None:
             f"learner {config.learner.name!r} with train.steps={config.train.steps} does not "
             "meta-train: there is nothing to split across processes; drop --nproc"
         )
+    _relaunch(args)
+
+
+def _relaunch(args: argparse.Namespace) -> None:
+    """This command again (less `--nproc`) in `args.nproc` processes, through torch's
+    elastic launcher (as `torchrun --standalone` would start them)."""
+    from metalm import distributed
+
     if args.backend:
         os.environ[distributed.BACKEND_ENV] = args.backend
-    argv = ["-q"] if args.quiet else []
-    argv.append("train")
-    if args.resume:
-        argv += ["--resume", args.resume]
-    if args.config:
-        argv += ["-c", args.config]
-    distributed.launch([*argv, *args.overrides], args.nproc)
+    argv, skip = [], False
+    for arg in args.argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            argv.append(arg)
+    distributed.launch(argv, args.nproc)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -147,9 +157,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _print_report(report)
 
 
+def _tune_processes(args: argparse.Namespace, base):
+    """The `World` of a tune run: under torchrun, rank 0 runs the study and the other
+    ranks each trial with it (see `metalm.distributed.follow`)."""
+    from metalm import distributed
+
+    if args.nproc is not None and args.nproc < 1:
+        raise MetalmError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1:
+        if distributed.launched():
+            raise MetalmError("--nproc starts the processes itself: drop it under torchrun")
+        distributed.check_meta_batch(base.train.meta_batch_size, args.nproc)
+        distributed.pick_backend(base.model.device, args.backend or "auto")
+    if args.backend:
+        os.environ.setdefault(distributed.BACKEND_ENV, args.backend)
+    return distributed.setup(base.model.device)
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from metalm import distributed
+    from metalm.run import meta_train, run
     from metalm.tune import load_tune_config, tune
     from metalm.tune.arch import arch_space
 
@@ -163,27 +192,42 @@ def cmd_tune(args: argparse.Namespace) -> None:
             "no search space: add a search: section to the config (see configs/tune_protonet.yaml)"
             " or pass --arch"
         )
+    world = _tune_processes(args, base)
+    if args.nproc is not None and args.nproc > 1:
+        _relaunch(args)
+        return
+    if not world.is_main:  # each trial (and the final run) that rank 0 announces
+        distributed.follow(
+            {
+                "trial": lambda job: meta_train(job[0], job[1], progress=False),
+                "run": lambda config: run(config, progress=False),
+            }
+        )
+        return
     name = args.study_name or (Path(args.config).stem if args.config else "metalm")
     study_dir = Path(args.study_dir) if args.study_dir else Path(base.output_dir) / name
     objectives = args.objectives or ("accuracy,latency" if args.arch else "accuracy")
-    result = tune(
-        base,
-        space,
-        args.trials,
-        study_dir,
-        study_name=name,
-        storage=args.storage,
-        sampler=args.sampler,
-        startup_trials=args.startup_trials,
-        pruner=args.pruner,
-        seed=args.seed,
-        objectives=objectives,
-        warm_start_from=args.warm_start_from or (),
-        warm_start_top=args.warm_start_top,
-        final=not args.no_final,
-        progress=args.bars and not args.quiet,
-        heartbeat=args.heartbeat,
-    )
+    try:
+        result = tune(
+            base,
+            space,
+            args.trials,
+            study_dir,
+            study_name=name,
+            storage=args.storage,
+            sampler=args.sampler,
+            startup_trials=args.startup_trials,
+            pruner=args.pruner,
+            seed=args.seed,
+            objectives=objectives,
+            warm_start_from=args.warm_start_from or (),
+            warm_start_top=args.warm_start_top,
+            final=not args.no_final,
+            progress=args.bars and not args.quiet,
+            heartbeat=args.heartbeat,
+        )
+    finally:
+        distributed.announce("done")
     if result.pareto:
         print(f"\nPareto front ({objectives}):")
         for row in result.pareto:
@@ -398,6 +442,15 @@ def _add_use_commands(sub) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def _add_nproc(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--nproc", type=int, metavar="N", help=f"{what} (as torchrun would)")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        help="torch.distributed backend (default auto: nccl on CUDA, gloo on CPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metalm", description="Meta-learning with language models."
@@ -420,17 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=cmd_sample)
     train = with_config(sub.add_parser("train", help="meta-train, then evaluate"))
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
-    train.add_argument(
-        "--nproc",
-        type=int,
-        metavar="N",
-        help="meta-train data-parallel in N processes on this machine (as torchrun would)",
-    )
-    train.add_argument(
-        "--backend",
-        choices=["auto", "gloo", "nccl"],
-        help="torch.distributed backend (default auto: nccl on CUDA, gloo on CPU)",
-    )
+    _add_nproc(train, "meta-train data-parallel in N processes on this machine")
     train.set_defaults(func=cmd_train)
     ev = with_config(sub.add_parser("eval", help="evaluate without training, or a finished run"))
     ev.add_argument("--run", metavar="RUN_DIR", help="re-evaluate this run's best learner")
@@ -465,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-final", action="store_true", help="skip the best config's test run")
     tune.add_argument("--bars", action="store_true", help="progress bars inside each trial")
     tune.add_argument("--heartbeat", type=int, default=60, help="RDB heartbeat seconds")
+    _add_nproc(tune, "run each trial data-parallel in N processes on this machine")
     tune.set_defaults(func=cmd_tune)
     demo = with_config(sub.add_parser("demo", help="the main job on the embedded defaults"))
     demo.set_defaults(func=cmd_demo)
@@ -474,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc's relaunch
     if args.quiet:
         from transformers.utils import logging as hf_logging
 

@@ -255,3 +255,29 @@ def check_learner(learner: Any, steps: int) -> None:
             f"{what}: there is nothing to split across processes; run it in one process "
             "(without torchrun or --nproc)"
         )
+
+
+def announce(kind: str, payload: Any = None) -> None:
+    """On rank 0 of a distributed `metalm tune`: tell the other ranks what to run next
+    (`trial`, `run`) or that the study is `done` (see `follow`); a no-op elsewhere."""
+    where = world()
+    if where.distributed and where.is_main:
+        broadcast_object((kind, payload))
+
+
+def follow(handlers: dict[str, Any]) -> None:
+    """On the other ranks: run `handlers[kind](payload)` for each announcement of rank 0
+    until `done`. A `MetalmError` (the same config fails alike on rank 0, or rank 0
+    stopped the trial, e.g. pruned it) moves on to the next announcement.
+
+    Example:
+        >>> follow({"trial": lambda job: meta_train(*job), "run": run})
+    """
+    while True:
+        kind, payload = broadcast_object(None)
+        if kind == "done":
+            return
+        try:
+            handlers[kind](payload)
+        except MetalmError:
+            continue

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 
+from metalm import distributed
 from metalm.config import RunConfig
 from metalm.errors import MetalmError
 from metalm.run import meta_train
@@ -85,6 +86,7 @@ class Objective:
             shutil.rmtree(run_dir)
         callbacks = [pruning_callback(trial)] if len(self.objectives) == 1 else []
         try:
+            distributed.announce("trial", (config, run_dir))  # under torchrun: all ranks train
             learner, result = meta_train(config, run_dir, self.progress, callbacks)
             accuracy = result.best_val_accuracy
             if accuracy is None or math.isnan(accuracy):

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from metalm import distributed
 from metalm.config import RunConfig
 from metalm.errors import MetalmError
 from metalm.report import EvalReport
@@ -145,6 +146,7 @@ def finish(
         from metalm.run import run
 
         printer("re-running the best config and testing it on the meta-test episodes")
+        distributed.announce("run", config)  # under torchrun: every rank trains it
         result.test_report = run(config, progress=progress)
         result.outputs.append(f"{BEST_RUN}/report.md")
     return result
