@@ -8,13 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from metalm.models.tiny import save_tiny_bert
+from metalm.models.tiny import save_tiny_bert, save_tiny_llama
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer, saved locally."""
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide Llama causal LM with random weights and MiniLM's tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def tiny_overrides(model_dir: Path, output_dir: Path, **extra: object) -> list[str]:

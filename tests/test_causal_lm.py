@@ -10,29 +10,7 @@ import torch
 
 from metalm import MetalmError
 from metalm.models.causal import default_causal_path, load_causal_lm
-from metalm.models.encoder import default_model_path
-from metalm.models.prompting import CHANNEL_TEMPLATE, DirectScorer, build_prefix, verbalize
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from metalm.models.prompting import CHANNEL_TEMPLATE, PromptScorer, build_prefix, verbalize
 
 
 def test_a_local_directory_loads_in_eval_mode_as_float32(tiny_llama_dir):
@@ -83,22 +61,56 @@ def test_verbalize_and_seeded_prefix():
         build_prefix(SUPPORT, SUPPORT_LABELS[:2])
 
 
-def test_cached_prefix_scores_equal_full_prompt_scores(tiny_llama_dir):
+def plain_prompt_score(model, tokenizer, prompt: str, target: str) -> float:
+    """The reference: the whole prompt and target in one plain forward pass (no cache,
+    no packing, no custom mask), mean log-probability of the target's tokens."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # noqa: E731
+    context, tail = ids(prompt), ids(target)
+    with torch.no_grad():
+        logits = model(torch.cat([context, tail], 1)).logits[0]
+    logprobs = logits[context.shape[1] - 1 : -1].log_softmax(-1)
+    return float(logprobs.gather(1, tail[0][:, None]).mean())
+
+
+def test_packed_cached_scores_equal_plain_full_prompt_scores(tiny_llama_dir):
     model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
-    scorer = DirectScorer(model, tokenizer)
+    scorer = PromptScorer(model, tokenizer)
     prefix = build_prefix(SUPPORT, SUPPORT_LABELS)
-    queries, labels = ["rain tomorrow?", "wake me at six"], ["weather", "alarm", "music"]
+    queries, labels = ["rain tomorrow?", "wake me at six"], ["weather", "alarm clock", "music"]
     cached = scorer.score(prefix, queries, labels, use_cache=True)
     full = scorer.score(prefix, queries, labels, use_cache=False)
     assert cached.shape == (2, 3)
-    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    plain = torch.tensor(
+        [
+            [
+                plain_prompt_score(model, tokenizer, prefix + f"Input: {q}\nIntent:", " " + y)
+                for y in labels
+            ]
+            for q in queries
+        ]
+    )
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, plain, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(cached[:, 0], cached[:, 1])  # labels are told apart
+
+
+def test_packing_splits_long_batches_into_chunks_with_the_same_scores(tiny_llama_dir, monkeypatch):
+    from metalm.models import prompting
+
+    model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
+    scorer = PromptScorer(model, tokenizer)
+    prefix = build_prefix(SUPPORT, SUPPORT_LABELS)
+    queries, labels = [f"query number {i}" for i in range(7)], ["weather", "alarm", "music"]
+    whole = scorer.score(prefix, queries, labels)
+    monkeypatch.setattr(prompting, "PACK_TOKENS", 10)  # one query per pass
+    assert len(prompting.chunks([prompting.Segment([1] * 6, [[2]] * 3)] * 4)) == 4
+    torch.testing.assert_close(scorer.score(prefix, queries, labels), whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_smollm2_classifies_obvious_intents_in_context():
     model, tokenizer = load_causal_lm(device="cpu")
-    scorer = DirectScorer(model, tokenizer)
+    scorer = PromptScorer(model, tokenizer)
     prefix = build_prefix(SUPPORT, SUPPORT_LABELS)
     queries = ["will it snow tonight", "wake me up at six", "put on some rock music"]
     scores = scorer.score(prefix, queries, ["weather", "alarm", "music"])
@@ -110,7 +122,7 @@ def test_smollm2_classifies_obvious_intents_in_context():
 
 def test_calibration_subtracts_the_content_free_scores(tiny_llama_dir):
     model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
-    scorer = DirectScorer(model, tokenizer)
+    scorer = PromptScorer(model, tokenizer)
     prefix = build_prefix(SUPPORT, SUPPORT_LABELS)
     labels = ["weather", "alarm", "music"]
     plain = scorer.score(prefix, ["rain tomorrow?", "N/A"], labels)
@@ -121,11 +133,15 @@ def test_calibration_subtracts_the_content_free_scores(tiny_llama_dir):
 
 def test_channel_scores_with_and_without_the_cache_agree(tiny_llama_dir):
     model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
-    scorer = DirectScorer(model, tokenizer)
+    scorer = PromptScorer(model, tokenizer)
     prefix = build_prefix(SUPPORT, SUPPORT_LABELS, CHANNEL_TEMPLATE)
     assert prefix.startswith("Intent: ")
     queries, labels = ["rain tomorrow?", "wake me at six"], ["weather", "alarm", "music"]
     cached = scorer.score_channel(prefix, queries, labels)
     full = scorer.score_channel(prefix, queries, labels, use_cache=False)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    plain = plain_prompt_score(
+        model, tokenizer, prefix + "Intent: alarm\nInput:", " wake me at six"
+    )
+    assert abs(float(cached[1, 1]) - plain) < 1e-5
     assert cached.shape == (2, 3) and not torch.allclose(cached[0], cached[1])

@@ -21,6 +21,7 @@ from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrai
 from metalm.cli import main
 from metalm.config import load_config, parse_learner_config
 from metalm.learners import LEARNERS, build_learner
+from metalm.models.causal import build_model
 from metalm.models.encoder import EncoderConfig, TextEncoder
 from metalm.pretrained import FORMAT_VERSION, LEARNER_WEIGHTS, METADATA
 
@@ -37,14 +38,17 @@ QUERIES = ["alarm at noon please", "is it sunny", "play a song", "rain in london
 
 
 def _learner(model_dir: Path, name: str, num_layers: int = 0, **config):
-    encoder = TextEncoder.from_config(
-        EncoderConfig(name_or_path=str(model_dir), max_length=16, num_layers=num_layers)
+    kind = LEARNERS[name].model_kind
+    model = build_model(
+        EncoderConfig(kind=kind, name_or_path=str(model_dir), max_length=16, num_layers=num_layers)
     )
-    learner = build_learner(encoder, parse_learner_config({"name": name, **config}))
+    learner = build_learner(model, parse_learner_config({"name": name, **config}))
+    name_of = {id(p): n for n, p in learner.named_parameters()}
     torch.manual_seed(1)
-    with torch.no_grad():  # weights that differ from any fresh load
-        for parameter in learner.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    with torch.no_grad():  # weights that differ from any fresh load (a causal LM's own
+        for parameter in learner.parameters():  # weights are not saved: only its adapters)
+            if kind == "encoder" or "lora_" in name_of[id(parameter)]:
+                parameter.add_(0.05 * torch.randn_like(parameter))
     return learner.eval()
 
 
@@ -71,18 +75,21 @@ VARIANTS = [(name, {}) for name in sorted(LEARNERS)] + [
 @pytest.mark.parametrize(
     "name, config", VARIANTS, ids=[n + (f"/{c['head']}" if c else "") for n, c in VARIANTS]
 )
-def test_save_load_gives_identical_predictions(name, config, tiny_model_dir, tmp_path):
-    learner = _learner(tiny_model_dir, name, **config)
+def test_save_load_gives_identical_predictions(
+    name, config, tiny_model_dir, tiny_llama_dir, tmp_path
+):
+    causal = LEARNERS[name].model_kind == "causal"
+    learner = _learner(tiny_llama_dir if causal else tiny_model_dir, name, **config)
     expected = _probabilities(learner)
     out = save_pretrained(learner, tmp_path / name)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md",
-        "encoder",
-        LEARNER_WEIGHTS,
-        METADATA,
-    ]
+    # a causal LM is named in metalm.json, not copied (its LoRA adapters are the learner's)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["README.md", LEARNER_WEIGHTS, METADATA] + ([] if causal else ["encoder"])
+    )
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
-    assert not any(k.startswith("encoder.model.") for k in load_file(out / LEARNER_WEIGHTS))
+    own = load_file(out / LEARNER_WEIGHTS)  # the model's weights stay apart (adapters aside)
+    assert not any(k.startswith("encoder.model.") and "lora_" not in k for k in own)
+    assert causal == any("lora_" in k for k in own) or name == "icl"
     loaded = from_pretrained(out)
     assert type(loaded) is type(learner) and loaded.config == learner.config
     np.testing.assert_array_equal(_probabilities(loaded), expected)

@@ -20,10 +20,22 @@ STATE = "state.json"
 EXTRA = "samplers.safetensors"
 
 
+def _save_weights(module: nn.Module, path: Path) -> None:
+    """`module`'s weights as safetensors; only its trainable ones when it says the rest
+    never change (`trainable_weights_only`: a LoRA-adapted LM, whose frozen base is
+    reloaded from where it came)."""
+    if not getattr(module, "trainable_weights_only", False):
+        save_model(module, str(path))
+        return
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items() if k in trainable}
+    save_file(tensors, str(path))
+
+
 def save_weights_atomic(module: nn.Module, path: Path) -> None:
     """Write `module`'s weights to `path` (safetensors) via a temporary file + rename."""
     tmp = path.with_name(path.name + ".tmp")
-    save_model(module, str(tmp))
+    _save_weights(module, tmp)
     os.replace(tmp, path)
 
 
@@ -55,7 +67,7 @@ def save_checkpoint(
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(module, str(tmp / WEIGHTS))
+    _save_weights(module, tmp / WEIGHTS)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),

@@ -133,7 +133,9 @@ class FewShotClassifier:
         # learners that draw random numbers while adapting get the same ones every time
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            state = self.learner.adapt(texts, [index[v] for v in labels])
+            state = self.learner.adapt_named(
+                texts, [index[v] for v in labels], [str(c) for c in classes]
+            )
         self.state_ = {k: v.detach() for k, v in state.items()}
         self._classes = classes
         _trim_token_cache(self.learner)

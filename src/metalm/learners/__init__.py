@@ -14,6 +14,7 @@ from metalm.learners.finetune import Finetune, FinetuneConfig
 from metalm.learners.functional import inner_loop, select_params
 from metalm.learners.gradient import EncoderAdaptConfig, GradientConfig, GradientLearner
 from metalm.learners.heads import fit_logreg
+from metalm.learners.icl import ICL, ICLConfig, MetaICL, MetaICLConfig
 from metalm.learners.lstm_meta import LSTMMeta, LSTMMetaConfig
 from metalm.learners.maml import (
     ANIL,
@@ -41,6 +42,7 @@ __all__ = [
     "ANIL",
     "FOMAML",
     "HEADS",
+    "ICL",
     "LEARNERS",
     "MAML",
     "ANILConfig",
@@ -53,10 +55,13 @@ __all__ = [
     "FrozenConfig",
     "GradientConfig",
     "GradientLearner",
+    "ICLConfig",
     "LSTMMeta",
     "LSTMMetaConfig",
     "LearnerConfig",
     "MAMLConfig",
+    "MetaICL",
+    "MetaICLConfig",
     "MetaLearner",
     "MetaNet",
     "MetaNetConfig",

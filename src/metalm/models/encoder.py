@@ -50,8 +50,12 @@ class EncoderConfig:
     `num_layers`: keep only the first k transformer layers (0: all; architecture search).
     `num_heads`: keep k attention heads in every layer (0: all; see `prune_heads`).
     `device`: `auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ...
+    `kind`: `encoder` (a sentence encoder, above) or `causal` (a causal LM for the
+    in-context learners `icl` and `metaicl`; empty `name_or_path` then means the shipped
+    SmolLM2-135M-Instruct, and a `.gguf` file works too; see `metalm.models.causal`).
     """
 
+    kind: str = "encoder"
     name_or_path: str = ""
     pooling: str = "mean"
     normalize: bool = True

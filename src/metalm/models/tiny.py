@@ -1,4 +1,5 @@
-"""A tiny random BERT with MiniLM's tokenizer: for fast tests, smoke runs and benchmarks."""
+"""Tiny random models with MiniLM's tokenizer (a BERT encoder, a Llama causal LM): for fast
+tests, smoke runs and benchmarks."""
 
 from __future__ import annotations
 
@@ -31,5 +32,37 @@ def save_tiny_bert(directory: str | Path, seed: int = 0) -> Path:
         max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
+    """Write a 2-layer, 32-wide Llama causal LM with random weights (seeded) and the
+    all-MiniLM-L6-v2 tokenizer to `directory`; load it with `model.kind=causal` and
+    `model.name_or_path`.
+
+    Example:
+        >>> path = save_tiny_llama("/tmp/tiny-llama")
+        >>> CausalLM.from_config(EncoderConfig(kind="causal", name_or_path=str(path))).dim
+        32
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from metalm.models.encoder import default_model_path
+
+    directory = Path(directory)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
