@@ -266,3 +266,37 @@ def test_smollm2_metaicl_meta_trains_two_steps(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
     assert report.results[0].method == "metaicl" and report.results[0].episodes == 2
+
+
+def test_metalm_serve_answers_from_an_in_context_model(tiny_llama_dir, tmp_path):
+    import httpx
+    from test_serve import Server
+
+    model_dir = tmp_path / "metaicl-model"
+    main(
+        [
+            "export",
+            "--learner",
+            "metaicl",
+            "--out",
+            str(model_dir),
+            "model.kind=causal",
+            f"model.name_or_path={tiny_llama_dir}",
+            "learner.lora_r=2",
+        ]
+    )
+    server = Server(model_dir, tmp_path / "tasks")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            examples = [{"text": t, "label": NAMES[y]} for t, y in zip(TEXTS, LABELS, strict=True)]
+            created = client.post("/tasks", json={"examples": examples})
+            assert created.status_code == 201, created.text
+            tid = created.json()["task_id"]
+            body = client.post(f"/tasks/{tid}/classify", json={"texts": QUERIES}).json()
+            assert body["classes"] == sorted(NAMES) and len(body["predictions"]) == 3
+            for prediction in body["predictions"]:
+                assert abs(sum(prediction["probabilities"]) - 1) < 1e-5
+            again = client.post(f"/tasks/{tid}/classify", json={"texts": QUERIES}).json()
+            assert again == body
+    finally:
+        server.stop()

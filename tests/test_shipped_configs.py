@@ -89,10 +89,12 @@ def check_run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> 
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS + RECIPES, ids=lambda p: p.name)
-def test_shipped_config_runs(path, tiny_model_dir, tmp_path, monkeypatch):
+def test_shipped_config_runs(path, tiny_model_dir, tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # configs name their files relative to the repository
-    command = "eval" if load_config(path).train.steps == 0 else "train"
-    overrides = budget(tiny_model_dir, tmp_path / "runs")
+    config = load_config(path)
+    command = "eval" if config.train.steps == 0 else "train"
+    model_dir = tiny_llama_dir if config.model.kind == "causal" else tiny_model_dir
+    overrides = budget(model_dir, tmp_path / "runs")
     if command == "eval":  # `metalm eval` trains nothing (train.steps=0)
         overrides.remove("train.steps=2")
     overrides += fewer_finetune_steps(path, overrides)

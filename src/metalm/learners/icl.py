@@ -190,6 +190,8 @@ class ICL(MetaLearner):
                 "learner.max_prompt_tokens) with a query: give fewer examples per class or "
                 "fewer classes, or use an embedding learner (frozen, protonet) for this task"
             )
+        if not (self.training and self.meta_trainable):
+            self._prefix_cache(self.scorer, prefix)  # the prompt is encoded here, once
         return {PROMPT_KEY: encode_prompt(prefix, words)}
 
     @torch.no_grad()

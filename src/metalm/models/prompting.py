@@ -168,8 +168,10 @@ class PromptScorer:
         """Token ids of `text`, without special tokens."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    @torch.no_grad()
     def prefix_cache(self, prefix_ids: Sequence[int]) -> object:
-        """The key/value cache after the prefix (run once per task)."""
+        """The key/value cache after the prefix (run once per task; for scoring without
+        gradients: training runs the prompt and its continuations in one pass)."""
         ids = torch.tensor([list(prefix_ids)], device=self.device)
         out = self.decoder(input_ids=ids, use_cache=True)
         return out[self._cache_name]
