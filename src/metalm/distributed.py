@@ -223,6 +223,7 @@ def launch(argv: Sequence[str], nproc: int) -> None:
     """Run `python -m metalm ARGV` in `nproc` processes through torch's elastic launcher
     (`torchrun --standalone`: a free port on this machine); raises `MetalmError` when a
     process fails (its own error is printed above)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torch_run
@@ -243,6 +244,11 @@ def launch(argv: Sequence[str], nproc: int) -> None:
         )
         raise MetalmError(
             f"meta-training in {nproc} processes failed ({failures}); see the error above"
+        ) from None
+    except SignalException as err:  # the launcher was stopped (SIGTERM, ...): so are they
+        raise MetalmError(
+            f"stopped by signal {err.sigval.name}; the {nproc} processes were stopped too "
+            "(a run continues from its last checkpoint with --resume RUN_DIR)"
         ) from None
 
 
