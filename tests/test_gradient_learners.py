@@ -27,8 +27,9 @@ from metalm.learners import (
     inner_loop,
     select_params,
 )
-from metalm.learners.functional import adam_update, conjugate_gradient, vmap_safe_layer_norm
+from metalm.learners.functional import conjugate_gradient, vmap_safe_layer_norm
 from metalm.learners.gradient import GradientLearner
+from metalm.learners.optim import adam, proximal, sgd
 from metalm.learners.reptile import reptile_surrogate
 from metalm.models import EncoderConfig, TextEncoder
 from metalm.trainer import MetaTrainer
@@ -86,7 +87,7 @@ def test_inner_loop_equals_hand_written_sgd():
     w = torch.randn(4, requires_grad=True)
     b = torch.randn(2, requires_grad=True)
     target, scale = torch.randn(4), torch.rand(4) + 0.5
-    new = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), steps=2, lr=0.1)
+    new = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, sgd(0.1))
     w1, b1 = w - 0.1 * 2 * scale * (w - target), b - 0.1 * 3 * b**2
     w2, b2 = w1 - 0.1 * 2 * scale * (w1 - target), b1 - 0.1 * 3 * b1**2
     assert torch.allclose(new["w"], w2) and torch.allclose(new["b"], b2)
@@ -99,21 +100,19 @@ def test_inner_loop_equals_hand_written_sgd():
 def test_inner_loop_per_tensor_rates_and_zero_steps():
     w, b = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
     batch = (torch.zeros(3), torch.ones(3))
-    new = inner_loop(None, {"w": w, "b": b}, quadratic, batch, 1, {"w": 0.5, "b": 0.0})
+    new = inner_loop(None, {"w": w, "b": b}, quadratic, batch, 1, sgd({"w": 0.5, "b": 0.0}))
     assert torch.allclose(new["w"], torch.zeros(3)) and torch.equal(new["b"], b)
-    same = inner_loop(None, {"w": w, "b": b}, quadratic, batch, 0, 0.1)
+    same = inner_loop(None, {"w": w, "b": b}, quadratic, batch, 0, sgd(0.1))
     assert same["w"] is w and same["b"] is b
     with pytest.raises(MetalmError, match="inner steps"):
-        inner_loop(None, {"w": w}, quadratic, batch, -1, 0.1)
-    with pytest.raises(MetalmError, match="inner_optimizer"):
-        inner_loop(None, {"w": w}, quadratic, batch, 1, 0.1, optimizer="rmsprop")
+        inner_loop(None, {"w": w}, quadratic, batch, -1, sgd(0.1))
 
 
 def test_adam_inner_step_equals_formula():
     torch.manual_seed(1)
     w, b = torch.randn(4, requires_grad=True), torch.randn(2, requires_grad=True)
     target, scale = torch.randn(4), torch.ones(4)
-    new = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, 0.01, optimizer="adam")
+    new = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, adam(0.01))
     b1_, b2_, eps = 0.9, 0.999, 1e-8
     g1 = 2 * (w - target)
     m, v = (1 - b1_) * g1, (1 - b2_) * g1**2
@@ -122,8 +121,10 @@ def test_adam_inner_step_equals_formula():
     m, v = b1_ * m + (1 - b1_) * g2, b2_ * v + (1 - b2_) * g2**2
     w2 = w1 - 0.01 * (m / (1 - b1_**2)) / torch.sqrt(v / (1 - b2_**2) + eps**2)
     assert torch.allclose(new["w"], w2, atol=1e-6)
-    step, state = adam_update({"w": w}, {"w": torch.zeros(4)}, {}, 1, 0.1)
-    assert torch.equal(step["w"], w) and torch.isfinite(state["v"]["w"]).all()
+    optimizer = adam(0.1)
+    step, state = optimizer.update({"w": torch.zeros(4)}, optimizer.init({"w": w}), {"w": w})
+    assert torch.equal(step["w"], w) and torch.isfinite(state.v["w"]).all()
+    assert state.count == 1
 
 
 def test_first_order_carries_no_second_order_terms():
@@ -137,7 +138,7 @@ def test_first_order_carries_no_second_order_terms():
             lambda _m, p, _b: 0.5 * (a * p["w"] ** 2).sum(),
             None,
             3,
-            lr,
+            sgd(lr),
             first_order,
         )
         (grad,) = torch.autograd.grad((c * new["w"]).sum(), w)
@@ -152,13 +153,13 @@ def test_proximal_term_changes_adapted_params_as_the_formula_says():
     torch.manual_seed(2)
     w, b = torch.randn(4), torch.randn(2)
     target, scale, lr, lam = torch.randn(4), torch.rand(4) + 0.5, 0.1, 0.7
-    new = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, lr, proximal=lam)
+    new = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, proximal(sgd(lr), lam))
     # step 1: the penalty's gradient is zero at the anchor; step 2: 2 * lam * (p1 - p0)
     w1, b1 = w - lr * 2 * scale * (w - target), b - lr * 3 * b**2
     w2 = w1 - lr * (2 * scale * (w1 - target) + 2 * lam * (w1 - w))
     b2 = b1 - lr * (3 * b1**2 + 2 * lam * (b1 - b))
     assert torch.allclose(new["w"], w2) and torch.allclose(new["b"], b2)
-    plain = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, lr)
+    plain = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, sgd(lr))
     assert (new["w"] - w).norm() < (plain["w"] - w).norm()  # pulled toward the anchor
 
 

@@ -48,6 +48,5 @@ def test_bad_train_head_settings():
         ("learner.train_head=svm", "prototype, ridge"),
         ("learner.ridge_lambda=0", "ridge_lambda must be > 0"),
     ):
-        config = load_config(None, [override])
-        with pytest.raises(MetalmError, match=message):
-            build_learner(None, config.learner)  # type: ignore[arg-type]
+        with pytest.raises(MetalmError, match=message):  # when the config is loaded
+            load_config(None, [override])

@@ -1,4 +1,4 @@
-"""The interface every learner implements, and its registry."""
+"""The interface every learner implements, its registry, and the task-head helpers they share."""
 
 from __future__ import annotations
 
@@ -144,9 +144,46 @@ def build_learner(encoder: TextEncoder | CausalLM, config: LearnerConfig) -> Met
     return cls(encoder, config).to(encoder.device)
 
 
+# -- task heads and task states, shared by the learners ---------------------------------
+HEAD_KEYS = ("head.weight", "head.bias")
+ENCODER_PREFIX = "encoder."
+"""Task states and inner-loop parameters key adapted encoder tensors `encoder.<name>`."""
+
+
 def head_logits(head: dict[str, Tensor], features: Tensor, scale: float = 1.0) -> Tensor:
     """`scale * (features @ W.T + b)` with a task head `{"head.weight", "head.bias"}`."""
     return scale * (features @ head["head.weight"].T + head["head.bias"])
+
+
+def head_loss(
+    head: dict[str, Tensor], features: Tensor, labels: Tensor, scale: float = 1.0
+) -> Tensor:
+    """Cross-entropy of the logits `head_logits(head, features, scale)` against `labels`."""
+    return nn.functional.cross_entropy(head_logits(head, features, scale), labels)
+
+
+def prototype_head(means: Tensor) -> dict[str, Tensor]:
+    """The linear form of the squared-Euclidean nearest-centroid classifier on the class
+    means `means` [N, dim]: `head.weight` = 2m, `head.bias` = −‖m‖² (Proto-MAML's
+    start), so `x·Wᵀ + b = ‖x‖² − ‖x − m‖²` ranks classes as the nearest centroid does.
+
+    Example:
+        >>> prototype_head(torch.tensor([[1.0, 2.0]]))
+        {'head.weight': tensor([[2., 4.]]), 'head.bias': tensor([-5.])}
+    """
+    return {"head.weight": 2 * means, "head.bias": -means.pow(2).sum(-1)}
+
+
+def encoder_params(state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """The adapted encoder tensors of a task state or inner-loop parameters (keys
+    `encoder.<name>`), by parameter name; None when there are none (the encoder as is).
+
+    Example:
+        >>> encoder_params({"encoder.bias": torch.zeros(1), "head.bias": torch.zeros(2)})
+        {'bias': tensor([0.])}
+    """
+    params = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    return params or None
 
 
 def one_hot_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:

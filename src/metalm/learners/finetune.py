@@ -6,30 +6,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from metalm.errors import MetalmError
 from metalm.learners.base import (
+    ENCODER_PREFIX,
     LearnerConfig,
     MetaLearner,
     TaskState,
     as_labels,
+    encoder_params,
     head_logits,
+    head_loss,
     one_hot_means,
+    prototype_head,
     register_learner,
 )
 from metalm.models.encoder import TextEncoder
-
-ENCODER_PREFIX = "encoder."
 
 
 @dataclass
 class FinetuneConfig(LearnerConfig):
     """Per-task fine-tuning on the support set, then predict.
 
-    Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): `head_steps` steps train the
-    head alone on frozen embeddings (cheap), then `steps` steps train encoder and head
-    together. `train_encoder=False` skips the second phase.
+    Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): `head_steps` AdamW steps
+    train the head alone on frozen embeddings (cheap), then `steps` steps train encoder
+    and head together. `train_encoder=False` keeps the encoder frozen throughout: the
+    `steps` of the second phase then train the head alone as well, so the head gets
+    `head_steps + steps` steps on the frozen embeddings and no encoder tensor adapts.
+    Each step takes `batch_size` support texts drawn with the seed `seed`.
     `head_init`: `zero` (classic) or `prototype` (weights from class means).
     """
 
@@ -44,14 +49,22 @@ class FinetuneConfig(LearnerConfig):
     head_init: str = "zero"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.head_init not in ("zero", "prototype"):
+            raise MetalmError(
+                f"learner.head_init must be 'zero' or 'prototype', got {self.head_init!r}"
+            )
+        if self.head_steps < 0 or self.steps < 0:
+            raise MetalmError("learner.head_steps and learner.steps must be >= 0")
+
 
 def init_head(features: Tensor, labels: Tensor, n_way: int, how: str) -> tuple[Tensor, Tensor]:
     """A linear head [n_way, dim] and bias [n_way]: zeros, or from the class means."""
     if how == "zero":
         return features.new_zeros(n_way, features.shape[1]), features.new_zeros(n_way)
     if how == "prototype":
-        means = one_hot_means(features, labels, n_way)
-        return 2 * means, -means.pow(2).sum(-1)
+        head = prototype_head(one_hot_means(features, labels, n_way))
+        return head["head.weight"], head["head.bias"]
     raise MetalmError(f"learner.head_init must be 'zero' or 'prototype', got {how!r}")
 
 
@@ -67,15 +80,6 @@ class Finetune(MetaLearner):
     meta_trainable = False
     config: FinetuneConfig
 
-    def __init__(self, encoder, config: FinetuneConfig):
-        super().__init__(encoder, config)
-        if config.head_init not in ("zero", "prototype"):
-            raise MetalmError(
-                f"learner.head_init must be 'zero' or 'prototype', got {config.head_init!r}"
-            )
-        if config.head_steps < 0 or config.steps < 0:
-            raise MetalmError("learner.head_steps and learner.steps must be >= 0")
-
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
         cfg = self.config
         labels, n_way = as_labels(support_labels, self.encoder.device)
@@ -90,7 +94,7 @@ class Finetune(MetaLearner):
         with torch.enable_grad():
             for _ in range(head_steps):
                 rows = torch.randperm(len(support_texts), generator=generator)[: cfg.batch_size]
-                _step(head_optimizer, _head_loss(head, frozen[rows], labels[rows]))
+                _step(head_optimizer, head_loss(head, frozen[rows], labels[rows]))
         encoder_params = finetune_encoder(
             self.encoder,
             support_texts,
@@ -111,13 +115,6 @@ class Finetune(MetaLearner):
     def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
         features = self.encoder.embed(query_texts, params=encoder_params(state))
         return head_logits(state, features)
-
-
-def encoder_params(state: TaskState) -> dict[str, Tensor] | None:
-    """The adapted encoder tensors of a task state (keys `encoder.<name>`), by parameter
-    name, or None when the task uses the encoder as it is."""
-    params = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-    return params or None
 
 
 def finetune_encoder(
@@ -159,14 +156,10 @@ def finetune_encoder(
             for _ in range(steps):
                 rows = torch.randperm(len(texts), generator=generator)[:batch_size]
                 features = encoder([texts[i] for i in rows], params)
-                _step(optimizer, _head_loss(head, features, labels[rows]))
+                _step(optimizer, head_loss(head, features, labels[rows]))
     finally:
         encoder.train(was_training)
     return params
-
-
-def _head_loss(head: dict[str, Tensor], features: Tensor, labels: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(head_logits(head, features), labels)
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:

@@ -1,12 +1,13 @@
 """Pure inner loops on dicts of parameters (`torch.func`), and which parameters adapt.
 
 Nothing here changes a module: an inner loop takes a dict of tensors and hands back a new
-dict (as optax does), so meta-parameters can never be overwritten by an adaptation.
+dict (as optax does), so meta-parameters can never be overwritten by an adaptation. The
+update rule is an `InnerOptimizer` from `metalm.learners.optim`.
 
 Example:
     >>> params = {"w": torch.zeros(3, requires_grad=True)}
     >>> loss_fn = lambda model, p, batch: ((p["w"] - batch) ** 2).sum()
-    >>> new = inner_loop(None, params, loss_fn, torch.ones(3), steps=1, lr=0.25)
+    >>> new = inner_loop(None, params, loss_fn, torch.ones(3), steps=1, optimizer=sgd(0.25))
     >>> new["w"]
     tensor([0.5000, 0.5000, 0.5000], grad_fn=<SubBackward0>)
 """
@@ -15,126 +16,66 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metalm.errors import MetalmError
+from metalm.learners.optim import InnerOptimizer, Params
 
-Params = dict[str, Tensor]
 LossFn = Callable[[Any, Params, Any], Tensor]
-LearningRate = float | Tensor | Mapping[str, float | Tensor]
 
 ADAPT_MODES = ("all", "head", "last_n", "bias", "lora")
-INNER_OPTIMIZERS = ("sgd", "adam")
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
-# -- updates -----------------------------------------------------------------------
-def _lr_for(lr: LearningRate, name: str) -> float | Tensor:
-    return lr[name] if isinstance(lr, Mapping) else lr
-
-
-def sgd_update(params: Params, grads: Params, lr: LearningRate) -> Params:
-    """One differentiable SGD step: `p - lr * g` for every tensor (lr: scalar, tensor or
-    per-name mapping, e.g. Meta-SGD's learned rates)."""
-    return {k: p - _lr_for(lr, k) * grads[k] for k, p in params.items()}
-
-
-def adam_update(
-    params: Params,
-    grads: Params,
-    state: dict[str, Params],
-    step: int,
-    lr: LearningRate,
-    betas: tuple[float, float] = ADAM_BETAS,
-    eps: float = ADAM_EPS,
-) -> tuple[Params, dict[str, Params]]:
-    """One differentiable Adam step (bias-corrected); returns new params and new state.
-
-    The denominator is `sqrt(v_hat + eps**2)` rather than `sqrt(v_hat) + eps`: equal to
-    within eps, but smooth at zero, so second-order gradients stay finite.
-    `step` counts from 1; `state` holds `m` and `v` (empty on the first step).
-    """
-    b1, b2 = betas
-    m_old, v_old = state.get("m", {}), state.get("v", {})
-    m = {k: b1 * m_old[k] + (1 - b1) * g if k in m_old else (1 - b1) * g for k, g in grads.items()}
-    v = {
-        k: b2 * v_old[k] + (1 - b2) * g * g if k in v_old else (1 - b2) * g * g
-        for k, g in grads.items()
-    }
-    c1, c2 = 1 - b1**step, 1 - b2**step
-    new = {
-        k: p - _lr_for(lr, k) * (m[k] / c1) / torch.sqrt(v[k] / c2 + eps * eps)
-        for k, p in params.items()
-    }
-    return new, {"m": m, "v": v}
-
-
-def proximal_penalty(params: Params, anchor: Params, lam: float) -> Tensor:
-    """`lam * sum ||p - anchor||^2` over the tensors of `params`."""
-    return lam * sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
-
-
+# -- the inner loop -------------------------------------------------------------------
 def inner_loop(
     model: Any,
     params: Params,
     loss_fn: LossFn,
     batch: Any,
     steps: int,
-    lr: LearningRate,
+    optimizer: InnerOptimizer,
     first_order: bool = False,
-    *,
-    optimizer: str = "sgd",
-    proximal: float = 0.0,
-    anchor: Params | None = None,
 ) -> Params:
-    """Adapt `params` by `steps` gradient steps on `loss_fn(model, params, batch)`.
+    """Adapt `params` by `steps` steps of `optimizer` on `loss_fn(model, params, batch)`.
 
     A pure function: returns new tensors and never touches `model` (which is only
     passed through to `loss_fn`; use `torch.func.functional_call` there).
 
     * second order by default: the result stays differentiable w.r.t. `params` (and
-      anything the loss closes over) through every inner gradient, as MAML needs;
+      anything the loss or the optimizer closes over, e.g. Meta-SGD's learned rates)
+      through every inner gradient, as MAML needs;
     * `first_order=True` computes each inner gradient without an outer graph, so the
       result depends on `params` only through the identity path (FOMAML);
-    * `optimizer`: `sgd`, or `adam` (a differentiable Adam-style update);
-    * `lr`: a float, a tensor, or a mapping name -> float/tensor (Meta-SGD: learned
-      per-tensor or per-element rates, which then receive meta-gradients);
-    * `proximal=lam` adds `lam * ||p - anchor||^2` to the inner objective (anchor: the
-      starting `params` unless given), pulling each task toward the meta-parameters.
+    * `optimizer`: an `InnerOptimizer` (`sgd`, `adam`, `learned_rates`, `proximal`, see
+      `metalm.learners.optim`); its `penalty`, if any, joins the inner objective.
 
     Inside `torch.func.vmap` it adapts one task per batch entry.
     """
     if steps < 0:
         raise MetalmError(f"inner steps must be >= 0, got {steps}")
-    if optimizer not in INNER_OPTIMIZERS:
-        raise MetalmError(f"learner.inner_optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    start = dict(params)
-    anchor = start if anchor is None else anchor
+    penalty = optimizer.penalty
 
-    def objective(p: Params) -> Tensor:
+    def objective(p: Params, state: Any) -> Tensor:
         loss = loss_fn(model, p, batch)
-        if proximal:
-            loss = loss + proximal_penalty(p, anchor, proximal)
+        if penalty is not None:
+            loss = loss + penalty(p, state)
         return loss
 
     gradient = torch.func.grad(objective)
-    params, state = start, {}
-    for step in range(1, steps + 1):
+    params = dict(params)
+    state = optimizer.init(params)
+    for _ in range(steps):
         if first_order:
             with torch.no_grad():  # no outer graph: the inner gradient is a constant
-                grads = gradient(params)
+                grads = gradient(params, state)
         else:
-            grads = gradient(params)
-        if optimizer == "sgd":
-            params = sgd_update(params, grads, lr)
-        else:
-            params, state = adam_update(params, grads, state, step, lr)
+            grads = gradient(params, state)
+        params, state = optimizer.update(grads, state, params)
     return params
 
 

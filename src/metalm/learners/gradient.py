@@ -15,7 +15,7 @@ meta-gradient flows through it. Logits are `logit_scale * (W x + b)`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,27 +25,30 @@ from torch import Tensor, nn
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
 from metalm.learners.base import (
+    ENCODER_PREFIX,
+    HEAD_KEYS,
     LearnerConfig,
     MetaLearner,
     TaskState,
     as_labels,
+    encoder_params,
     head_logits,
+    head_loss,
     one_hot_means,
+    prototype_head,
 )
 from metalm.learners.functional import (
     ADAPT_MODES,
-    INNER_OPTIMIZERS,
-    Params,
     attention_mask_4d,
     inner_loop,
     math_attention,
     select_params,
     vmap_safe_layer_norm,
 )
+from metalm.learners.optim import UPDATE_RULES, InnerOptimizer, Params, proximal
 from metalm.models.encoder import TextEncoder
 
-ENCODER_PREFIX = "encoder."
-HEAD_KEYS = ("head.weight", "head.bias")
+HEAD_INITS = ("prototype", "zero")
 
 
 @dataclass
@@ -70,6 +73,22 @@ class GradientConfig(LearnerConfig):
     inner_optimizer: str = "sgd"
     vectorize: bool = False
 
+    def __post_init__(self) -> None:
+        if self.inner_steps < 0 or (
+            self.eval_inner_steps is not None and self.eval_inner_steps < 0
+        ):
+            raise MetalmError("learner.inner_steps and learner.eval_inner_steps must be >= 0")
+        if self.head_init not in HEAD_INITS:
+            raise MetalmError(
+                f"learner.head_init must be 'zero' or 'prototype', got {self.head_init!r}"
+            )
+        if self.inner_optimizer not in UPDATE_RULES:
+            raise MetalmError(
+                f"learner.inner_optimizer must be 'sgd' or 'adam', got {self.inner_optimizer!r}"
+            )
+        if self.logit_scale <= 0:
+            raise MetalmError(f"learner.logit_scale must be > 0, got {self.logit_scale}")
+
 
 @dataclass
 class EncoderAdaptConfig(GradientConfig):
@@ -90,6 +109,15 @@ class EncoderAdaptConfig(GradientConfig):
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adapt not in ADAPT_MODES:
+            raise MetalmError(
+                f"learner.adapt must be one of {list(ADAPT_MODES)}, got {self.adapt!r}"
+            )
+        if self.adapt == "lora" and self.lora_r < 1:
+            raise MetalmError(f"learner.lora_r must be >= 1, got {self.lora_r}")
+
 
 def wrap_lora(encoder: TextEncoder, config: EncoderAdaptConfig) -> None:
     """Inject PEFT LoRA adapters into `encoder.model` (once). LoRA's B starts at zero, so
@@ -100,8 +128,6 @@ def wrap_lora(encoder: TextEncoder, config: EncoderAdaptConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise MetalmError("learner.adapt=lora needs PEFT: pip install peft") from None
-    if config.lora_r < 1:
-        raise MetalmError(f"learner.lora_r must be >= 1, got {config.lora_r}")
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -123,49 +149,26 @@ def wrap_lora(encoder: TextEncoder, config: EncoderAdaptConfig) -> None:
 class GradientLearner(MetaLearner):
     """Shared machinery: the task head, inner loops, meta-losses looped or vmapped.
 
-    Subclasses set `first_order` (or read it from the config), may learn rates
-    (`_inner_lrs`), add a proximal term (`proximal`) or replace `_task_loss`.
+    Subclasses set `first_order` (a class default, or from their config), may learn
+    rates (`_inner_lrs`, `_update_rule`), add a proximal term (`proximal`) or replace
+    `_task_loss`. The config's values were checked when it was built (`__post_init__`).
     """
 
     config: GradientConfig
     first_order: bool = False
     proximal: float = 0.0
-    needs_encoder_adaptation: ClassVar[bool] = False
     encodes_support_with_query: ClassVar[bool] = False  # one padded batch of both sets
 
     def __init__(self, encoder: TextEncoder, config: GradientConfig):
         super().__init__(encoder, config)
-        cfg = config
-        if cfg.inner_steps < 0 or (cfg.eval_inner_steps is not None and cfg.eval_inner_steps < 0):
-            raise MetalmError("learner.inner_steps and learner.eval_inner_steps must be >= 0")
-        if cfg.head_init not in ("zero", "prototype"):
-            raise MetalmError(
-                f"learner.head_init must be 'zero' or 'prototype', got {cfg.head_init!r}"
+        self.adapted_names: list[str] = []
+        if isinstance(config, EncoderAdaptConfig):  # else the head only (ANIL)
+            if config.adapt == "lora":
+                wrap_lora(encoder, config)
+            chosen = select_params(
+                encoder, config.adapt, config.last_n, embeddings=config.adapt_embeddings
             )
-        if cfg.inner_optimizer not in INNER_OPTIMIZERS:
-            raise MetalmError(
-                f"learner.inner_optimizer must be 'sgd' or 'adam', got {cfg.inner_optimizer!r}"
-            )
-        if cfg.logit_scale <= 0:
-            raise MetalmError(f"learner.logit_scale must be > 0, got {cfg.logit_scale}")
-        self.adapt_mode = getattr(cfg, "adapt", "head")
-        if self.adapt_mode not in ADAPT_MODES:
-            raise MetalmError(
-                f"learner.adapt must be one of {list(ADAPT_MODES)}, got {self.adapt_mode!r}"
-            )
-        if self.adapt_mode == "lora":
-            wrap_lora(encoder, cfg)  # type: ignore[arg-type]
-        self.adapted_names = sorted(
-            select_params(
-                encoder,
-                self.adapt_mode,
-                getattr(cfg, "last_n", 1),
-                embeddings=getattr(cfg, "adapt_embeddings", False),
-            )
-        )
-        if self.needs_encoder_adaptation and not self.adapted_names:
-            raise MetalmError(f"learner {cfg.name!r} must adapt encoder tensors; set learner.adapt")
-        self.first_order = bool(getattr(cfg, "first_order", self.first_order))
+            self.adapted_names = sorted(chosen)
 
     # -- pieces ----------------------------------------------------------------------
     @property
@@ -178,27 +181,36 @@ class GradientLearner(MetaLearner):
         return {ENCODER_PREFIX + n: named[n] for n in self.adapted_names}
 
     def _inner_lrs(self) -> dict[str, Any]:
-        rate = getattr(self.config, "inner_lr", 0.0)
-        lrs: dict[str, Any] = {ENCODER_PREFIX + n: rate for n in self.adapted_names}
+        """The inner rate of each tensor that adapts (`encoder.<name>` and the head)."""
+        lrs: dict[str, Any] = {}
+        if isinstance(self.config, EncoderAdaptConfig):
+            lrs = dict.fromkeys(
+                (ENCODER_PREFIX + n for n in self.adapted_names), self.config.inner_lr
+            )
         lrs.update(dict.fromkeys(HEAD_KEYS, self.config.head_lr))
         return lrs
+
+    def _update_rule(self, lrs: Mapping[str, Any]) -> InnerOptimizer:
+        """`learner.inner_optimizer` at the rates `lrs` (by tensor name)."""
+        return UPDATE_RULES[self.config.inner_optimizer](lrs)
+
+    def _optimizer(self, lrs: Mapping[str, Any]) -> InnerOptimizer:
+        """The update rule, pulled toward the starting tensors when `proximal` > 0."""
+        rule = self._update_rule(lrs)
+        return proximal(rule, self.proximal) if self.proximal else rule
 
     def _features(
         self, ids: Tensor, mask: Tensor, params: Params | None, vectorized: bool
     ) -> Tensor:
         """Pooled embeddings of token tensors, with `params` (prefixed) swapped in."""
         model = self.encoder.model
-        encoder_params = {
-            k[len(ENCODER_PREFIX) :]: v
-            for k, v in (params or {}).items()
-            if k.startswith(ENCODER_PREFIX)
-        }
+        swapped = encoder_params(params or {})
         kwargs = {
             "input_ids": ids,
             "attention_mask": attention_mask_4d(model, mask) if vectorized else mask,
         }
-        if encoder_params:
-            out = torch.func.functional_call(model, encoder_params, args=(), kwargs=kwargs)
+        if swapped:
+            out = torch.func.functional_call(model, swapped, args=(), kwargs=kwargs)
         else:
             out = model(**kwargs)
         return self.encoder.pool(out.last_hidden_state, mask)
@@ -214,32 +226,28 @@ class GradientLearner(MetaLearner):
                 "head.weight": features.new_zeros(n_way, dim),
                 "head.bias": features.new_zeros(n_way),
             }
-        means = one_hot_means(features, labels, n_way)
-        return {"head.weight": 2 * means, "head.bias": -means.pow(2).sum(-1)}
+        return prototype_head(one_hot_means(features, labels, n_way))
 
     def _head_loss(self, _model: Any, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
         features, labels = batch
-        return nn.functional.cross_entropy(self.logits(params, features), labels)
+        return head_loss(params, features, labels, self.config.logit_scale)
 
     def _support_loss(self, _model: Any, params: Params, batch: tuple) -> Tensor:
         ids, mask, labels, vectorized = batch
         features = self._features(ids, mask, params, vectorized)
-        return nn.functional.cross_entropy(self.logits(params, features), labels)
+        return head_loss(params, features, labels, self.config.logit_scale)
 
     def _inner(
-        self, params: Params, loss_fn, batch: Any, steps: int, first_order: bool, lrs=None
+        self,
+        params: Params,
+        loss_fn: Any,
+        batch: Any,
+        steps: int,
+        first_order: bool,
+        lrs: Mapping[str, Any] | None = None,
     ) -> Params:
-        return inner_loop(
-            None,
-            params,
-            loss_fn,
-            batch,
-            steps,
-            self._inner_lrs() if lrs is None else lrs,
-            first_order,
-            optimizer=self.config.inner_optimizer,
-            proximal=self.proximal,
-        )
+        optimizer = self._optimizer(self._inner_lrs() if lrs is None else lrs)
+        return inner_loop(None, params, loss_fn, batch, steps, optimizer, first_order)
 
     # -- meta-training ---------------------------------------------------------------
     def _task_loss(
@@ -265,7 +273,7 @@ class GradientLearner(MetaLearner):
             adapted = self._inner(
                 head, self._head_loss, (support, s_labels), steps, self.first_order
             )
-            return nn.functional.cross_entropy(self.logits(adapted, query), q_labels)
+            return head_loss(adapted, query, q_labels, self.config.logit_scale)
         if self.config.head_init == "prototype":
             support = self._features(s_ids, s_mask, None, vectorized)
         else:
@@ -274,7 +282,7 @@ class GradientLearner(MetaLearner):
         batch = (s_ids, s_mask, s_labels, vectorized)
         adapted = self._inner(params, self._support_loss, batch, steps, self.first_order)
         query = self._features(q_ids, q_mask, adapted, vectorized)
-        return nn.functional.cross_entropy(self.logits(adapted, query), q_labels)
+        return head_loss(adapted, query, q_labels, self.config.logit_scale)
 
     def _tokens(
         self, groups: Sequence[Sequence[str]], shared_width: bool = True
@@ -368,9 +376,6 @@ class GradientLearner(MetaLearner):
 
     @torch.no_grad()
     def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:
-        params = {
-            k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)
-        }
-        features = self.encoder.embed(query_texts, params=params or None)
+        features = self.encoder.embed(query_texts, params=encoder_params(state))
         head = state["head.weight"]
         return self.logits(state, features.to(device=head.device, dtype=head.dtype))

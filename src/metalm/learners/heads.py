@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from metalm.learners import base
 from metalm.learners.base import one_hot_means
 
 # L2 strengths tried by leave-one-shot-out: the penalty is `l2/2 · ‖W‖²` added to the
@@ -44,10 +45,10 @@ Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def prototype_head(features: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
-    """The linear form of the squared-Euclidean prototype classifier: W = 2m, b = −‖m‖²
-    (Proto-MAML's initialisation), so `x·W + b` ranks classes as nearest centroid does."""
-    means = one_hot_means(features, labels, n_way)
-    return 2 * means, -means.pow(2).sum(-1)
+    """The prototype head (W = 2m, b = −‖m‖², `metalm.learners.base.prototype_head`) of
+    the class means of `features`, as a pair (W, b)."""
+    head = base.prototype_head(one_hot_means(features, labels, n_way))
+    return head["head.weight"], head["head.bias"]
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

@@ -34,11 +34,13 @@ from metalm.learners.base import (
     TaskState,
     as_labels,
     head_logits,
+    head_loss,
     one_hot_means,
+    prototype_head,
     register_learner,
 )
-from metalm.learners.functional import Params
 from metalm.learners.model_based import FeatureConfig, FeatureLearner
+from metalm.learners.optim import Params
 from metalm.models.encoder import TextEncoder
 
 PREPROCESS_P = 10.0
@@ -67,6 +69,27 @@ class LSTMMetaConfig(FeatureConfig):
     init_forget_gate: float = 0.99
     head_init: str = "prototype"
     adapter_dim: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inner_steps < 0 or (
+            self.eval_inner_steps is not None and self.eval_inner_steps < 0
+        ):
+            raise MetalmError("learner.inner_steps and learner.eval_inner_steps must be >= 0")
+        if self.hidden < 1:
+            raise MetalmError(f"learner.hidden must be >= 1, got {self.hidden}")
+        if self.adapter_dim < 0:
+            raise MetalmError(f"learner.adapter_dim must be >= 0, got {self.adapter_dim}")
+        for key, gate in (
+            ("init_input_gate", self.init_input_gate),
+            ("init_forget_gate", self.init_forget_gate),
+        ):
+            if not 0 < gate < 1:
+                raise MetalmError(f"learner.{key} must be in (0, 1), got {gate}")
+        if self.head_init not in ("prototype", "zero"):
+            raise MetalmError(
+                f"learner.head_init must be 'prototype' or 'zero', got {self.head_init!r}"
+            )
 
 
 def preprocess(x: Tensor, p: float = PREPROCESS_P) -> Tensor:
@@ -153,21 +176,6 @@ class LSTMMeta(FeatureLearner):
 
     def __init__(self, encoder: TextEncoder, config: LSTMMetaConfig):
         super().__init__(encoder, config)
-        if config.inner_steps < 0 or (
-            config.eval_inner_steps is not None and config.eval_inner_steps < 0
-        ):
-            raise MetalmError("learner.inner_steps and learner.eval_inner_steps must be >= 0")
-        if config.hidden < 1:
-            raise MetalmError(f"learner.hidden must be >= 1, got {config.hidden}")
-        if config.adapter_dim < 0:
-            raise MetalmError(f"learner.adapter_dim must be >= 0, got {config.adapter_dim}")
-        for key in ("init_input_gate", "init_forget_gate"):
-            if not 0 < getattr(config, key) < 1:
-                raise MetalmError(f"learner.{key} must be in (0, 1), got {getattr(config, key)}")
-        if config.head_init not in ("prototype", "zero"):
-            raise MetalmError(
-                f"learner.head_init must be 'prototype' or 'zero', got {config.head_init!r}"
-            )
         dim = encoder.dim
         self.cell = self._to_device(
             MetaLSTMCell(config.hidden, config.init_input_gate, config.init_forget_gate)
@@ -197,13 +205,14 @@ class LSTMMeta(FeatureLearner):
         bias = t["bias_shift"].expand(n_way)
         if self.config.head_init == "prototype":
             means = one_hot_means(apply_adapter(params, support), labels, n_way)
-            weight = weight + 2 * means * t["weight_scale"]
-            bias = bias - t["bias_scale"] * means.pow(2).sum(-1)
+            prototype = prototype_head(means)
+            weight = weight + prototype["head.weight"] * t["weight_scale"]
+            bias = bias + t["bias_scale"] * prototype["head.bias"]
         return {"head.weight": weight, "head.bias": bias, **params}
 
     def support_loss(self, params: Params, support: Tensor, labels: Tensor) -> Tensor:
-        logits = head_logits(params, apply_adapter(params, support), self.config.logit_scale)
-        return nn.functional.cross_entropy(logits, labels)
+        features = apply_adapter(params, support)
+        return head_loss(params, features, labels, self.config.logit_scale)
 
     def optimize(self, params: Params, support: Tensor, labels: Tensor, steps: int) -> Params:
         """`steps` LSTM updates. The gradient and loss the LSTM reads are constants (no

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,14 +10,12 @@ import torch
 from torch import nn
 
 from metalm.errors import MetalmError
-from metalm.learners.base import register_learner
-from metalm.learners.gradient import (
-    HEAD_KEYS,
-    EncoderAdaptConfig,
-    GradientConfig,
-    GradientLearner,
-)
+from metalm.learners.base import HEAD_KEYS, register_learner
+from metalm.learners.gradient import EncoderAdaptConfig, GradientConfig, GradientLearner
+from metalm.learners.optim import UPDATE_RULES, InnerOptimizer, learned_rates
 from metalm.models.encoder import TextEncoder
+
+LR_SHAPES = ("tensor", "element")
 
 
 @dataclass
@@ -56,6 +55,13 @@ class MetaSGDConfig(EncoderAdaptConfig):
     lr_shape: str = "tensor"
     lr_meta_lr: float = 1e-3
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr_shape not in LR_SHAPES:
+            raise MetalmError(
+                f"learner.lr_shape must be 'tensor' or 'element', got {self.lr_shape!r}"
+            )
+
 
 @register_learner("maml", MAMLConfig)
 class MAML(GradientLearner):
@@ -90,6 +96,12 @@ class ANIL(GradientLearner):
         >>> learner = ANIL(encoder, ANILConfig(inner_steps=10, head_lr=0.5))
     """
 
+    config: ANILConfig
+
+    def __init__(self, encoder: TextEncoder, config: ANILConfig):
+        super().__init__(encoder, config)
+        self.first_order = config.first_order
+
 
 @register_learner("metasgd", MetaSGDConfig)
 class MetaSGD(GradientLearner):
@@ -105,10 +117,7 @@ class MetaSGD(GradientLearner):
 
     def __init__(self, encoder: TextEncoder, config: MetaSGDConfig):
         super().__init__(encoder, config)
-        if config.lr_shape not in ("tensor", "element"):
-            raise MetalmError(
-                f"learner.lr_shape must be 'tensor' or 'element', got {config.lr_shape!r}"
-            )
+        self.first_order = config.first_order
         shapes = {k: tuple(v.shape) for k, v in self.meta_params().items()}
         shapes.update({"head.weight": (1, encoder.dim), "head.bias": ()})
         rates = {}
@@ -122,6 +131,9 @@ class MetaSGD(GradientLearner):
 
     def _inner_lrs(self) -> dict[str, Any]:
         return {name: self.inner_lrs[_key(name)] for name in [*self.meta_params(), *HEAD_KEYS]}
+
+    def _update_rule(self, lrs: Mapping[str, Any]) -> InnerOptimizer:
+        return learned_rates(lrs, UPDATE_RULES[self.config.inner_optimizer])
 
     def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         rates = {id(p) for p in self.inner_lrs.parameters()}

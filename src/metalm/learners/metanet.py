@@ -27,16 +27,19 @@ from metalm.learners.base import (
     TaskState,
     as_labels,
     head_logits,
+    head_loss,
     one_hot_means,
+    prototype_head,
     register_learner,
 )
-from metalm.learners.functional import Params, inner_loop
+from metalm.learners.functional import inner_loop
 from metalm.learners.model_based import (
     FeatureConfig,
     FeatureLearner,
     check_positive,
     mlp,
 )
+from metalm.learners.optim import Params, sgd
 from metalm.models.encoder import TextEncoder
 
 
@@ -65,6 +68,17 @@ class MetaNetConfig(FeatureConfig):
     finetune_steps: int = 0
     inner_lr: float = 0.1
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers < 1:
+            raise MetalmError(f"learner.layers must be >= 1, got {self.layers}")
+        if self.hidden < 1:
+            raise MetalmError(f"learner.hidden must be >= 1, got {self.hidden}")
+        if self.finetune_steps < 0:
+            raise MetalmError(f"learner.finetune_steps must be >= 0, got {self.finetune_steps}")
+        if self.finetune_steps:
+            check_positive(inner_lr=self.inner_lr)
+
 
 @register_learner("metanet", MetaNetConfig)
 class MetaNet(FeatureLearner):
@@ -80,14 +94,6 @@ class MetaNet(FeatureLearner):
 
     def __init__(self, encoder: TextEncoder, config: MetaNetConfig):
         super().__init__(encoder, config)
-        if config.layers < 1:
-            raise MetalmError(f"learner.layers must be >= 1, got {config.layers}")
-        if config.hidden < 1:
-            raise MetalmError(f"learner.hidden must be >= 1, got {config.hidden}")
-        if config.finetune_steps < 0:
-            raise MetalmError(f"learner.finetune_steps must be >= 0, got {config.finetune_steps}")
-        if config.finetune_steps:
-            check_positive(inner_lr=config.inner_lr)
         dim = encoder.dim
         width = 2 * dim if config.context else dim
         # phi: per example (empty for one layer); rho: after the class mean, -> [w_c, b_c]
@@ -133,13 +139,13 @@ class MetaNet(FeatureLearner):
         out = self.rho(one_hot_means(self.phi(inputs), labels, n_way))
         weight, bias = out[:, :-1], out[:, -1]
         if self.config.residual:
-            weight, bias = weight + 2 * means, bias - means.pow(2).sum(-1)
+            prototype = prototype_head(means)
+            weight, bias = weight + prototype["head.weight"], bias + prototype["head.bias"]
         return {"head.weight": weight, "head.bias": bias}
 
     def _head_loss(self, _model: object, head: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
         features, labels = batch
-        logits = head_logits(head, features, self.config.logit_scale)
-        return nn.functional.cross_entropy(logits, labels)
+        return head_loss(head, features, labels, self.config.logit_scale)
 
     def task_state(
         self, support: Tensor, labels: Tensor, n_way: int, differentiable: bool
@@ -156,7 +162,7 @@ class MetaNet(FeatureLearner):
                 self._head_loss,
                 (support, labels),
                 cfg.finetune_steps,
-                cfg.inner_lr,
+                sgd(cfg.inner_lr),
                 first_order=not differentiable,
             )
         return {**state, **head}
@@ -165,8 +171,7 @@ class MetaNet(FeatureLearner):
     def meta_loss(self, episode: Episode) -> Tensor:
         support, s_labels, query, q_labels = self.episode_tensors(episode)
         state = self.task_state(support, s_labels, episode.n_way, differentiable=True)
-        logits = head_logits(state, self.modulate(state, query), self.config.logit_scale)
-        return nn.functional.cross_entropy(logits, q_labels)
+        return head_loss(state, self.modulate(state, query), q_labels, self.config.logit_scale)
 
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
         labels, n_way = as_labels(support_labels, self.encoder.device)

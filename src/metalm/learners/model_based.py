@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
 from metalm.learners.base import LearnerConfig, MetaLearner
-from metalm.models.encoder import TextEncoder
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -41,6 +40,9 @@ class FeatureConfig(LearnerConfig):
     meta_lr: float = 1e-3
     logit_scale: float = 10.0
 
+    def __post_init__(self) -> None:
+        check_positive(meta_lr=self.meta_lr, logit_scale=self.logit_scale)
+
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
     """`layers` linear layers with ReLU between them; `layers=1` is one linear layer."""
@@ -54,6 +56,7 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
 
 
 def check_positive(**values: float) -> None:
+    """A MetalmError naming the first of `values` (`learner.<key>`) that is not > 0."""
     for key, value in values.items():
         if not value > 0:
             raise MetalmError(f"learner.{key} must be > 0, got {value}")
@@ -63,10 +66,6 @@ class FeatureLearner(MetaLearner):
     """A learner whose task head is computed from embeddings by meta-parameters."""
 
     config: FeatureConfig
-
-    def __init__(self, encoder: TextEncoder, config: FeatureConfig):
-        super().__init__(encoder, config)
-        check_positive(meta_lr=config.meta_lr, logit_scale=config.logit_scale)
 
     def _to_device(self, module: ModuleT) -> ModuleT:
         return module.to(device=self.encoder.device, dtype=self._dtype)

@@ -18,15 +18,18 @@ from torch import Tensor, nn
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
 from metalm.learners.base import (
+    ENCODER_PREFIX,
+    HEAD_KEYS,
     LearnerConfig,
     MetaLearner,
     TaskState,
     as_labels,
+    encoder_params,
     head_logits,
     one_hot_means,
     register_learner,
 )
-from metalm.learners.finetune import ENCODER_PREFIX, encoder_params, finetune_encoder
+from metalm.learners.finetune import finetune_encoder
 from metalm.learners.heads import fit_logreg
 from metalm.models.encoder import TextEncoder
 
@@ -41,6 +44,8 @@ def prototype_logits(query: Tensor, prototypes: Tensor, distance: str, scale: Te
 
 
 HEADS = ("centroid", "logreg", "lpft")
+TRAIN_HEADS = ("prototype", "ridge")
+DISTANCES = ("euclidean", "cosine")
 LPFT_BATCH_SIZE = 64
 LPFT_WEIGHT_DECAY = 0.01
 
@@ -67,6 +72,19 @@ class EmbeddingHeadConfig(LearnerConfig):
     lpft_lr: float = 3e-5
     lpft_head_lr: float = 1e-3
 
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise MetalmError(f"learner.head must be one of {', '.join(HEADS)}; got {self.head!r}")
+        if self.logreg_l2 < 0:
+            raise MetalmError(
+                "learner.logreg_l2 must be >= 0 (0: chosen on the support set), "
+                f"got {self.logreg_l2}"
+            )
+        if self.lpft_steps < 0:
+            raise MetalmError(f"learner.lpft_steps must be >= 0, got {self.lpft_steps}")
+        if self.lpft_lr < 0 or self.lpft_head_lr < 0:
+            raise MetalmError("learner.lpft_lr and learner.lpft_head_lr must be >= 0")
+
 
 @dataclass
 class FrozenConfig(EmbeddingHeadConfig):
@@ -75,6 +93,10 @@ class FrozenConfig(EmbeddingHeadConfig):
 
     name: str = "frozen"
     distance: str = "euclidean"
+
+    def __post_init__(self) -> None:
+        check_distance(self.distance)
+        super().__post_init__()
 
 
 @dataclass
@@ -96,22 +118,40 @@ class ProtoNetConfig(EmbeddingHeadConfig):
     train_head: str = "prototype"
     ridge_lambda: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_distance(self.distance)
+        if self.init_scale <= 0:
+            raise MetalmError(f"learner.init_scale must be > 0, got {self.init_scale}")
+        super().__post_init__()
+        if self.train_head not in TRAIN_HEADS:
+            raise MetalmError(
+                f"learner.train_head must be one of {', '.join(TRAIN_HEADS)}; "
+                f"got {self.train_head!r}"
+            )
+        if not self.ridge_lambda > 0:
+            raise MetalmError(f"learner.ridge_lambda must be > 0, got {self.ridge_lambda}")
+
+
+def check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise MetalmError(f"learner.distance must be 'euclidean' or 'cosine', got {distance!r}")
+
 
 class _CentroidLearner(MetaLearner):
+    """`adapt`/`predict` through `learner.head`; logits of the centroid head are scaled
+    by `exp(log_scale)`, a temperature that starts at `init_scale` (1 for `frozen`)."""
+
     config: FrozenConfig | ProtoNetConfig
 
-    def __init__(self, encoder: TextEncoder, config: FrozenConfig | ProtoNetConfig):
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        config: FrozenConfig | ProtoNetConfig,
+        init_scale: float = 1.0,
+        learn_scale: bool = False,
+    ):
         super().__init__(encoder, config)
-        if config.distance not in ("euclidean", "cosine"):
-            raise MetalmError(
-                f"learner.distance must be 'euclidean' or 'cosine', got {config.distance!r}"
-            )
-        init = getattr(config, "init_scale", 1.0)
-        if init <= 0:
-            raise MetalmError(f"learner.init_scale must be > 0, got {init}")
-        learn = getattr(config, "learn_scale", False)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learn)
-        check_head_config(config)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
 
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
         cfg = self.config
@@ -121,7 +161,7 @@ class _CentroidLearner(MetaLearner):
             return {"prototypes": one_hot_means(features, labels, n_way)}
         state = fit_logreg(features, labels, n_way, l2=cfg.logreg_l2 or None)
         if cfg.head == "lpft":
-            head = {k: state[k].clone().requires_grad_() for k in ("head.weight", "head.bias")}
+            head = {k: state[k].clone().requires_grad_() for k in HEAD_KEYS}
             params = finetune_encoder(
                 self.encoder,
                 list(support_texts),
@@ -151,20 +191,6 @@ class _CentroidLearner(MetaLearner):
         return head_logits(state, features)
 
 
-def check_head_config(config: EmbeddingHeadConfig) -> None:
-    """A MetalmError naming the valid values when a head setting is wrong."""
-    if config.head not in HEADS:
-        raise MetalmError(f"learner.head must be one of {', '.join(HEADS)}; got {config.head!r}")
-    if config.logreg_l2 < 0:
-        raise MetalmError(
-            f"learner.logreg_l2 must be >= 0 (0: chosen on the support set), got {config.logreg_l2}"
-        )
-    if config.lpft_steps < 0:
-        raise MetalmError(f"learner.lpft_steps must be >= 0, got {config.lpft_steps}")
-    if config.lpft_lr < 0 or config.lpft_head_lr < 0:
-        raise MetalmError("learner.lpft_lr and learner.lpft_head_lr must be >= 0")
-
-
 @register_learner("frozen", FrozenConfig)
 class FrozenCentroids(_CentroidLearner):
     """Nearest centroid (or another `learner.head`) on frozen pretrained embeddings.
@@ -189,15 +215,10 @@ class ProtoNet(_CentroidLearner):
         >>> logits = learner.predict(learner.adapt(texts, labels), queries)
     """
 
+    config: ProtoNetConfig
+
     def __init__(self, encoder: TextEncoder, config: ProtoNetConfig):
-        super().__init__(encoder, config)
-        if config.train_head not in TRAIN_HEADS:
-            raise MetalmError(
-                f"learner.train_head must be one of {', '.join(TRAIN_HEADS)}; "
-                f"got {config.train_head!r}"
-            )
-        if not config.ridge_lambda > 0:
-            raise MetalmError(f"learner.ridge_lambda must be > 0, got {config.ridge_lambda}")
+        super().__init__(encoder, config, config.init_scale, config.learn_scale)
 
     def meta_loss(self, episode: Episode) -> Tensor:
         texts = episode.support_texts + episode.query_texts
@@ -214,9 +235,6 @@ class ProtoNet(_CentroidLearner):
             logits = prototype_logits(query, prototypes, self.config.distance, self.log_scale.exp())
         targets = torch.as_tensor(episode.query_labels, device=logits.device)
         return nn.functional.cross_entropy(logits, targets)
-
-
-TRAIN_HEADS = ("prototype", "ridge")
 
 
 def ridge_logits(support: Tensor, labels: Tensor, query: Tensor, n_way: int, lam: float) -> Tensor:

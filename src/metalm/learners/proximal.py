@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.base import register_learner
-from metalm.learners.functional import Params, conjugate_gradient, math_attention
+from metalm.learners.base import head_loss, register_learner
+from metalm.learners.functional import conjugate_gradient, math_attention
 from metalm.learners.gradient import EncoderAdaptConfig, GradientLearner
+from metalm.learners.optim import Params
 from metalm.models.encoder import TextEncoder
 
 
@@ -43,6 +44,15 @@ class ProximalConfig(EncoderAdaptConfig):
     first_order: bool = False
     implicit: bool = False
     cg_steps: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prox_lambda < 0 or (self.implicit and self.prox_lambda == 0):
+            raise MetalmError(
+                f"learner.prox_lambda must be >= 0 (> 0 with implicit), got {self.prox_lambda}"
+            )
+        if self.cg_steps < 1:
+            raise MetalmError(f"learner.cg_steps must be >= 1, got {self.cg_steps}")
 
 
 @register_learner("proximal", ProximalConfig)
@@ -58,12 +68,7 @@ class Proximal(GradientLearner):
 
     def __init__(self, encoder: TextEncoder, config: ProximalConfig):
         super().__init__(encoder, config)
-        if config.prox_lambda < 0 or (config.implicit and config.prox_lambda == 0):
-            raise MetalmError(
-                f"learner.prox_lambda must be >= 0 (> 0 with implicit), got {config.prox_lambda}"
-            )
-        if config.cg_steps < 1:
-            raise MetalmError(f"learner.cg_steps must be >= 1, got {config.cg_steps}")
+        self.first_order = config.first_order
         self.proximal = config.prox_lambda
 
     def meta_loss(self, episode: Episode) -> Tensor:
@@ -91,7 +96,7 @@ class Proximal(GradientLearner):
             support_fn, batch = self._head_loss, (support.detach(), s_labels)
 
             def query_loss(p: Params) -> Tensor:
-                return nn.functional.cross_entropy(self.logits(p, query), q_labels)
+                return head_loss(p, query, q_labels, self.config.logit_scale)
 
         else:
             support = self._features(s_ids, s_mask, None, False)
@@ -100,7 +105,7 @@ class Proximal(GradientLearner):
 
             def query_loss(p: Params) -> Tensor:
                 features = self._features(q_ids, q_mask, p, False)
-                return nn.functional.cross_entropy(self.logits(p, features), q_labels)
+                return head_loss(p, features, q_labels, self.config.logit_scale)
 
         start = {k: v.detach() for k, v in anchor.items()}
         adapted = self._inner(start, support_fn, batch, self.config.inner_steps, True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from metalm.errors import MetalmError
 from metalm.learners.base import register_learner
 from metalm.learners.gradient import EncoderAdaptConfig, GradientLearner
 
@@ -29,6 +30,13 @@ class ReptileConfig(EncoderAdaptConfig):
 
     name: str = "reptile"
     adapt: str = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adapt == "head":
+            raise MetalmError(
+                f"learner {self.name!r} must adapt encoder tensors; set learner.adapt"
+            )
 
 
 @register_learner("reptile", ReptileConfig)
@@ -42,7 +50,6 @@ class Reptile(GradientLearner):
 
     encodes_support_with_query = True
     first_order = True
-    needs_encoder_adaptation = True
 
     def _task_loss(
         self,
