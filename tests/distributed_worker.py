@@ -20,7 +20,8 @@ from conftest import tiny_overrides
 from metalm import distributed
 from metalm.config import load_config
 from metalm.learners import build_learner
-from metalm.models.encoder import TextEncoder
+from metalm.models.causal import build_model
+from metalm.models.tiny import save_tiny_llama
 from metalm.tasks import build_pools
 from metalm.trainer import MetaTrainer
 
@@ -54,6 +55,8 @@ CASES: dict[str, dict[str, object]] = {
     },
     "metanet": {},
     "lstm_meta": {"learner.inner_steps": 2},
+    # MetaICL's LoRA adapters on a tiny random Llama
+    "metaicl": {"model.kind": "causal", "learner.lora_r": 2},
 }
 
 
@@ -65,9 +68,15 @@ def train(model_dir: Path, out_dir: Path, cases: list[str]) -> None:
         extra |= {"train.steps": STEPS, "train.meta_batch_size": META_BATCH}
         extra |= {"train.eval_every": 2, "train.checkpoint_every": 2, "train.val_episodes": 1}
         extra |= {"train.val_n_way": 3, "train.val_q_queries": 2, "train.warmup_steps": 0}
+        if extra.get("model.kind") == "causal":  # rank 0 writes it (seeded), all load it
+            extra["model.name_or_path"] = out_dir / "llama"
+            if world.is_main:
+                save_tiny_llama(out_dir / "llama")
+            if world.distributed:
+                torch.distributed.barrier()
         config = load_config(None, tiny_overrides(model_dir, out_dir / case, **extra))
         torch.manual_seed(config.seed)
-        learner = build_learner(TextEncoder.from_config(config.model), config.learner).double()
+        learner = build_learner(build_model(config.model), config.learner).double()
         pools = build_pools(config.data)
         drop = config.data.drop_small_classes
         sampler = pools.train_sampler(config.episode, config.seed, drop)

@@ -226,7 +226,10 @@ class PromptScorer:
             hidden = self._hidden(prefix_ids, cache, packed)
             where = [i for rows in packed.predictors for row in rows for i in row]
             tokens = [t for targets in packed.targets for target in targets for t in target]
-            logprobs = self.head(hidden[where]).float().log_softmax(-1)
+            logits = self.head(hidden[where])
+            if logits.dtype in (torch.float16, torch.bfloat16):  # soft-max in float32 at least
+                logits = logits.float()
+            logprobs = logits.log_softmax(-1)
             picked = logprobs.gather(1, torch.tensor(tokens, device=hidden.device)[:, None])[:, 0]
             start = 0
             for targets in packed.targets:
