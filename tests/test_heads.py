@@ -36,8 +36,9 @@ from metalm.learners.heads import (
     shot_folds,
 )
 from metalm.models import EncoderConfig, TextEncoder
+from metalm.protocols import baselines
 from metalm.report import EvalReport
-from metalm.run import _baselines, evaluate_run
+from metalm.runs import evaluate_run
 
 TEXTS = [
     "set an alarm for six",
@@ -321,7 +322,7 @@ def test_baselines_are_kept_apart_by_label():
             f"eval.baselines=[{{name: frozen}}, {{name: frozen, head: {other}}}]",
         ],
     )
-    assert [method_label(b) for b in _baselines(config)] == [f"frozen/{other}"]
+    assert [method_label(b) for b in baselines(config)] == [f"frozen/{other}"]
 
 
 # -- paired intervals on full-way rows ---------------------------------------------------
@@ -451,3 +452,26 @@ def test_real_minilm_logreg_beats_centroid_on_full_way_banking77():
             accuracy[head] = float((predicted == truth).float().mean())
     assert 0.70 < accuracy["centroid"] < 0.82
     assert accuracy["logreg"] >= accuracy["centroid"] + 0.01
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "frozen", "head": "logreg"},
+        {"name": "protonet", "head": "lpft", "lpft_steps": 1},
+        {"name": "finetune", "steps": 1},
+    ],
+    ids=["frozen/logreg", "protonet/lpft", "finetune"],
+)
+def test_linear_heads_work_on_a_float64_encoder(config, tiny_model_dir):
+    """The logistic-regression head is fitted in float32; applied to float64 features it
+    follows their precision instead of failing on the dtype mismatch."""
+    from metalm.config import parse_learner_config
+    from metalm.learners import build_learner
+    from metalm.models.encoder import EncoderConfig, TextEncoder
+
+    encoder = TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir)))
+    learner = build_learner(encoder, parse_learner_config(config)).double()
+    state = learner.adapt(["a b", "c d", "e f", "g h"], [0, 1, 0, 1])
+    logits = learner.predict(state, ["a b", "c"])
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()

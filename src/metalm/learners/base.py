@@ -151,8 +151,12 @@ ENCODER_PREFIX = "encoder."
 
 
 def head_logits(head: dict[str, Tensor], features: Tensor, scale: float = 1.0) -> Tensor:
-    """`scale * (features @ W.T + b)` with a task head `{"head.weight", "head.bias"}`."""
-    return scale * (features @ head["head.weight"].T + head["head.bias"])
+    """`scale * (features @ W.T + b)` with a task head `{"head.weight", "head.bias"}`, in
+    the features' precision (a logistic-regression head is fitted in float32)."""
+    weight, bias = head["head.weight"], head["head.bias"]
+    if weight.dtype != features.dtype:
+        weight, bias = weight.to(features.dtype), bias.to(features.dtype)
+    return scale * (features @ weight.T + bias)
 
 
 def head_loss(
