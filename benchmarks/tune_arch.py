@@ -21,7 +21,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 from tune_warmstart import QUICK, tiny_model, write_record
 
-from metalm.tune import load_tune_config, tune
+from metalm.tune import TuneOptions, load_tune_config, tune
 from metalm.tune.arch import arch_space
 
 
@@ -45,11 +45,13 @@ def main() -> None:
         overrides = [f"model.name_or_path={tiny_model(scratch)}", *QUICK, *overrides]
     base, _search = load_tune_config(args.config, overrides)  # the search: section is unused
     began = time.time()
-    result = tune(
-        base, arch_space(base), args.trials, Path(args.runs) / time.strftime("%Y%m%d-%H%M%S"),
+    options = TuneOptions(
         study_name="arch", sampler=args.sampler, pruner="none", seed=args.seed,
         objectives=args.objectives, final=False, startup_trials=args.startup_trials,
-        printer=lambda line, **_: print(f"[arch] {line}", flush=True),
+    )  # fmt: skip
+    result = tune(
+        base, arch_space(base), args.trials, Path(args.runs) / time.strftime("%Y%m%d-%H%M%S"),
+        options, printer=lambda line, **_: print(f"[arch] {line}", flush=True),
     )  # fmt: skip
     front = {row["trial"] for row in result.pareto}
     rows = [

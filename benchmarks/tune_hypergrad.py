@@ -24,7 +24,7 @@ from pathlib import Path
 from tune_warmstart import QUICK, tiny_model, write_record
 
 from metalm import load_config, run
-from metalm.tune import parse_space, tune
+from metalm.tune import TuneOptions, parse_space, tune
 
 
 def main() -> None:
@@ -80,8 +80,9 @@ def main() -> None:
     began = time.time()
     space = parse_space({"train.lr": {"low": args.low, "high": args.high, "log": True}}, base)
     searched = tune(
-        base, space, args.trials, runs / "search", sampler="tpe", pruner="none", seed=0,
-        final=False, printer=lambda line, **_: print(f"[search] {line}", flush=True),
+        base, space, args.trials, runs / "search",
+        TuneOptions(sampler="tpe", pruner="none", seed=0, final=False),
+        printer=lambda line, **_: print(f"[search] {line}", flush=True),
     )  # fmt: skip
     test("searched", searched.best_config, time.time() - began, runs_trained=args.trials + 1)
     start = load_config(args.config, [*overrides, f"train.lr={args.lr}"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tune_warmstart import QUICK, curve, tiny_model, write_record
 
-from metalm.tune import load_tune_config, tune
+from metalm.tune import TuneOptions, load_tune_config, tune
 
 
 def print_table(rows: list[dict], samplers: list[str], trials: int) -> None:
@@ -70,9 +70,12 @@ def main() -> None:
         for sampler in args.samplers:
             name = f"{sampler}-{seed}"
             began = time.time()
+            options = TuneOptions(
+                study_name=name, sampler=sampler, pruner="none", seed=seed, final=False,
+                startup_trials=args.startup_trials,
+            )  # fmt: skip
             result = tune(
-                base, space, args.trials, runs / name, study_name=name, sampler=sampler,
-                pruner="none", seed=seed, final=False, startup_trials=args.startup_trials,
+                base, space, args.trials, runs / name, options,
                 printer=lambda line, name=name, **_: print(f"[{name}] {line}", flush=True),
             )  # fmt: skip
             values = curve(result.study)

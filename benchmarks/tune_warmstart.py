@@ -25,7 +25,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from metalm.tune import load_tune_config, tune
+from metalm.tune import TuneOptions, load_tune_config, tune
 
 QUICK = [
     "model.max_length=16",
@@ -97,11 +97,14 @@ def main() -> None:
         base, space = load_tune_config(
             args.config, [*overrides, f"data.classes.seed={classes_seed}"]
         )
+        options = TuneOptions(
+            study_name=name, sampler="tpe", pruner=args.pruner, seed=seed,
+            warm_start_from=warm, warm_start_top=args.top,
+            startup_trials=args.startup_trials, final=False,
+        )  # fmt: skip
         result = tune(
-            base, space, trials, runs / name, study_name=name, sampler="tpe",
-            pruner=args.pruner, seed=seed, warm_start_from=warm, warm_start_top=args.top,
-            startup_trials=args.startup_trials,
-            final=False, printer=lambda line, **_: print(f"[{name}] {line}", flush=True),
+            base, space, trials, runs / name, options,
+            printer=lambda line, **_: print(f"[{name}] {line}", flush=True),
         )  # fmt: skip
         return result.study
 

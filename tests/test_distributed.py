@@ -22,10 +22,10 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 from metalm import distributed
-from metalm.checkpoint import find_checkpoint
 from metalm.cli import main
 from metalm.distributed import World
 from metalm.errors import MetalmError
+from metalm.rundir import find_checkpoint
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "distributed_worker.py"

@@ -15,11 +15,11 @@ from fuzzing import EXAMPLES, fuzz_settings, valid_or_metalm_error, write_temp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metalm.classifier import read_labeled, read_texts
 from metalm.data import load_csv, load_jsonl
 from metalm.data.dataset import LabeledTextDataset
 from metalm.data.unlabeled import UnlabeledConfig, load_texts
 from metalm.errors import MetalmError
+from metalm.textfiles import read_labeled, read_texts
 
 SPECIAL = ["\x00", '"', "'", ",", ";", "\t", "\r", "\n", "\r\n", "\ufeff", "\u2028", "\\", " "]
 field = st.one_of(

@@ -25,7 +25,7 @@ from metalm.learners.base import head_logits
 from metalm.learners.lstm_meta import MetaLSTMCell, preprocess
 from metalm.learners.model_based import FeatureLearner
 from metalm.models import EncoderConfig, TextEncoder
-from metalm.run import load_trained_learner
+from metalm.runs import load_trained_learner
 from metalm.tasks import build_pools
 from metalm.trainer import MetaTrainer
 

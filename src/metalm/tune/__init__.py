@@ -2,12 +2,21 @@
 storage shared by many workers, warm start, and architecture search (Pareto front).
 
 Example:
-    >>> from metalm.tune import load_tune_config, tune
+    >>> from metalm.tune import TuneOptions, load_tune_config, tune
     >>> base, space = load_tune_config("configs/tune_protonet.yaml")
-    >>> result = tune(base, space, trials=20, study_dir="runs/tune-protonet")
+    >>> result = tune(base, space, 20, "runs/tune-protonet", TuneOptions(pruner="median"))
 """
 
+from metalm.tune.options import TuneOptions
 from metalm.tune.space import Param, SearchSpace, load_tune_config, parse_space
 from metalm.tune.tuner import TuneResult, tune
 
-__all__ = ["Param", "SearchSpace", "TuneResult", "load_tune_config", "parse_space", "tune"]
+__all__ = [
+    "Param",
+    "SearchSpace",
+    "TuneOptions",
+    "TuneResult",
+    "load_tune_config",
+    "parse_space",
+    "tune",
+]

@@ -18,24 +18,12 @@ import optuna
 from metalm import distributed
 from metalm.config import RunConfig
 from metalm.errors import MetalmError
-from metalm.run import meta_train
-from metalm.trainer import BEST_WEIGHTS, CHECKPOINT_DIR
+from metalm.rundir import remove_weights
+from metalm.trial import meta_train
 from metalm.tune.space import SearchSpace, apply_params
 from metalm.tune.study import mark_worker
 
-OBJECTIVES = {"accuracy": "maximize", "latency": "minimize", "params": "minimize"}
 TRIALS_DIR = "trials"
-
-
-def parse_objectives(text: str | Sequence[str]) -> list[str]:
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
-    unknown = [n for n in names if n not in OBJECTIVES]
-    if unknown or not names or names[0] != "accuracy" or len(set(names)) != len(names):
-        raise MetalmError(
-            f"--objectives {','.join(names)!r}: start with accuracy, then optionally latency "
-            "and/or params (e.g. accuracy,latency)"
-        )
-    return names
 
 
 def pruning_callback(trial: optuna.Trial):
@@ -103,9 +91,4 @@ class Objective:
             return (float(accuracy), *(measured[name] for name in self.objectives[1:]))
         finally:
             if not self.keep_weights:
-                for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", BEST_WEIGHTS):
-                    path = run_dir / name
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    elif path.exists():
-                        path.unlink()
+                remove_weights(run_dir)

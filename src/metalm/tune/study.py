@@ -2,7 +2,7 @@
 name, warm start from earlier studies, and recovery from workers killed mid-trial.
 
 Example:
-    >>> study = open_study("runs/tune", sampler="tpe", pruner="median")
+    >>> study = open_study("runs/tune", TuneOptions(sampler="tpe", pruner="median"))
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from metalm.errors import MetalmError
+from metalm.tune.optuna_private import set_trial_state
+
+if TYPE_CHECKING:
+    from metalm.tune.options import TuneOptions
 
 JOURNAL_FILE = "study.journal"
 SAMPLERS = ("random", "tpe", "gp", "cmaes", "nsga2")
@@ -89,6 +93,20 @@ def make_storage(url: str | None, study_dir: str | Path, heartbeat: int = 60):
     )
 
 
+def check_sampler(name: str, startup_trials: int | None = None) -> None:
+    """A known sampler name and a non-negative startup count, or a MetalmError."""
+    if name not in SAMPLERS:
+        raise MetalmError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    if startup_trials is not None and startup_trials < 0:
+        raise MetalmError(f"--startup-trials must be >= 0, got {startup_trials}")
+
+
+def check_pruner(name: str) -> None:
+    """A known pruner name, or a MetalmError."""
+    if name not in PRUNERS:
+        raise MetalmError(f"unknown pruner {name!r}; choose one of {list(PRUNERS)}")
+
+
 def make_sampler(
     name: str,
     seed: int | None = None,
@@ -98,10 +116,7 @@ def make_sampler(
     """The Optuna sampler `name`. `startup_trials`: random trials before the model-based
     samplers (tpe, gp, cmaes) take over (None: Optuna's default, 10); small budgets
     want fewer."""
-    if name not in SAMPLERS:
-        raise MetalmError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
-    if startup_trials is not None and startup_trials < 0:
-        raise MetalmError(f"--startup-trials must be >= 0, got {startup_trials}")
+    check_sampler(name, startup_trials)
     startup = {} if startup_trials is None else {"n_startup_trials": startup_trials}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -135,8 +150,7 @@ def make_sampler(
 def make_pruner(name: str, max_steps: int = 0, eval_every: int = 1):
     """`median`: below the median of earlier trials at the same step; `asha`: successive
     halving; `hyperband`: several ASHA brackets; resources are training steps."""
-    if name not in PRUNERS:
-        raise MetalmError(f"unknown pruner {name!r}; choose one of {list(PRUNERS)}")
+    check_pruner(name)
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
@@ -149,31 +163,23 @@ def make_pruner(name: str, max_steps: int = 0, eval_every: int = 1):
 
 
 def open_study(
-    study_dir: str | Path,
-    study_name: str = "metalm",
-    storage: str | None = None,
-    sampler: str = "tpe",
-    pruner: str = "median",
-    seed: int | None = None,
-    directions: Sequence[str] = ("maximize",),
-    max_steps: int = 0,
-    eval_every: int = 1,
-    heartbeat: int = 60,
-    startup_trials: int | None = None,
+    study_dir: str | Path, options: TuneOptions, max_steps: int = 0, eval_every: int = 1
 ) -> optuna.Study:
-    """Create the study, or load it to continue (other workers, a restart)."""
+    """Create the study `options` describe, or load it to continue (other workers, a
+    restart); `max_steps`/`eval_every` (the base config's) size the pruners."""
+    directions = options.directions
     multi = len(directions) > 1
     study = optuna.create_study(
-        study_name=study_name,
-        storage=make_storage(storage, study_dir, heartbeat),
-        sampler=make_sampler(sampler, seed, multi, startup_trials),
-        pruner=make_pruner("none" if multi else pruner, max_steps, eval_every),
-        directions=list(directions),
+        study_name=options.study_name,
+        storage=make_storage(options.storage, study_dir, options.heartbeat),
+        sampler=make_sampler(options.sampler, options.seed, multi, options.startup_trials),
+        pruner=make_pruner("none" if multi else options.pruner, max_steps, eval_every),
+        directions=directions,
         load_if_exists=True,
     )
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise MetalmError(
-            f"study {study_name!r} exists with other objectives; pick another --study-name"
+            f"study {options.study_name!r} exists with other objectives; pick another --study-name"
         )
     fail_dead_local_trials(study)
     return study
@@ -204,7 +210,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
         if trial.user_attrs.get("host") != host or not isinstance(pid, int) or _alive(pid):
             continue
         try:
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            set_trial_state(study, trial, TrialState.FAIL)
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another worker got there first
         failed.append(trial.number)

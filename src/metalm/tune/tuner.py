@@ -4,14 +4,14 @@ evaluated on the meta-test episodes, which the search never sees.
 
 Example:
     >>> base, space = load_tune_config("configs/tune_protonet.yaml")
-    >>> result = tune(base, space, trials=20, study_dir="runs/tune-protonet")
+    >>> result = tune(base, space, 20, "runs/tune-protonet", TuneOptions(sampler="tpe"))
     >>> result.best_value, result.test_report.to_markdown()
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,9 @@ from metalm import distributed
 from metalm.config import RunConfig
 from metalm.errors import MetalmError
 from metalm.report import EvalReport
-from metalm.tune.objective import OBJECTIVES, Objective, parse_objectives
+from metalm.rundir import REPORT_MD
+from metalm.tune.objective import Objective
+from metalm.tune.options import TuneOptions
 from metalm.tune.outputs import ProgressLine, write_outputs
 from metalm.tune.space import SearchSpace, apply_params
 from metalm.tune.study import FINISHED, finished_count, open_study, warm_start
@@ -47,72 +49,54 @@ def tune(
     space: SearchSpace,
     trials: int,
     study_dir: str | Path,
-    study_name: str = "metalm",
-    storage: str | None = None,
-    sampler: str = "tpe",
-    pruner: str = "median",
-    seed: int | None = None,
-    objectives: str | Sequence[str] = ("accuracy",),
-    warm_start_from: Sequence[str] = (),
-    warm_start_top: int = 1,
-    final: bool = True,
-    progress: bool = False,
-    heartbeat: int = 60,
-    printer=print,
-    startup_trials: int | None = None,
+    options: TuneOptions | None = None,
+    printer: Callable[..., None] = print,
 ) -> TuneResult:
     """Run the study until it holds `trials` finished (complete or pruned) trials, counting
     those of other workers and earlier runs; then write the outputs and (single
-    objective, `final=True`) re-run the best config and test it on meta-test."""
+    objective, `options.final`) re-run the best config and test it on meta-test.
+    `printer` gets one line per event (a trial finished or failed, the best one)."""
     if trials < 1:
         raise MetalmError(f"--trials must be >= 1, got {trials}")
-    names = parse_objectives(objectives)
+    options = options or TuneOptions()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(
-        study_dir,
-        study_name,
-        storage,
-        sampler,
-        pruner,
-        seed,
-        [OBJECTIVES[n] for n in names],
-        base.train.steps,
-        base.train.eval_every,
-        heartbeat,
-        startup_trials,
-    )
+    study = open_study(study_dir, options, base.train.steps, base.train.eval_every)
+    names = list(options.objectives)
     if len(names) > 1:
         study.set_user_attr("objectives", names)
-    if warm_start_from:
-        queued = warm_start(study, warm_start_from, space.names, warm_start_top)
+    if options.warm_start_from:
+        queued = warm_start(study, options.warm_start_from, space.names, options.warm_start_top)
         printer(f"warm start: queued {len(queued)} configuration(s) from earlier studies")
-    objective = Objective(base, space, study_dir, names, progress)
-    line = ProgressLine(trials, printer)
+    left = trials - finished_count(study)
+    if left > 0:
+        printer(
+            f"study {options.study_name!r} in {study_dir}: {trials - left}/{trials} finished, "
+            f"running up to {left} more"
+        )
+        study.optimize(
+            Objective(base, space, study_dir, names, options.progress),
+            n_trials=left,
+            callbacks=[
+                optuna.study.MaxTrialsCallback(trials, states=FINISHED),
+                ProgressLine(trials, printer),
+                _failure_line(printer),
+            ],
+            catch=(MetalmError,),
+        )
+    return finish(study, base, study_dir, options.final, options.progress, printer)
+
+
+def _failure_line(printer: Callable[..., None]):
+    """A `study.optimize` callback: one line for each failed trial, with its reason."""
 
     def report_failure(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.FAIL:
             reason = trial.system_attrs.get("fail_reason", "")
             printer(f"trial {trial.number} failed: {reason.splitlines()[-1] if reason else ''}")
 
-    left = trials - finished_count(study)
-    if left > 0:
-        printer(
-            f"study {study_name!r} in {study_dir}: {trials - left}/{trials} finished, "
-            f"running up to {left} more"
-        )
-        study.optimize(
-            objective,
-            n_trials=left,
-            callbacks=[
-                optuna.study.MaxTrialsCallback(trials, states=FINISHED),
-                line,
-                report_failure,
-            ],
-            catch=(MetalmError,),
-        )
-    return finish(study, base, study_dir, final, progress, printer)
+    return report_failure
 
 
 def finish(
@@ -148,5 +132,5 @@ def finish(
         printer("re-running the best config and testing it on the meta-test episodes")
         distributed.announce("run", config)  # under torchrun: every rank trains it
         result.test_report = run(config, progress=progress)
-        result.outputs.append(f"{BEST_RUN}/report.md")
+        result.outputs.append(f"{BEST_RUN}/{REPORT_MD}")
     return result

@@ -1,0 +1,55 @@
+"""`meta_train(config, run_dir)`: one tuning trial, meta-training only and validating on
+the meta-val classes; the meta-test classes are never touched (the tuner's objective
+and the other ranks of `metalm tune` under torchrun call it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from metalm import distributed
+from metalm.config import RunConfig, save_config
+from metalm.errors import MetalmError
+from metalm.evaluate import validation_accuracy
+from metalm.learners import MetaLearner, build_learner
+from metalm.models.causal import build_model
+from metalm.run import build_trainer, samplers
+from metalm.rundir import CONFIG_FILE
+from metalm.tasks import build_pools
+from metalm.trainer import TrainResult, ValidationCallback
+
+
+def meta_train(
+    config: RunConfig,
+    run_dir: str | Path,
+    progress: bool = True,
+    on_validation: Sequence[ValidationCallback] = (),
+) -> tuple[MetaLearner, TrainResult]:
+    """Meta-train only, validating on the meta-val classes. A learner that does not
+    meta-train, or `train.steps=0`, is validated once as it is.
+
+    Example:
+        >>> learner, result = meta_train(config, "runs/tune/trials/trial-0000")
+        >>> result.best_val_accuracy
+    """
+    world = distributed.setup(config.model.device)
+    torch.manual_seed(config.seed)
+    learner = build_learner(build_model(config.model), config.learner)
+    pools = build_pools(config.data)
+    if pools.val is None:
+        raise MetalmError("tuning needs meta-val classes: set data.classes.fractions or .val")
+    run_dir = Path(run_dir)
+    sampled = samplers(config, pools)
+    trainer = build_trainer(learner, config, sampled, run_dir, progress, on_validation)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
+    if trainer is not None:
+        return learner, trainer.fit()
+    accuracy = validation_accuracy(learner, sampled[1], config.train.val_episodes)
+    for callback in on_validation:
+        callback(0, accuracy)
+    history = [{"step": 0, "val_accuracy": accuracy}]
+    return learner, TrainResult(0, 0, accuracy, history)

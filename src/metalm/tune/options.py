@@ -1,0 +1,73 @@
+"""`TuneOptions`: how a study runs (its name and storage, sampler, pruner, objectives,
+warm start, the final re-run), each value checked when the options are made.
+
+Example:
+    >>> options = TuneOptions(sampler="random", pruner="none", seed=0)
+    >>> options.objectives
+    ['accuracy']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from metalm.errors import MetalmError
+from metalm.tune.study import check_pruner, check_sampler
+
+OBJECTIVES = {"accuracy": "maximize", "latency": "minimize", "params": "minimize"}
+
+
+def parse_objectives(text: str | Sequence[str]) -> list[str]:
+    """`accuracy`, then optionally `latency` and/or `params` (a list or `a,b` text)."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown or not names or names[0] != "accuracy" or len(set(names)) != len(names):
+        raise MetalmError(
+            f"--objectives {','.join(names)!r}: start with accuracy, then optionally latency "
+            "and/or params (e.g. accuracy,latency)"
+        )
+    return names
+
+
+@dataclass
+class TuneOptions:
+    """Everything about a study but the base config, the space, the trial budget and the
+    study directory (see `metalm.tune.tune`).
+
+    `storage`: None (the journal file in the study directory), a `.journal` path or an
+    RDB URL shared by workers. `startup_trials`: random trials before the model-based
+    samplers take over (None: Optuna's 10). `objectives`: `accuracy`, or with `latency`
+    and/or `params` an architecture search (a Pareto front). `warm_start_from`: earlier
+    studies whose `warm_start_top` best configurations are tried first. `final`: re-run
+    the best config and test it on meta-test. `heartbeat`: seconds between an RDB
+    worker's heartbeats (a silent worker's trial is retried).
+    """
+
+    study_name: str = "metalm"
+    storage: str | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int | None = None
+    startup_trials: int | None = None
+    objectives: str | Sequence[str] = ("accuracy",)
+    warm_start_from: Sequence[str] = ()
+    warm_start_top: int = 1
+    final: bool = True
+    progress: bool = False
+    heartbeat: int = 60
+
+    def __post_init__(self) -> None:
+        check_sampler(self.sampler, self.startup_trials)
+        check_pruner(self.pruner)
+        self.objectives = parse_objectives(self.objectives)
+        self.warm_start_from = list(self.warm_start_from)
+        if self.warm_start_top < 1:
+            raise MetalmError(f"--warm-start-top must be >= 1, got {self.warm_start_top}")
+        if self.heartbeat < 1:
+            raise MetalmError(f"--heartbeat must be >= 1 second, got {self.heartbeat}")
+
+    @property
+    def directions(self) -> list[str]:
+        """`maximize`/`minimize` for each objective."""
+        return [OBJECTIVES[name] for name in self.objectives]
