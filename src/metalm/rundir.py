@@ -15,8 +15,8 @@ Checkpoints are replaced through `metalm.atomic.replace_dir`; `checkpoint.old` (
 (`.old`) and cleared (both) so that their runs resume.
 
 Example:
-    >>> find_checkpoint(Path("runs/protonet-demo") / CHECKPOINT_DIR)
-    PosixPath('runs/protonet-demo/checkpoint')
+    >>> new_eval_dir(Path("runs/protonet-demo"), "more-episodes").as_posix()
+    'runs/protonet-demo/evals/more-episodes'
 """
 
 from __future__ import annotations
