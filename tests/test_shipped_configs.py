@@ -187,7 +187,7 @@ def test_readme_has_train_commands():
 
 
 @pytest.mark.parametrize("args", README_COMMANDS, ids=lambda a: " ".join(a[1:])[:60])
-def test_readme_train_command_runs(args, tiny_model_dir, tmp_path, monkeypatch):
+def test_readme_train_command_runs(args, tiny_model_dir, tiny_llama_dir, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     for name in ("configs", "examples"):
@@ -196,10 +196,11 @@ def test_readme_train_command_runs(args, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     config_path = Path(args[args.index("-c") + 1]) if "-c" in args else None
     readme_overrides = [a for a in args[1:] if "=" in a]
+    causal = load_config(config_path, readme_overrides).model.kind == "causal"
     # the README's own settings, then the budget; no full-way protocol, no baselines
     overrides = [
         *readme_overrides,
-        *budget(tiny_model_dir, tmp_path / "runs"),
+        *budget(tiny_llama_dir if causal else tiny_model_dir, tmp_path / "runs"),
         "eval.full_way_shots=[]",
         "eval.baselines=[]",
     ]
