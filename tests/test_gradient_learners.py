@@ -589,6 +589,7 @@ E2E = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(E2E))
 def test_real_minilm_end_to_end(name, tmp_path):
     run_real_minilm_briefly(name, ["learner.inner_steps=2", *E2E[name]], tmp_path)

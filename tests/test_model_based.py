@@ -403,6 +403,7 @@ E2E = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(E2E))
 def test_real_minilm_end_to_end(name, tmp_path):
     run_real_minilm_briefly(name, [*E2E[name]], tmp_path)
