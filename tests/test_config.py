@@ -20,7 +20,7 @@ from metalm.config import (
 )
 from metalm.data.sources import DataSource, EvalSource
 from metalm.errors import MetalmError
-from metalm.learners import FinetuneConfig, FrozenConfig, ProtoNetConfig
+from metalm.learners import LEARNERS, FinetuneConfig, FrozenConfig, ProtoNetConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(REPO_ROOT.glob("configs/**/*.yaml")) + sorted(
@@ -320,8 +320,8 @@ def test_unknown_learner_lists_valid_learners(override):
         load_config(None, [override])
     message = str(err.value)
     assert "unknown learner 'nope'" in message
-    for name in ("protonet", "frozen", "finetune"):
-        assert name in message
+    for name in LEARNERS:
+        assert repr(name) in message
 
 
 def test_unknown_learner_in_yaml_file(tmp_path):
@@ -425,11 +425,13 @@ def test_round_trip_non_default(tmp_path):
     assert (tmp_path / "again.yaml").read_text() == path.read_text()
 
 
-def test_round_trip_every_learner(tmp_path):
-    for name in ("protonet", "frozen", "finetune"):
-        config = load_config(None, [f"learner.name={name}"])
-        save_config(config, tmp_path / f"{name}.yaml")
-        assert load_config(tmp_path / f"{name}.yaml") == config
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_round_trip_every_learner(name, tmp_path):
+    kind = LEARNERS[name].model_kind  # icl / metaicl need model.kind=causal
+    config = load_config(None, [f"learner.name={name}", f"model.kind={kind}"])
+    assert config.learner.name == name and config.model.kind == kind
+    save_config(config, tmp_path / f"{name}.yaml")
+    assert load_config(tmp_path / f"{name}.yaml") == config
 
 
 def test_eval_config_defaults_match():

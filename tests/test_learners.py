@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from metalm.config import parse_learner_config
 from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.errors import MetalmError
 from metalm.evaluate import Z95, evaluate_episodes, mean_ci95
@@ -21,6 +22,7 @@ from metalm.learners import (
     build_learner,
 )
 from metalm.models import EncoderConfig, TextEncoder
+from metalm.models.causal import build_model
 from metalm.report import EvalReport
 
 
@@ -109,8 +111,38 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 # -- learners ----------------------------------------------------------------------
 def test_registry_has_each_learner_once():
     assert {"frozen", "protonet", "finetune"} <= set(LEARNERS)
+    for name, registered in LEARNERS.items():
+        assert registered.config_class().name == name
     with pytest.raises(MetalmError, match="valid learners"):
         build_learner(None, FrozenConfig(name="nope"))  # type: ignore[arg-type]
+
+
+# a few steps where a learner's default takes many (finetune: 300 head steps)
+FAST = {"finetune": {"head_steps": 5, "steps": 2}}
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_every_learner_adapts_predicts_and_meta_trains(
+    name, tiny_model_dir, tiny_llama_dir, episode
+):
+    """Each registered learner on its kind of model (a tiny BERT, or a tiny Llama for the
+    in-context learners): finite [queries, N] logits; a meta-trainable one also gives a
+    finite meta-loss with a gradient."""
+    kind = LEARNERS[name].model_kind
+    model_dir = tiny_llama_dir if kind == "causal" else tiny_model_dir
+    model = build_model(EncoderConfig(kind=kind, name_or_path=str(model_dir), max_length=16))
+    learner = build_learner(model, parse_learner_config({"name": name, **FAST.get(name, {})}))
+    torch.manual_seed(0)
+    state = learner.adapt_named(episode.support_texts, episode.support_labels, episode.label_names)
+    logits = learner.predict(state, episode.query_texts)
+    assert logits.shape == (len(episode.query_texts), episode.n_way)
+    assert torch.isfinite(logits).all()
+    if learner.meta_trainable:
+        loss = learner.meta_loss(episode)
+        assert torch.isfinite(loss)
+        loss.backward()
+        grads = [p.grad for p in learner.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_frozen_is_nearest_centroid(tiny_encoder, episode):
@@ -232,6 +264,7 @@ def test_report_paired_difference_and_files(tiny_encoder, tmp_path):
 
 
 # -- the real MiniLM -----------------------------------------------------------------
+@pytest.mark.slow
 def test_real_minilm_frozen_beats_chance_clearly_on_banking77():
     encoder = TextEncoder.from_config(EncoderConfig())
     assert encoder.dim == 384
