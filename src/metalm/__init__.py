@@ -2,8 +2,10 @@
 
 Example:
     >>> import metalm
-    >>> report = metalm.run(metalm.load_config(None, ["train.steps=50"]))
-    >>> print(report.to_markdown())
+    >>> config = metalm.load_config(None, tiny)  # overrides, e.g. ["train.steps=50"]
+    >>> report = metalm.run(config, progress=False)
+    >>> [(result.method, result.protocol) for result in report.results]
+    [('protonet', '3-way 1-shot')]
 """
 
 from metalm.classifier import FewShotClassifier

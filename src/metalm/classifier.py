@@ -1,11 +1,11 @@
 """`FewShotClassifier`: a pretrained meta-learner as a scikit-learn-like classifier.
 
 Example:
-    >>> clf = FewShotClassifier.from_pretrained("protonet-minilm")
-    >>> clf.adapt(["lost my card", "card stolen", "balance?", "how much money"],
-    ...           ["lost", "lost", "balance", "balance"])
-    >>> clf.predict(["someone took my card"])
-    ['lost']
+    >>> clf = FewShotClassifier.from_pretrained(saved_model)    # e.g. "protonet-minilm"
+    >>> clf = clf.adapt(["lost my card", "card stolen", "balance?", "how much money"],
+    ...                 ["lost", "lost", "balance", "balance"])
+    >>> clf.classes_, clf.predict(["someone took my card"])[0] in clf.classes_
+    (['balance', 'lost'], True)
     >>> clf.predict_proba(["someone took my card"]).shape
     (1, 2)
 """
@@ -68,9 +68,12 @@ class FewShotClassifier:
     `predict` returns them. Prediction is batched, without gradients and deterministic.
 
     Example:
-        >>> clf = FewShotClassifier.from_pretrained("my-model").fit(texts, labels)
+        >>> clf = FewShotClassifier.from_pretrained(saved_model).fit(texts, labels)
         >>> clf.save_task("task-dir")
-        >>> FewShotClassifier.load_task("task-dir").predict(["new text"])
+        PosixPath('task-dir')
+        >>> loaded = FewShotClassifier.load_task("task-dir")
+        >>> loaded.predict(["new text"]) == clf.predict(["new text"])
+        True
     """
 
     def __init__(
@@ -187,7 +190,9 @@ class FewShotClassifier:
         Example:
             >>> result = clf.score(["is it sunny", "wake me at 7"], ["weather", "alarm"])
             >>> result.accuracy, result.macro_f1, result.confused_pairs
-            >>> result.write("scores/")          # score.json, score.md, confusion.png
+            (1.0, 1.0, [])
+            >>> [path.name for path in result.write("scores/")]
+            ['score.json', 'score.md', 'confusion.png']
         """
         classes = self.classes_
         texts = check_texts(texts)

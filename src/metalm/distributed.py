@@ -277,7 +277,7 @@ def follow(handlers: dict[str, Any]) -> None:
     stopped the trial, e.g. pruned it) moves on to the next announcement.
 
     Example:
-        >>> follow({"trial": lambda job: meta_train(*job), "run": run})
+        >>> follow({"trial": lambda job: meta_train(*job), "run": run})  # doctest: +SKIP
     """
     while True:
         kind, payload = broadcast_object(None)

@@ -16,8 +16,15 @@ uses only the direction: α_t = α_{t-1}·(1 + β·cos(g_t, u_{t-1})), so β is 
 change per step (β=0.01: at most ±1%) whatever the model's size, and α stays positive.
 
 Example:
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> optimizer = torch.optim.SGD([w], lr=0.1)
+    >>> scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     >>> hyper = HypergradientLR(optimizer, scheduler, beta=0.01)
-    >>> loss.backward(); hyper.before_step(); optimizer.step(); hyper.after_step()
+    >>> for _ in range(2):
+    ...     optimizer.zero_grad(); (w**2).sum().backward()
+    ...     hyper.before_step(); optimizer.step(); hyper.after_step(); scheduler.step()
+    >>> round(optimizer.param_groups[0]["lr"], 4)     # two steps in the same direction: up 1%
+    0.101
 """
 
 from __future__ import annotations

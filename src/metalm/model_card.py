@@ -2,7 +2,10 @@
 meta-trained and tested on, its accuracy, the data's licenses.
 
 Example:
-    >>> print(model_card(read_metadata("protonet-minilm"), report=None))
+    >>> from metalm.pretrained import read_metadata
+    >>> print(model_card(read_metadata(saved_model), report=None))  # doctest: +ELLIPSIS
+    ---
+    ...
 """
 
 from __future__ import annotations

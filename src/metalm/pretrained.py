@@ -17,7 +17,8 @@ every weight changed, writes the LM to `encoder/`.
 Loading reads safetensors and JSON only: nothing is unpickled, no remote code runs.
 
 Example:
-    >>> save_pretrained(learner, "my-model", run_config=config, report=report)
+    >>> save_pretrained(learner, "my-model", run_config=config)  # report=: for the model card
+    PosixPath('my-model')
     >>> learner = from_pretrained("my-model")          # or a Hugging Face Hub id
 """
 
@@ -128,8 +129,10 @@ def save_pretrained(
     atomically: a crash at any point leaves the old or the new one whole (`metalm.atomic`).
 
     Example:
-        >>> config, learner = load_trained_learner("runs/protonet-demo")
+        >>> from metalm.runs import load_trained_learner
+        >>> config, learner = load_trained_learner(trained_run)   # e.g. "runs/protonet-demo"
         >>> save_pretrained(learner, "protonet-minilm", run_config=config)
+        PosixPath('protonet-minilm')
     """
     from metalm.config import to_dict
 
@@ -266,7 +269,7 @@ def from_pretrained(
     see `EncoderConfig.quantize`).
 
     Example:
-        >>> learner = from_pretrained("protonet-minilm")
+        >>> learner = from_pretrained(saved_model)       # e.g. "protonet-minilm"
         >>> state = learner.adapt(["hi", "bye"], [0, 1])
     """
     from metalm.config import parse_learner_config
@@ -341,9 +344,11 @@ def export_untrained(
     config's defaults and `overrides` (`model.*` and `learner.*` keys only).
 
     Example:
-        >>> export_untrained("models/minilm-frozen")
-        >>> export_untrained("models/e5-protonet", "protonet",
-        ...                  ["model.name_or_path=intfloat/e5-small-v2", "learner.head=centroid"])
+        >>> export_untrained("models/frozen", overrides=[f"model.name_or_path={tiny_bert}"])
+        PosixPath('models/frozen')
+        >>> export_untrained("models/tiny-protonet", "protonet",      # e.g. intfloat/e5-small-v2
+        ...                  [f"model.name_or_path={tiny_bert}", "learner.head=centroid"])
+        PosixPath('models/tiny-protonet')
     """
     from metalm.config import load_config
 

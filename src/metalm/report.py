@@ -20,8 +20,13 @@ class EvalReport:
     """Accuracy ± 95% CI of each method under each protocol, on the same test tasks.
 
     Example:
-        >>> report = metalm.run(metalm.load_config("configs/demo.yaml"))
-        >>> print(report.to_markdown())
+        >>> from metalm.config import DEMO_CONFIG      # the recipe of `metalm demo`
+        >>> config = metalm.load_config(DEMO_CONFIG, [*tiny, "data.unlabeled.max_texts=200"])
+        >>> report = metalm.run(config, progress=False)
+        >>> [(result.method, result.protocol) for result in report.results]
+        [('protonet', '3-way 1-shot')]
+        >>> print(report.to_markdown())  # doctest: +ELLIPSIS
+        | method | protocol | test data | accuracy % (±95% CI) | ...
     """
 
     results: list[MethodResult]

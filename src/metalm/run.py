@@ -75,8 +75,9 @@ def run(
     and the baselines on the same test tasks; results go to the run directory.
 
     Example:
-        >>> report = run(load_config(None, ["train.steps=20"]))
-        >>> print(report.to_markdown())
+        >>> report = run(load_config(None, tiny), progress=False)  # e.g. ["train.steps=20"]
+        >>> print(report.to_markdown())  # doctest: +ELLIPSIS
+        | method | protocol | test data | accuracy % (±95% CI) | ...
     """
     world = distributed.setup(config.model.device)  # under torchrun: one rank of several
     torch.manual_seed(config.seed)

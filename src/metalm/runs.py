@@ -78,9 +78,9 @@ def evaluate_run(
     is.
 
     Example:
-        >>> report = evaluate_run("runs/protonet-demo", ["learner.head=logreg"])
-        >>> report.run_dir
-        'runs/protonet-demo/evals/20261123-120000'
+        >>> report = evaluate_run(trained_run, ["learner.head=logreg"])  # "runs/protonet-demo"
+        >>> Path(report.run_dir).relative_to(trained_run).parent.as_posix()  # evals/<time>
+        'evals'
     """
     run_dir = require_run_dir(run_dir)
     out = new_eval_dir(run_dir, name)
@@ -99,7 +99,8 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     for the model card).
 
     Example:
-        >>> export_run("runs/protonet-demo", "protonet-minilm")
+        >>> export_run(trained_run, "protonet-minilm")     # e.g. "runs/protonet-demo"
+        PosixPath('protonet-minilm')
     """
     run_dir = require_run_dir(run_dir)
     config, learner = load_trained_learner(run_dir)

@@ -9,7 +9,8 @@ Example:
     >>> result = score_predictions(["a", "b", "b"], ["a", "a", "b"], classes=["a", "b"])
     >>> round(result.accuracy, 3), result.confused_pairs[0].count
     (0.667, 1)
-    >>> result.write("scores/")   # score.json, score.md, confusion.png
+    >>> [path.name for path in result.write("scores/")]
+    ['score.json', 'score.md', 'confusion.png']
 """
 
 from __future__ import annotations
@@ -60,9 +61,12 @@ class ScoreResult:
     `confusion[i][j]` counts texts of `classes[i]` predicted as `classes[j]`.
 
     Example:
-        >>> result = clf.score(test_texts, test_labels)
-        >>> result.accuracy, result.macro_f1, result.per_class[0].recall
-        >>> result.write("scores/intents")
+        >>> result = clf.score(["will it snow", "wake me at 7"], ["weather", "alarm"])
+        >>> result.classes, [row.support for row in result.per_class]
+        (['alarm', 'music', 'weather'], [1, 0, 1])
+        >>> 0.0 <= result.accuracy <= 1.0, 0.0 <= result.macro_f1 <= 1.0
+        (True, True)
+        >>> paths = result.write("scores/intents")
     """
 
     classes: list[Label]

@@ -15,8 +15,8 @@ not finished within `request_timeout` seconds gets 503 and its model work stops 
 next batch. SIGTERM/SIGINT stop accepting connections and finish the requests in flight.
 
 Example:
-    >>> app = create_app("protonet-minilm", tasks_dir="tasks")
-    >>> serve("protonet-minilm", port=8000)          # or: metalm serve --model ...
+    >>> app = create_app(saved_model, tasks_dir="tasks")    # e.g. "protonet-minilm"
+    >>> serve("protonet-minilm", port=8000)  # or: metalm serve --model ...  # doctest: +SKIP
 """
 
 import asyncio
@@ -595,7 +595,8 @@ def serve(
     connections and let requests in flight finish (for up to `shutdown_timeout` s).
 
     Example:
-        >>> serve("protonet-minilm", port=8000, tasks_dir="tasks", api_key="s3cret")
+        >>> serve("protonet-minilm", port=8000, tasks_dir="tasks",
+        ...       api_key="s3cret")  # doctest: +SKIP
     """
     _, uvicorn = _require_fastapi()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

@@ -87,8 +87,11 @@ class MetaTrainer:
     outcome (best step, early stop, a callback's exception) to the others.
 
     Example:
-        >>> trainer = MetaTrainer(learner, train_sampler, val_sampler, TrainConfig(), "runs/x")
+        >>> train = TrainConfig(steps=4, eval_every=2, val_episodes=2, tensorboard=False)
+        >>> trainer = MetaTrainer(learner, train_sampler, val_sampler, train, "runs/x", False)
         >>> result = trainer.fit()
+        >>> result.steps, [row["step"] for row in result.val_history]
+        (4, [2, 4])
     """
 
     def __init__(

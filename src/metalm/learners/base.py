@@ -115,8 +115,9 @@ def method_label(config: LearnerConfig) -> str:
     so that e.g. `frozen` and `frozen/logreg` stay apart.
 
     Example:
-        >>> method_label(FrozenConfig()), method_label(FrozenConfig(head="logreg"))
-        ('frozen', 'frozen/logreg')
+        >>> from metalm.learners.protonet import FrozenConfig
+        >>> method_label(FrozenConfig()), method_label(FrozenConfig(head="centroid"))
+        ('frozen', 'frozen/centroid')
     """
     head = getattr(config, "head", None)
     default = next((f.default for f in fields(config) if f.name == "head"), MISSING)

@@ -73,7 +73,7 @@ class Finetune(MetaLearner):
     """The transfer-learning baseline; never changes the model it was given.
 
     Example:
-        >>> learner = Finetune(encoder, FinetuneConfig(steps=10))
+        >>> learner = Finetune(encoder, FinetuneConfig(head_steps=20, steps=5))
         >>> logits = learner.predict(learner.adapt(texts, labels), queries)
     """
 

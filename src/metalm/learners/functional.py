@@ -5,6 +5,7 @@ dict (as optax does), so meta-parameters can never be overwritten by an adaptati
 update rule is an `InnerOptimizer` from `metalm.learners.optim`.
 
 Example:
+    >>> from metalm.learners.optim import sgd
     >>> params = {"w": torch.zeros(3, requires_grad=True)}
     >>> loss_fn = lambda model, p, batch: ((p["w"] - batch) ** 2).sum()
     >>> new = inner_loop(None, params, loss_fn, torch.ones(3), steps=1, optimizer=sgd(0.25))
@@ -115,8 +116,8 @@ def select_params(
     inner gradient is a dense, mostly zero copy of the vocabulary matrix every step.
 
     Example:
-        >>> sorted(select_params(encoder, "last_n", 1))[:1]
-        ['encoder.layer.5.attention.output.LayerNorm.bias']
+        >>> sorted(select_params(encoder, "last_n", 1))[:1]   # a 2-layer encoder
+        ['encoder.layer.1.attention.output.LayerNorm.bias']
     """
     model = getattr(encoder, "model", encoder)
     skip = set() if embeddings else embedding_tables(model)

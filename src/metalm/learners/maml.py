@@ -109,8 +109,8 @@ class MetaSGD(GradientLearner):
 
     Example:
         >>> learner = MetaSGD(encoder, MetaSGDConfig(lr_shape="element"))
-        >>> sorted(learner.inner_lrs)[:1]
-        ['encoder__embeddings__LayerNorm__bias']
+        >>> sorted(learner.inner_lrs)[:1]   # the last 2 blocks (here: all 2), no embeddings
+        ['encoder__encoder__layer__0__attention__output__LayerNorm__bias']
     """
 
     config: MetaSGDConfig

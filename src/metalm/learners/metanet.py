@@ -86,8 +86,8 @@ class MetaNet(FeatureLearner):
 
     Example:
         >>> learner = MetaNet(encoder, MetaNetConfig(layers=1))
-        >>> learner.adapt(["hi", "bye"], [0, 1])["head.weight"].shape
-        torch.Size([2, 384])
+        >>> learner.adapt(["hi", "bye"], [0, 1])["head.weight"].shape   # [N, encoder.dim]
+        torch.Size([2, 32])
     """
 
     config: MetaNetConfig

@@ -198,8 +198,8 @@ class FrozenCentroids(_CentroidLearner):
     Example:
         >>> learner = FrozenCentroids(encoder, FrozenConfig())
         >>> state = learner.adapt(["hi", "bye"], [0, 1])
-        >>> learner.predict(state, ["hello"]).argmax(-1)
-        tensor([0])
+        >>> learner.predict(state, ["bye", "hi"]).argmax(-1)
+        tensor([1, 0])
     """
 
     meta_trainable = False

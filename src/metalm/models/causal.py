@@ -3,9 +3,10 @@ directory or a `.gguf` file, loaded through transformers (GGUF weights are dequa
 float32 on load; that needs the `gguf` package, installed by `scripts/install.sh`).
 
 Example:
-    >>> model, tokenizer = load_causal_lm()                  # the shipped SmolLM2-135M
-    >>> model, tokenizer = load_causal_lm("HuggingFaceTB/SmolLM2-360M-Instruct")
-    >>> model, tokenizer = load_causal_lm("models/my-lm.Q8_0.gguf")
+    >>> model, tokenizer = load_causal_lm(tiny_llama)        # a local directory
+    >>> model, tokenizer = load_causal_lm()  # the shipped SmolLM2-135M  # doctest: +SKIP
+    >>> model, tokenizer = load_causal_lm("HuggingFaceTB/SmolLM2-360M-Instruct")  # doctest: +SKIP
+    >>> model, tokenizer = load_causal_lm("models/my-lm.Q8_0.gguf")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ class CausalLM(nn.Module):
     `context_length` is the most tokens a prompt may have.
 
     Example:
-        >>> lm = CausalLM.from_config(EncoderConfig(kind="causal"))
-        >>> lm.context_length
-        8192
+        >>> lm = CausalLM.from_config(EncoderConfig(kind="causal", name_or_path=tiny_llama))
+        >>> lm.context_length, lm.dim   # the shipped SmolLM2-135M (name_or_path=""): 8192, 576
+        (2048, 32)
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig):

@@ -155,7 +155,9 @@ def prune_heads(model: nn.Module, keep: int) -> None:
     gets smaller and faster; `model.config` records the count for reloading.
 
     Example:
-        >>> prune_heads(encoder.model, 4)   # MiniLM: 12 -> 4 heads per layer
+        >>> prune_heads(encoder.model, 1)   # here 2 -> 1 head per layer (MiniLM has 12)
+        >>> encoder.embed(["hello world"]).shape
+        torch.Size([1, 32])
     """
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList) or not hasattr(layers[0], "attention"):
@@ -215,9 +217,9 @@ class TextEncoder(nn.Module):
     `no_grad` and can read from a precomputed embedding cache (see `cached_embeddings`).
 
     Example:
-        >>> enc = TextEncoder.from_config(EncoderConfig())
-        >>> enc.embed(["hello world"]).shape
-        torch.Size([1, 384])
+        >>> enc = TextEncoder.from_config(EncoderConfig(name_or_path=tiny_bert))
+        >>> enc.embed(["hello world"]).shape   # EncoderConfig(): the shipped MiniLM, 384
+        torch.Size([1, 32])
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig):

@@ -10,11 +10,12 @@ context and its own tokens, so a whole chunk of queries costs one forward pass a
 prefix is never copied per label.
 
 Example:
-    >>> model, tokenizer = load_causal_lm()
+    >>> from metalm.models.causal import load_causal_lm
+    >>> model, tokenizer = load_causal_lm(tiny_llama)   # default: the shipped SmolLM2-135M
     >>> scorer = PromptScorer(model, tokenizer)
     >>> prefix = build_prefix(["my card is lost", "what's my balance"], ["lost card", "balance"])
-    >>> scorer.score(prefix, ["someone took my card"], ["lost card", "balance"]).argmax(-1)
-    tensor([0])
+    >>> scorer.score(prefix, ["someone took my card"], ["lost card", "balance"]).shape
+    torch.Size([1, 2])
 """
 
 from __future__ import annotations

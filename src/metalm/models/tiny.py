@@ -11,7 +11,7 @@ def save_tiny_bert(directory: str | Path, seed: int = 0) -> Path:
     all-MiniLM-L6-v2 tokenizer to `directory`; load it with `model.name_or_path`.
 
     Example:
-        >>> path = save_tiny_bert("/tmp/tiny-bert")
+        >>> path = save_tiny_bert("tiny-bert")
         >>> TextEncoder.from_config(EncoderConfig(name_or_path=str(path))).dim
         32
     """
@@ -42,7 +42,7 @@ def save_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
     `model.name_or_path`.
 
     Example:
-        >>> path = save_tiny_llama("/tmp/tiny-llama")
+        >>> path = save_tiny_llama("tiny-llama")
         >>> CausalLM.from_config(EncoderConfig(kind="causal", name_or_path=str(path))).dim
         32
     """

@@ -3,8 +3,12 @@ storage shared by many workers, warm start, and architecture search (Pareto fron
 
 Example:
     >>> from metalm.tune import TuneOptions, load_tune_config, tune
-    >>> base, space = load_tune_config("configs/tune_protonet.yaml")
-    >>> result = tune(base, space, 20, "runs/tune-protonet", TuneOptions(pruner="median"))
+    >>> base, space = load_tune_config("configs/tune_protonet.yaml", tiny)  # + overrides
+    >>> result = tune(base, space, 2, "runs/tune-protonet",
+    ...               TuneOptions(pruner="median"))  # doctest: +ELLIPSIS
+    study 'metalm' in runs/tune-protonet: 0/2 finished, running up to 2 more
+    trial 0 complete: value ...
+    re-running the best config and testing it on the meta-test episodes
 """
 
 from metalm.tune.options import TuneOptions

@@ -5,7 +5,11 @@ objectives are few-shot accuracy and inference latency (or parameter count), rep
 a Pareto front.
 
 Example:
+    >>> from metalm.tune.objective import Objective
+    >>> base = load_config(None, tiny)
     >>> space = arch_space(base)  # num_layers 1..L, num_heads, pooling, max_length
+    >>> [param.name for param in space.params]
+    ['model.num_layers', 'model.num_heads', 'model.pooling', 'model.max_length']
     >>> objective = Objective(base, space, "runs/arch", objectives=["accuracy", "latency"])
 """
 

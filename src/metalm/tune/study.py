@@ -2,7 +2,10 @@
 name, warm start from earlier studies, and recovery from workers killed mid-trial.
 
 Example:
+    >>> from metalm.tune import TuneOptions
     >>> study = open_study("runs/tune", TuneOptions(sampler="tpe", pruner="median"))
+    >>> study.directions
+    [<StudyDirection.MAXIMIZE: 2>]
 """
 
 from __future__ import annotations

@@ -3,9 +3,14 @@ scored on meta-val episodes; the best config is then re-run by `metalm.run` and
 evaluated on the meta-test episodes, which the search never sees.
 
 Example:
-    >>> base, space = load_tune_config("configs/tune_protonet.yaml")
-    >>> result = tune(base, space, 20, "runs/tune-protonet", TuneOptions(sampler="tpe"))
-    >>> result.best_value, result.test_report.to_markdown()
+    >>> from metalm.tune import load_tune_config
+    >>> base, space = load_tune_config("configs/tune_protonet.yaml", tiny)  # + overrides
+    >>> quiet = lambda *line, **kwargs: None               # printer: one line per event
+    >>> result = tune(base, space, 2, "runs/tune-protonet", TuneOptions(sampler="tpe"), quiet)
+    >>> 0.0 <= result.best_value <= 1.0, "train.lr" in result.best_params
+    (True, True)
+    >>> [r.protocol for r in result.test_report.results]   # the best config on meta-test
+    ['3-way 1-shot']
 """
 
 from __future__ import annotations
