@@ -165,6 +165,7 @@ def load_both(model: Path, task: Path, base: FewShotClassifier) -> tuple[str, st
     return tree_digest(model), tree_digest(task)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_leaves_old_or_new(tiny_model_dir, tmp_path):
     """After each of KILLS kills, the model and the task load, each byte for byte one of
     the two versions; kills leave both versions in place over the run."""

@@ -62,6 +62,9 @@ def frozen_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return save_pretrained(_learner(tiny_model_dir, "frozen"), out)
 
 
+SLOW = [pytest.mark.slow]
+
+
 # -- save / load -----------------------------------------------------------------------
 # every registered learner as built by default, plus the other task heads of the
 # embedding learners (`learner.head`)
@@ -73,7 +76,11 @@ VARIANTS = [(name, {}) for name in sorted(LEARNERS)] + [
 
 
 @pytest.mark.parametrize(
-    "name, config", VARIANTS, ids=[n + (f"/{c['head']}" if c else "") for n, c in VARIANTS]
+    "name, config",
+    [  # finetune's default (300 head steps, then 20 with the encoder) takes seconds
+        pytest.param(n, c, id=n + (f"/{c['head']}" if c else ""), marks=SLOW * (n == "finetune"))
+        for n, c in VARIANTS
+    ],
 )
 def test_save_load_gives_identical_predictions(
     name, config, tiny_model_dir, tiny_llama_dir, tmp_path
@@ -294,6 +301,7 @@ def test_cli_adapt_jsonl_with_other_columns(exported, tmp_path):
     assert json.loads((tmp_path / "t" / "task.json").read_text())["classes"] == sorted(set(LABELS))
 
 
+@pytest.mark.slow
 def test_cli_predict_in_a_shell_pipeline(exported, tmp_path):
     support = _write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
     task = tmp_path / "task"

@@ -266,6 +266,7 @@ def test_saved_config_reloads_to_the_same_config(trained):
     assert load_config(run_dir / "config.yaml") == load_config(None, overrides)
 
 
+@pytest.mark.slow
 def test_run_dir_that_holds_a_run_is_left_alone(trained, capsys):
     run_dir, overrides, _, _ = trained
     before = snapshot(run_dir)
@@ -279,6 +280,7 @@ def test_run_dir_that_holds_a_run_is_left_alone(trained, capsys):
         assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_eval_run_reproduces_the_report(trained):
     run_dir, _, report, _ = trained
     before = results_by_key(report)
@@ -344,6 +346,7 @@ def test_eval_with_config_file_without_training(tiny_model_dir, tmp_path, capsys
     )
 
 
+@pytest.mark.slow
 def test_train_on_csv_with_small_class_dropped(tiny_model_dir, tmp_path):
     rows = intent_rows()
     rows = [r for r in rows if r[1] != "alarm"] + [r for r in rows if r[1] == "alarm"][:3]
@@ -356,6 +359,7 @@ def test_train_on_csv_with_small_class_dropped(tiny_model_dir, tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in report["results"])
 
 
+@pytest.mark.slow
 def test_train_resume_of_a_finished_run(tiny_model_dir, tmp_path, capsys):
     overrides = tiny_overrides(tiny_model_dir, tmp_path / "runs", **{"train.steps": 4})
     assert main(["-q", "train", *overrides]) == 0

@@ -141,6 +141,7 @@ def check_config(result: Any) -> None:
     assert load_config(path) == result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_yaml_files_load_or_raise_metalm_error(examples: int) -> None:
     """Generated config files, with and without overrides on top."""
