@@ -150,6 +150,7 @@ def test_every_operation_answers_as_documented(
     check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_stateful_create_classify_delete(
     examples: int, server: str, document: dict[str, Any]

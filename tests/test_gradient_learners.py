@@ -423,6 +423,7 @@ def test_proximal_learner_adapts_closer_to_the_meta_parameters(tiny_encoder, epi
     assert distance(c) < distance(a)
 
 
+@pytest.mark.slow
 def test_implicit_gradient_matches_the_unrolled_one_at_convergence(fresh_encoder, episodes):
     fresh_encoder.model.double()
     # a strong pull and small steps: the 60-step inner loop converges to its fixed point,

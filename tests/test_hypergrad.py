@@ -82,6 +82,7 @@ def test_adamw_variant_and_scheduler_base_rate():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(sched.base_lrs[0] * 0.5)
 
 
+@pytest.mark.slow
 def test_trainer_option_moves_logged_rate(tiny_model_dir, tmp_path):
     extra = {"train.schedule": "constant", "train.warmup_steps": 0, "train.steps": 4}
     fixed = run(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "a", **extra)))

@@ -144,6 +144,7 @@ def icl_overrides(tiny_llama_dir, tmp_path, **extra):
     )
 
 
+@pytest.mark.slow
 def test_metaicl_run_checkpoints_resumes_and_reports_beside_icl(tiny_llama_dir, tmp_path):
     report = metalm.run(load_config(None, icl_overrides(tiny_llama_dir, tmp_path)), progress=False)
     run_dir = tmp_path / "run"
@@ -268,6 +269,7 @@ def test_smollm2_metaicl_meta_trains_two_steps(tmp_path):
     assert report.results[0].method == "metaicl" and report.results[0].episodes == 2
 
 
+@pytest.mark.slow
 def test_metalm_serve_answers_from_an_in_context_model(tiny_llama_dir, tmp_path):
     import httpx
     from test_serve import Server

@@ -312,6 +312,7 @@ def easy_csv(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "meta_lr"), [("metanet", 0.01), ("lstm_meta", 0.05)])
 def test_cli_meta_training_lowers_the_loss_and_reloads(tiny_model_dir, tmp_path, name, meta_lr):
     source = easy_csv(tmp_path / "intents.csv")

@@ -258,6 +258,7 @@ def test_body_too_large_is_413(client, task_id):
     assert ok.status_code == 200
 
 
+@pytest.mark.slow
 def test_too_many_tasks_then_restart_keeps_tasks(model_dir, tmp_path):
     tasks_dir = tmp_path / "tasks"
     first = Server(model_dir, tasks_dir, max_tasks=2)

@@ -88,7 +88,17 @@ def check_run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> 
         assert all(math.isfinite(r["loss"]) for r in log)
 
 
-@pytest.mark.parametrize("path", RUN_CONFIGS + RECIPES, ids=lambda p: p.name)
+# the configs whose tiny run still takes over ~5 s (the causal ones, implicit gradients)
+SLOW_CONFIGS = {"icl.yaml", "metaicl.yaml", "proximal.yaml"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, id=p.name, marks=[pytest.mark.slow] * (p.name in SLOW_CONFIGS))
+        for p in RUN_CONFIGS + RECIPES
+    ],
+)
 def test_shipped_config_runs(path, tiny_model_dir, tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # configs name their files relative to the repository
     config = load_config(path)
@@ -186,7 +196,13 @@ def test_readme_has_train_commands():
     assert ["train", "-c", "configs/custom_csv.yaml"] in [c[:3] for c in README_COMMANDS]
 
 
-@pytest.mark.parametrize("args", README_COMMANDS, ids=lambda a: " ".join(a[1:])[:60])
+@pytest.mark.parametrize(
+    "args",
+    [  # the torchrun ones start 2 ranks
+        pytest.param(a, id=" ".join(a[1:])[:60], marks=[pytest.mark.slow] * ("--nproc" in a))
+        for a in README_COMMANDS
+    ],
+)
 def test_readme_train_command_runs(args, tiny_model_dir, tiny_llama_dir, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()

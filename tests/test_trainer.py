@@ -169,6 +169,7 @@ def _report_rows(run_dir: Path) -> dict[tuple[str, str], dict]:
     return {(r["method"], r["protocol"]): {k: r[k] for k in keep} for r in report["results"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, MIXTURE_EXTRA], ids=["one-source", "mixture"])
 def test_resume_after_sigkill_gives_the_same_results(
     tiny_model_dir: Path, tmp_path: Path, extra: dict[str, object]

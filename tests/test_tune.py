@@ -240,6 +240,7 @@ def check_study_consistent(study: optuna.Study, trials: int) -> None:
             assert t.datetime_complete is not None
 
 
+@pytest.mark.slow
 def test_embedded_storage_two_local_workers(tiny_model_dir, tmp_path):
     path = write_tune_yaml(tmp_path / "shared.yaml")
     run_workers([_worker(path, tiny_model_dir, tmp_path / "runs", 4) for _ in range(2)])
@@ -249,6 +250,7 @@ def test_embedded_storage_two_local_workers(tiny_model_dir, tmp_path):
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2  # both workers took trials
 
 
+@pytest.mark.slow
 def test_killed_local_worker_leaves_study_usable(tiny_model_dir, tmp_path):
     path = write_tune_yaml(tmp_path / "killed.yaml")
     journal = tmp_path / "runs" / "killed" / JOURNAL_FILE

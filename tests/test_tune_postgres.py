@@ -82,6 +82,7 @@ def _load(url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(url))
 
 
+@pytest.mark.slow
 def test_postgres_two_concurrent_workers(tiny_model_dir, tmp_path, postgres_url):
     path = write_tune_yaml(tmp_path / "pg.yaml")
     run_workers(
@@ -102,6 +103,7 @@ def test_postgres_two_concurrent_workers(tiny_model_dir, tmp_path, postgres_url)
         assert sum(h.exists() for h in homes) == 1
 
 
+@pytest.mark.slow
 def test_postgres_killed_worker_then_continue(tiny_model_dir, tmp_path, postgres_url):
     path = write_tune_yaml(tmp_path / "pgkill.yaml")
     cmd = _worker(path, tiny_model_dir, tmp_path / "runs", 50, "--storage", postgres_url,
