@@ -138,7 +138,7 @@ def paired(mine: dict, base: dict) -> dict[str, float]:
 
 def to_markdown(records: list[dict]) -> str:
     """One table per direction: accuracy on the LM's episodes, Δ vs frozen and vs the best
-    `icl` row (paired, same episodes)."""
+    `icl` row (paired, over the episodes both rows have)."""
     lines = []
     for source in DIRECTIONS:
         rows = {r["row"]: r for r in records if r["source"] == source}
@@ -152,12 +152,9 @@ def to_markdown(records: list[dict]) -> str:
         ]
         for row, record in rows.items():
             for protocol, result in record["results"].items():
-                n = min(
-                    (len(r["results"][protocol]["per_episode"]) for r in rows.values()),
-                    default=0,
-                )
-                head = np.asarray(result["per_episode"][:n])
-                mean, ci = mean_ci95(head.tolist())
+                # the LM's episodes: the first `--episodes` of the encoder rows' 600
+                n = min(len(result["per_episode"]), lm_episodes(rows, protocol))
+                mean, ci = mean_ci95(result["per_episode"][:n])
                 cells = [row, protocol, str(n), f"{100 * mean:.2f} ± {100 * ci:.2f}"]
                 for base in ("frozen", "best-icl"):
                     other = best_icl(rows, protocol) if base == "best-icl" else rows.get(base)
@@ -169,6 +166,14 @@ def to_markdown(records: list[dict]) -> str:
                 cells += [f"{result['adapt_seconds']:.2f}", f"{result['queries_per_second']:.1f}"]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def lm_episodes(rows: dict[str, dict], protocol: str) -> int:
+    """The most episodes a causal-LM row of this direction has (the encoder rows' are
+    cut to it, so that every row's accuracy is over the same tasks)."""
+    causal = [r for name, r in rows.items() if "icl" in name]
+    counts = [len(r["results"][protocol]["per_episode"]) for r in causal]
+    return max(counts, default=10**9)
 
 
 def best_icl(rows: dict[str, dict], protocol: str) -> dict | None:
