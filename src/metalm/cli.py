@@ -530,8 +530,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    succeeded = False
     try:
         args.func(args)
+        succeeded = True
     except MetalmError as err:
         print(f"error{_rank_suffix()}: {err}", file=sys.stderr)
         return 2
@@ -544,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         if "metalm.distributed" in sys.modules:  # only a training command imports it
-            sys.modules["metalm.distributed"].teardown()
+            sys.modules["metalm.distributed"].teardown(wait_for_peers=succeeded)
     return 0
 
 

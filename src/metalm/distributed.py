@@ -125,9 +125,14 @@ def setup(device: str = "auto", backend: str | None = None) -> World:
     return world()
 
 
-def teardown() -> None:
-    """Leave the process group (if this process joined one)."""
+def teardown(wait_for_peers: bool = False) -> None:
+    """Leave the process group (if this process joined one). `wait_for_peers` (after a
+    command that succeeded on every rank): meet the other ranks first, so that no rank
+    tears down its connections while another still uses them (a process whose peer has
+    gone can abort at exit)."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
