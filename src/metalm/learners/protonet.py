@@ -88,8 +88,8 @@ class EmbeddingHeadConfig(LearnerConfig):
 
 @dataclass
 class FrozenConfig(EmbeddingHeadConfig):
-    """A head on the pretrained embeddings (nearest centroid by default): the floor,
-    no training."""
+    """A head on the pretrained embeddings (a logistic regression by default;
+    `head=centroid` for the nearest centroid): the floor, no training."""
 
     name: str = "frozen"
     distance: str = "euclidean"
