@@ -257,36 +257,26 @@ class MetaICL(ICL):
             episode.support_texts, [words[y] for y in episode.support_labels], self.template, seed
         )
         scorer = self.scorer
+        prefix_ids = scorer.ids(prefix)
         targets = torch.as_tensor(episode.query_labels)
+
+        def logprobs(segments: list[Segment]) -> list[Tensor]:
+            return scorer.target_logprobs(prefix_ids, segments, chunk_tokens=TRAIN_CHUNK)
+
         if self.config.scoring == "direct":
             context = [scorer.ids(self.template.query.format(text=q)) for q in episode.query_texts]
             labels = [scorer.ids(self.template.label_prefix + w) for w in words]
             if self.config.loss == "lm":
-                segments = [
-                    Segment(c, [labels[y]]) for c, y in zip(context, targets.tolist(), strict=True)
-                ]
-                return -torch.cat(
-                    scorer.target_logprobs(scorer.ids(prefix), segments, chunk_tokens=TRAIN_CHUNK)
-                ).mean()
-            segments = [Segment(c, labels) for c in context]
-            scores = torch.stack(
-                scorer.target_logprobs(scorer.ids(prefix), segments, chunk_tokens=TRAIN_CHUNK)
-            )
+                pairs = zip(context, targets.tolist(), strict=True)
+                return -torch.cat(logprobs([Segment(c, [labels[y]]) for c, y in pairs])).mean()
+            scores = torch.stack(logprobs([Segment(c, labels) for c in context]))
         else:
             queries = [scorer.ids(self.template.label_prefix + q) for q in episode.query_texts]
             contexts = [scorer.ids(self.template.query.format(label=w)) for w in words]
             if self.config.loss == "lm":
-                segments = [
-                    Segment(contexts[y], [q])
-                    for q, y in zip(queries, targets.tolist(), strict=True)
-                ]
-                return -torch.cat(
-                    scorer.target_logprobs(scorer.ids(prefix), segments, chunk_tokens=TRAIN_CHUNK)
-                ).mean()
-            segments = [Segment(c, queries) for c in contexts]
-            scores = torch.stack(
-                scorer.target_logprobs(scorer.ids(prefix), segments, chunk_tokens=TRAIN_CHUNK)
-            ).T
+                pairs = zip(queries, targets.tolist(), strict=True)
+                return -torch.cat(logprobs([Segment(contexts[y], [q]) for q, y in pairs])).mean()
+            scores = torch.stack(logprobs([Segment(c, queries) for c in contexts])).T
         return nn.functional.cross_entropy(scores, targets.to(scores.device))
 
 
