@@ -556,6 +556,3 @@ def _rank_suffix() -> str:
     where = module.world() if module is not None else None
     return f" (rank {where.rank})" if where is not None and where.distributed else ""
 
-
-if __name__ == "__main__":
-    sys.exit(main())
