@@ -10,7 +10,13 @@ import torch
 
 from metalm import MetalmError
 from metalm.models.causal import default_causal_path, load_causal_lm
-from metalm.models.prompting import CHANNEL_TEMPLATE, PromptScorer, build_prefix, verbalize
+from metalm.models.prompting import (
+    CHANNEL_TEMPLATE,
+    PromptScorer,
+    PromptTemplate,
+    build_prefix,
+    verbalize,
+)
 
 
 def test_a_local_directory_loads_in_eval_mode_as_float32(tiny_llama_dir):
@@ -116,7 +122,9 @@ def test_smollm2_classifies_obvious_intents_in_context():
     scores = scorer.score(prefix, queries, ["weather", "alarm", "music"])
     assert scores.argmax(-1).tolist() == [0, 1, 2]
     channel_prefix = build_prefix(SUPPORT, SUPPORT_LABELS, CHANNEL_TEMPLATE)
-    channel = scorer.score_channel(channel_prefix, queries, ["weather", "alarm", "music"])
+    channel = PromptScorer(model, tokenizer, CHANNEL_TEMPLATE).score_channel(
+        channel_prefix, queries, ["weather", "alarm", "music"]
+    )
     assert channel.argmax(-1).tolist() == [0, 1, 2]
 
 
@@ -133,7 +141,7 @@ def test_calibration_subtracts_the_content_free_scores(tiny_llama_dir):
 
 def test_channel_scores_with_and_without_the_cache_agree(tiny_llama_dir):
     model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
-    scorer = PromptScorer(model, tokenizer)
+    scorer = PromptScorer(model, tokenizer, CHANNEL_TEMPLATE)
     prefix = build_prefix(SUPPORT, SUPPORT_LABELS, CHANNEL_TEMPLATE)
     assert prefix.startswith("Intent: ")
     queries, labels = ["rain tomorrow?", "wake me at six"], ["weather", "alarm", "music"]
@@ -145,3 +153,14 @@ def test_channel_scores_with_and_without_the_cache_agree(tiny_llama_dir):
     )
     assert abs(float(cached[1, 1]) - plain) < 1e-5
     assert cached.shape == (2, 3) and not torch.allclose(cached[0], cached[1])
+
+
+def test_channel_scores_use_the_scorers_own_query_template(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
+    custom = PromptTemplate(demo="Topic {label} says: {text}\n", query="Topic {label} says:")
+    prefix = build_prefix(SUPPORT, SUPPORT_LABELS, custom)
+    scores = PromptScorer(model, tokenizer, custom).score_channel(prefix, ["play jazz"], ["music"])
+    plain = plain_prompt_score(model, tokenizer, prefix + "Topic music says:", " play jazz")
+    assert abs(float(scores[0, 0]) - plain) < 1e-5
+    with pytest.raises(MetalmError, match="query contains \\{label\\}"):
+        PromptScorer(model, tokenizer).score_channel(prefix, ["play jazz"], ["music"])

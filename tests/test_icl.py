@@ -64,6 +64,12 @@ def test_icl_seed_orders_the_demonstrations_and_templates_are_configurable(tiny_
     assert "Q: play some jazz A: music\n" in prefix
     with pytest.raises(MetalmError, match=r"must contain \{label\}"):
         ICLConfig(demo_template="Q: {text}")  # configs check themselves when made
+    with pytest.raises(
+        MetalmError, match=r"query_template must contain \{label\} \(scoring=channel"
+    ):
+        ICLConfig(scoring="channel", query_template="Q: {text} A:")
+    with pytest.raises(MetalmError, match=r"query_template must contain \{text\}"):
+        ICLConfig(query_template="Classify:")
     with pytest.raises(MetalmError, match="scoring must be one of"):
         load_config(None, ["model.kind=causal", "learner.name=icl", "learner.scoring=noisy"])
     with pytest.raises(MetalmError, match="calibrate works with scoring=direct"):

@@ -55,8 +55,9 @@ class ICLConfig(LearnerConfig):
     """In-context learning with a causal LM (`model.kind=causal`).
 
     `scoring`: `direct` or `channel`; `calibrate`: subtract the scores of the content-free
-    query "N/A" (direct only). `demo_template` / `query_template` (with `{text}` and
-    `{label}`) replace the scoring's default templates when set. `seed`: the order of the
+    query "N/A" (direct only). `demo_template` (with `{text}` and `{label}`) and
+    `query_template` (with `{text}` for direct scoring, `{label}` for channel) replace the
+    scoring's default templates when set. `seed`: the order of the
     demonstrations. `max_prompt_tokens`: the longest prompt allowed (0: the model's
     context length); a task whose demonstrations do not fit is refused with an error.
     """
@@ -81,10 +82,17 @@ class ICLConfig(LearnerConfig):
                 f"learner.max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}"
             )
         template = self.template()
-        for key, needed in (("demo_template", ("{text}", "{label}")), ("query_template", ())):
+        # direct scoring writes the query's text before the label, channel the label first
+        query_needs = ("{label}",) if self.scoring == "channel" else ("{text}",)
+        for key, needed in (
+            ("demo_template", ("{text}", "{label}")),
+            ("query_template", query_needs),
+        ):
             missing = [k for k in needed if k not in getattr(template, key.split("_")[0])]
             if missing:
-                raise MetalmError(f"learner.{key} must contain {' and '.join(missing)}")
+                raise MetalmError(
+                    f"learner.{key} must contain {' and '.join(missing)} (scoring={self.scoring})"
+                )
 
     def template(self) -> PromptTemplate:
         """The prompt template: the scoring's default, or the configured one."""

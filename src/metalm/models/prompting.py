@@ -279,15 +279,19 @@ class PromptScorer:
         cache: object = None,
     ) -> Tensor:
         """`channel` scores, shape [len(queries), len(labels)]: mean log P(query | label)
-        after a prefix built with `CHANNEL_TEMPLATE` (Min et al. 2022); the cache is reused
-        as in `score`."""
+        after a prefix built with the scorer's template (Min et al. 2022), whose `query`
+        names the `{label}` (as `CHANNEL_TEMPLATE`); the cache is reused as in `score`."""
+        if "{label}" not in self.template.query:
+            raise MetalmError(
+                "channel scoring writes the label before the query: build the PromptScorer "
+                "with a template whose query contains {label} (e.g. CHANNEL_TEMPLATE)"
+            )
         prefix_ids = self.ids(prefix)
         targets = [self.ids(self.template.label_prefix + q) for q in queries]
         if any(not ids for ids in targets):
             raise MetalmError("every query needs at least one token")
         segments = [
-            Segment(self.ids(CHANNEL_TEMPLATE.query.format(label=label)), targets)
-            for label in labels
+            Segment(self.ids(self.template.query.format(label=label)), targets) for label in labels
         ]
         return self._run(prefix_ids, segments, use_cache, cache).T.contiguous()
 
