@@ -1,0 +1,238 @@
+"""The argparse parser of `metalm`: one small function per subcommand, in help order."""
+
+from __future__ import annotations
+
+import argparse
+
+from metalm.cli.train_commands import (
+    cmd_datasets,
+    cmd_demo,
+    cmd_eval,
+    cmd_sample,
+    cmd_train,
+    cmd_tune,
+)
+from metalm.cli.use_commands import cmd_adapt, cmd_export, cmd_predict, cmd_score, cmd_serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`metalm`'s parser: each subcommand sets `func`, its `cmd_*` function."""
+    parser = argparse.ArgumentParser(
+        prog="metalm", description="Meta-learning with language models."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_datasets,
+        _add_sample,
+        _add_train,
+        _add_eval,
+        _add_tune,
+        _add_demo,
+        _add_export,
+        _add_adapt,
+        _add_predict,
+        _add_score,
+        _add_serve,
+    ):
+        add(sub)
+    return parser
+
+
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("-c", "--config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return p
+
+
+def _add_nproc(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--nproc", type=int, metavar="N", help=f"{what} (as torchrun would)")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        help="torch.distributed backend (default auto: nccl on CUDA, gloo on CPU)",
+    )
+
+
+def _add_quantize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),  # metalm.models.encoder.QUANTIZE_CHOICES
+        default="none",
+        help="int8: a faster CPU encoder at a small accuracy cost (see BENCHMARKS.md)",
+    )
+
+
+def _add_datasets(sub) -> None:
+    sub.add_parser("datasets", help="list the built-in datasets").set_defaults(func=cmd_datasets)
+
+
+def _add_sample(sub) -> None:
+    sample = _with_config(sub.add_parser("sample", help="print one episode to check the data"))
+    sample.add_argument("--pool", choices=["train", "val", "test"], default="train")
+    sample.add_argument("--index", type=int, default=0)
+    sample.add_argument("--n-way", type=int)
+    sample.add_argument("--k-shot", type=int)
+    sample.add_argument("--q-queries", type=int)
+    sample.set_defaults(func=cmd_sample)
+
+
+def _add_train(sub) -> None:
+    train = _with_config(sub.add_parser("train", help="meta-train, then evaluate"))
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    _add_nproc(train, "meta-train data-parallel in N processes on this machine")
+    train.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    ev = _with_config(sub.add_parser("eval", help="evaluate without training, or a finished run"))
+    ev.add_argument("--run", metavar="RUN_DIR", help="re-evaluate this run's best learner")
+    ev.add_argument(
+        "--name", help="with --run: the report's folder RUN_DIR/evals/NAME (default: a timestamp)"
+    )
+    ev.set_defaults(func=cmd_eval)
+
+
+def _add_tune(sub) -> None:
+    tune = _with_config(sub.add_parser("tune", help="search meta-parameters (Optuna)"))
+    tune.add_argument("--trials", type=int, required=True, help="finished trials to reach")
+    tune.add_argument("--storage", help="RDB URL (postgresql://...) or a .journal file")
+    tune.add_argument("--study-dir", help="outputs and trial runs (default output_dir/NAME)")
+    tune.add_argument("--study-name", help="default: the config file's name")
+    tune.add_argument("--sampler", choices=["random", "tpe", "gp", "cmaes", "nsga2"], default="tpe")
+    tune.add_argument("--pruner", choices=["none", "median", "asha", "hyperband"], default="median")
+    tune.add_argument("--seed", type=int, help="sampler seed (default: random)")
+    tune.add_argument(
+        "--startup-trials",
+        type=int,
+        help="random trials before tpe/gp/cmaes model the results (default 10)",
+    )
+    tune.add_argument(
+        "--warm-start-from",
+        nargs="+",
+        metavar="STUDY",
+        help="earlier study directories (or journal files, URL#name) to seed from",
+    )
+    tune.add_argument("--warm-start-top", type=int, default=1, help="best configs per study")
+    tune.add_argument(
+        "--arch", action="store_true", help="architecture search over the encoder's size"
+    )
+    tune.add_argument("--objectives", help="accuracy[,latency][,params] (--arch: accuracy,latency)")
+    tune.add_argument("--no-final", action="store_true", help="skip the best config's test run")
+    tune.add_argument("--bars", action="store_true", help="progress bars inside each trial")
+    tune.add_argument("--heartbeat", type=int, default=60, help="RDB heartbeat seconds")
+    _add_nproc(tune, "run each trial data-parallel in N processes on this machine")
+    tune.set_defaults(func=cmd_tune)
+
+
+def _add_demo(sub) -> None:
+    demo = _with_config(sub.add_parser("demo", help="the main job on the embedded defaults"))
+    demo.set_defaults(func=cmd_demo)
+
+
+def _add_export(sub) -> None:
+    export = sub.add_parser(
+        "export", help="write a model directory: from a run, or untrained (--learner)"
+    )
+    export.add_argument(
+        "items", nargs="*", metavar="key=value", help="with --learner: model.*/learner.* overrides"
+    )
+    export.add_argument("--run", metavar="RUN_DIR", help="a finished run: its best weights")
+    export.add_argument(
+        "--learner", help="frozen, protonet, ...: untrained, over the shipped encoder"
+    )
+    export.add_argument("--out", required=True, help="the model directory to write")
+    export.set_defaults(func=cmd_export)
+
+
+def _add_adapt(sub) -> None:
+    adapt = sub.add_parser("adapt", help="adapt a model to a task from labeled examples")
+    adapt.add_argument("--model", required=True, help="model directory or Hugging Face id")
+    adapt.add_argument("--support", required=True, help="labeled examples (.csv or .jsonl)")
+    adapt.add_argument("--out", required=True, help="the task directory to write")
+    adapt.add_argument("--text-column", default="text")
+    adapt.add_argument("--label-column", default="label")
+    adapt.add_argument("--device", default="auto")
+    _add_quantize(adapt)
+    adapt.set_defaults(func=cmd_adapt)
+
+
+def _add_predict(sub) -> None:
+    predict = sub.add_parser("predict", help="classify texts with an adapted task")
+    predict.add_argument("--task", required=True, help="a task directory from `metalm adapt`")
+    predict.add_argument("--input", default="-", help=".csv, .jsonl, text lines, or - (stdin)")
+    predict.add_argument("--output", default="-", help="JSON lines file, or - (stdout)")
+    predict.add_argument("--model", help="model directory (default: the one the task names)")
+    predict.add_argument("--text-column", default="text")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--device", default="auto")
+    _add_quantize(predict)
+    predict.set_defaults(func=cmd_predict)
+
+
+def _add_score(sub) -> None:
+    score = sub.add_parser("score", help="score an adapted task on labeled texts")
+    score.add_argument("--task", required=True, help="a task directory from `metalm adapt`")
+    score.add_argument("--input", required=True, help="labeled texts (.csv or .jsonl)")
+    score.add_argument("--out", required=True, help="directory for score.json/.md, confusion.png")
+    score.add_argument("--model", help="model directory (default: the one the task names)")
+    score.add_argument("--text-column", default="text")
+    score.add_argument("--label-column", default="label")
+    score.add_argument("--top", type=int, default=10, help="confused pairs to list")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--device", default="auto")
+    _add_quantize(score)
+    score.set_defaults(func=cmd_score)
+
+
+def _add_serve(sub) -> None:
+    serve = sub.add_parser("serve", help="an HTTP service: adapt tasks and classify texts")
+    serve.add_argument("--model", required=True, help="model directory or Hugging Face id")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--tasks-dir", help="keep tasks here across restarts (default: memory)")
+    _add_serve_limits(serve)
+    serve.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' (default: $METALM_API_KEY; unset: no auth)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default 30)",
+    )
+    serve.add_argument("--device", default="auto")
+    _add_quantize(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+def _add_serve_limits(serve: argparse.ArgumentParser) -> None:
+    """`serve`'s limits on tasks, requests and texts (`metalm.serve.ServeLimits`)."""
+    serve.add_argument("--max-tasks", type=int, default=100, help="tasks stored (default 100)")
+    serve.add_argument(
+        "--max-task-examples", type=int, help="labeled examples per new task (default 5000)"
+    )
+    serve.add_argument(
+        "--max-batch-texts", type=int, help="texts per classify request (default 1000)"
+    )
+    serve.add_argument("--max-texts", type=int, help="sets both limits above unless they are given")
+    serve.add_argument(
+        "--max-text-chars", type=int, default=2000, help="characters per text (default 2000)"
+    )
+    serve.add_argument("--max-labels", type=int, default=200, help="classes per task (default 200)")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=5_000_000, help="request body (default 5000000)"
+    )
+    serve.add_argument(
+        "--max-store-bytes",
+        type=int,
+        default=2_000_000_000,
+        help="task states of all stored tasks together (default 2000000000); over it, 409",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a request may take, queueing included (default 120); over it, 503",
+    )

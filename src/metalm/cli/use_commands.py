@@ -1,0 +1,114 @@
+"""The commands that use a meta-learned model: export, adapt, predict, score, serve."""
+
+from __future__ import annotations
+
+import argparse
+
+from metalm.errors import MetalmError
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from metalm.pretrained import export_untrained
+    from metalm.runs import export_run
+
+    run_dir, items = args.run, list(args.items)
+    if run_dir is None and args.learner is None and len(items) == 1 and "=" not in items[0]:
+        run_dir, items = items[0], []  # the older form: metalm export RUN_DIR --out DIR
+    if run_dir is not None:
+        if args.learner is not None or items:
+            raise MetalmError(
+                "export --run RUN_DIR takes the run's learner and weights as they are; "
+                "drop --learner and key=value overrides (or drop --run to export untrained)"
+            )
+        out = export_run(run_dir, args.out)
+        print(f"exported {run_dir} to {out}: metalm.json, learner.safetensors, encoder/, README.md")
+        return
+    if args.learner is None and not items:
+        raise MetalmError(
+            "say what to export: --run RUN_DIR (a trained run) or --learner NAME "
+            "(frozen, protonet, ...: the shipped encoder or model.name_or_path=..., untrained)"
+        )
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise MetalmError(
+            f"{bad[0]!r}: overrides look like key.sub=value (model.*, learner.*); "
+            "a run directory goes after --run"
+        )
+    out = export_untrained(args.out, args.learner or "frozen", items)
+    print(
+        f"exported an untrained {args.learner or 'frozen'} model to {out}; next: "
+        f"metalm adapt --model {out} --support support.csv --out TASK_DIR"
+    )
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from metalm.classifier import FewShotClassifier
+    from metalm.textfiles import read_labeled
+
+    texts, labels = read_labeled(args.support, args.text_column, args.label_column)
+    clf = FewShotClassifier.from_pretrained(args.model, device=args.device, quantize=args.quantize)
+    clf.adapt(texts, labels).save_task(args.out)
+    print(f"adapted to {len(clf.classes_)} classes from {len(texts)} examples: task in {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from metalm.classifier import FewShotClassifier
+    from metalm.textfiles import read_texts, write_predictions
+
+    clf = FewShotClassifier.load_task(
+        args.task, model=args.model, device=args.device, quantize=args.quantize
+    )
+    clf.batch_size = args.batch_size
+    count = write_predictions(clf, read_texts(args.input, args.text_column), args.output)
+    if args.output != "-":
+        print(f"{count} predictions written to {args.output}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from metalm.classifier import FewShotClassifier
+    from metalm.textfiles import read_labeled
+
+    texts, labels = read_labeled(args.input, args.text_column, args.label_column)
+    clf = FewShotClassifier.load_task(
+        args.task, model=args.model, device=args.device, quantize=args.quantize
+    )
+    clf.batch_size = args.batch_size
+    result = clf.score(texts, labels, top_pairs=args.top)
+    result.info.update(task=str(args.task), input=str(args.input))
+    paths = result.write(args.out)
+    print(result.summary())
+    print(f"\nresults: {', '.join(str(p) for p in paths)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from metalm.serve import API_KEY_ENV, ServeLimits, serve
+
+    def pick(value: int | None, default: int) -> int:
+        # --max-texts, the older single limit, sets both where they are not given
+        older = args.max_texts
+        return value if value is not None else older if older is not None else default
+
+    limits = ServeLimits(
+        max_tasks=args.max_tasks,
+        max_task_examples=pick(args.max_task_examples, ServeLimits.max_task_examples),
+        max_batch_texts=pick(args.max_batch_texts, ServeLimits.max_batch_texts),
+        max_text_chars=args.max_text_chars,
+        max_labels=args.max_labels,
+        max_body_bytes=args.max_body_bytes,
+        max_store_bytes=args.max_store_bytes,
+        request_timeout=args.request_timeout,
+    )
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        args.tasks_dir,
+        limits,
+        device=args.device,
+        quantize=args.quantize,
+        api_key=api_key,
+        shutdown_timeout=args.shutdown_timeout,
+    )
