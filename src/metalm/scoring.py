@@ -151,6 +151,29 @@ def score_predictions(
         >>> score_predictions(["a", "b"], ["a", "a"]).macro_f1
         0.333...
     """
+    classes, true, pred = _as_indices(labels, predictions, classes)
+    n = len(classes)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (true, pred), 1)
+    per_class, macro_f1 = _class_scores(confusion, classes)
+    accuracy, ci95 = mean_ci95((true == pred).astype(float))
+    return ScoreResult(
+        classes=classes,
+        confusion=confusion.tolist(),
+        accuracy=accuracy,
+        accuracy_ci95=ci95,
+        macro_f1=macro_f1,
+        per_class=per_class,
+        confused_pairs=_confused_pairs(confusion, classes, top_pairs),
+    )
+
+
+def _as_indices(
+    labels: Sequence[Label], predictions: Sequence[Label], classes: Sequence[Label] | None
+) -> tuple[list[Label], np.ndarray, np.ndarray]:
+    """The classes (default: every label and prediction, sorted) and the labels and
+    predictions as indices into them; a MetalmError where lengths differ, nothing is
+    labeled, or a label or prediction is not a class."""
     labels, predictions = list(labels), list(predictions)
     if len(labels) != len(predictions):
         raise MetalmError(f"{len(labels)} labels but {len(predictions)} predictions")
@@ -163,12 +186,14 @@ def score_predictions(
     unknown = sorted({str(v) for v in [*labels, *predictions] if v not in index})
     if unknown:
         raise MetalmError(f"labels not among the classes {classes}: {unknown}")
-    n = len(classes)
     true = np.array([index[v] for v in labels])
     pred = np.array([index[v] for v in predictions])
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (true, pred), 1)
+    return classes, true, pred
 
+
+def _class_scores(confusion: np.ndarray, classes: list[Label]) -> tuple[list[ClassScore], float]:
+    """Each class's precision, recall, F1, support and predictions, and macro-F1 (over
+    the classes that occur among the labels or the predictions)."""
     hits = np.diag(confusion).astype(float)
     support = confusion.sum(1)  # texts of each class
     predicted = confusion.sum(0)  # texts predicted as each class
@@ -176,34 +201,31 @@ def score_predictions(
     recall = _ratio(hits, support.astype(float))
     f1 = _ratio(2 * precision * recall, precision + recall)
     present = (support > 0) | (predicted > 0)
-    accuracy, ci95 = mean_ci95((true == pred).astype(float))
+    per_class = [
+        ClassScore(
+            classes[i],
+            float(precision[i]),
+            float(recall[i]),
+            float(f1[i]),
+            int(support[i]),
+            int(predicted[i]),
+        )
+        for i in range(len(classes))
+    ]
+    return per_class, float(f1[present].mean())
 
+
+def _confused_pairs(confusion: np.ndarray, classes: list[Label], top: int) -> list[ConfusedPair]:
+    """The `top` off-diagonal cells of `confusion` with the most texts (ties: class order)."""
+    support = confusion.sum(1)  # texts of each class
     off = confusion.copy()
     np.fill_diagonal(off, 0)
     pairs = [(int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off), strict=True)]
     pairs.sort(key=lambda p: (-p[0], p[1], p[2]))  # most texts first, then class order
-    return ScoreResult(
-        classes=classes,
-        confusion=confusion.tolist(),
-        accuracy=accuracy,
-        accuracy_ci95=ci95,
-        macro_f1=float(f1[present].mean()),
-        per_class=[
-            ClassScore(
-                classes[i],
-                float(precision[i]),
-                float(recall[i]),
-                float(f1[i]),
-                int(support[i]),
-                int(predicted[i]),
-            )
-            for i in range(n)
-        ],
-        confused_pairs=[
-            ConfusedPair(classes[i], classes[j], count, count / int(support[i]))
-            for count, i, j in pairs[:top_pairs]
-        ],
-    )
+    return [
+        ConfusedPair(classes[i], classes[j], count, count / int(support[i]))
+        for count, i, j in pairs[:top]
+    ]
 
 
 def plot_confusion(result: ScoreResult, path: str | Path) -> None:
