@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT (fast unit tests) and the real MiniLM."""
+"""Shared fixtures and helpers: a tiny random BERT and Llama (fast unit tests), the
+overrides of a fast run, a brief run on the real MiniLM."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from metalm.models import EncoderConfig, TextEncoder
 from metalm.models.tiny import save_tiny_bert, save_tiny_llama
 
 
@@ -21,6 +23,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide Llama causal LM with random weights and MiniLM's tokenizer."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def tiny_encoder(tiny_model_dir: Path) -> TextEncoder:
+    """A fresh encoder over the tiny BERT (each test may change its weights)."""
+    return TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir), max_length=16))
 
 
 def tiny_overrides(model_dir: Path, output_dir: Path, **extra: object) -> list[str]:

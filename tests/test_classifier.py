@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
-from safetensors.torch import load_file
 
 from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
 from metalm.cli import main
@@ -23,7 +22,7 @@ from metalm.config import load_config, parse_learner_config
 from metalm.learners import LEARNERS, build_learner
 from metalm.models.causal import build_model
 from metalm.models.encoder import EncoderConfig, TextEncoder
-from metalm.pretrained import FORMAT_VERSION, LEARNER_WEIGHTS, METADATA
+from metalm.pretrained import METADATA
 
 TEXTS = [
     "set an alarm for six",
@@ -33,7 +32,11 @@ TEXTS = [
     "play some jazz music",
     "put on my workout playlist",
 ]
+
+
 LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
+
+
 QUERIES = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "hello"]
 
 
@@ -62,97 +65,23 @@ def frozen_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return save_pretrained(_learner(tiny_model_dir, "frozen"), out)
 
 
-SLOW = [pytest.mark.slow]
+# -- command line ----------------------------------------------------------------------
+def _write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
 
 
-# -- save / load -----------------------------------------------------------------------
-# every registered learner as built by default, plus the other task heads of the
-# embedding learners (`learner.head`)
-VARIANTS = [(name, {}) for name in sorted(LEARNERS)] + [
-    ("frozen", {"head": "logreg"}),
-    ("protonet", {"head": "logreg"}),
-    ("protonet", {"head": "lpft", "lpft_steps": 2}),
-]
-
-
-@pytest.mark.parametrize(
-    "name, config",
-    [  # finetune's default (300 head steps, then 20 with the encoder) takes seconds
-        pytest.param(n, c, id=n + (f"/{c['head']}" if c else ""), marks=SLOW * (n == "finetune"))
-        for n, c in VARIANTS
-    ],
-)
-def test_save_load_gives_identical_predictions(
-    name, config, tiny_model_dir, tiny_llama_dir, tmp_path
-):
-    causal = LEARNERS[name].model_kind == "causal"
-    learner = _learner(tiny_llama_dir if causal else tiny_model_dir, name, **config)
-    expected = _probabilities(learner)
-    out = save_pretrained(learner, tmp_path / name)
-    # a causal LM is named in metalm.json, not copied (its LoRA adapters are the learner's)
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["README.md", LEARNER_WEIGHTS, METADATA] + ([] if causal else ["encoder"])
-    )
-    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
-    own = load_file(out / LEARNER_WEIGHTS)  # the model's weights stay apart (adapters aside)
-    assert not any(k.startswith("encoder.model.") and "lora_" not in k for k in own)
-    assert causal == any("lora_" in k for k in own) or name == "icl"
-    loaded = from_pretrained(out)
-    assert type(loaded) is type(learner) and loaded.config == learner.config
-    np.testing.assert_array_equal(_probabilities(loaded), expected)
-    metadata = json.loads((out / METADATA).read_text())
-    assert metadata["format_version"] == FORMAT_VERSION
-    assert metadata["learner"]["name"] == name
-
-
-def test_lora_and_truncated_encoder_reload_with_the_same_structure(tiny_model_dir, tmp_path):
-    learner = _learner(tiny_model_dir, "maml", num_layers=1, adapt="lora", lora_r=2)
-    out = save_pretrained(learner, tmp_path / "lora")
-    own = load_file(out / LEARNER_WEIGHTS)
-    assert own and all("lora_" in k for k in own)  # LoRA adapters are the learner's
-    loaded = from_pretrained(out)
-    assert len(loaded.encoder.model.encoder.layer) == 1
-    assert sorted(loaded.state_dict()) == sorted(learner.state_dict())
-    for key, tensor in learner.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], tensor, rtol=0, atol=0)
-    np.testing.assert_array_equal(_probabilities(loaded), _probabilities(learner))
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda d: _edit_metadata(d, format_version=FORMAT_VERSION + 1), "newer"),
-        (lambda d: _edit_metadata(d, format_version="1"), "positive integer"),
-        (lambda d: (d / METADATA).unlink(), "not a metalm model directory"),
-        (lambda d: (d / METADATA).write_text("{oops"), "not valid JSON"),
-        (lambda d: (d / LEARNER_WEIGHTS).unlink(), "missing learner.safetensors"),
-        (lambda d: (d / "encoder" / "model.safetensors").unlink(), "missing encoder files"),
-        (lambda d: _edit_metadata(d, learner={"name": "nope"}), "unknown learner"),
-    ],
-)
-def test_broken_model_directories_give_clear_errors(change, message, frozen_dir, tmp_path):
-    import shutil
-
-    broken = Path(shutil.copytree(frozen_dir, tmp_path / "broken"))
-    change(broken)
-    with pytest.raises(MetalmError, match=message):
-        from_pretrained(broken)
-
-
-def _edit_metadata(directory: Path, **values) -> None:
-    metadata = json.loads((directory / METADATA).read_text())
-    metadata.update(values)
-    (directory / METADATA).write_text(json.dumps(metadata))
-
-
-def test_missing_directory_and_hub_failure_are_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(MetalmError, match="no such model directory"):
-        from_pretrained(tmp_path / "absent")
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(MetalmError, match="cannot download 'metalm-test/absent' from the Hugging"):
-        from_pretrained("metalm-test/absent")
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory) -> Path:
+    """A protonet meta-trained for a few steps by `metalm train`, then `metalm export`."""
+    root = tmp_path_factory.mktemp("export")
+    overrides = tiny_overrides(tiny_model_dir, root, **{"learner.name": "protonet"})
+    assert main(["-q", "train", *overrides]) == 0
+    assert main(["export", str(root / "run"), "--out", str(root / "model")]) == 0
+    return root / "model"
 
 
 # -- FewShotClassifier -----------------------------------------------------------------
@@ -224,25 +153,6 @@ def test_task_save_load_round_trip(frozen_dir, tiny_model_dir, tmp_path):
         FewShotClassifier.load_task(tmp_path / "task", model=other)
     with pytest.raises(MetalmError, match="not a task directory"):
         FewShotClassifier.load_task(tmp_path)
-
-
-# -- command line ----------------------------------------------------------------------
-def _write_csv(path: Path, rows, header=("text", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_model_dir, tmp_path_factory) -> Path:
-    """A protonet meta-trained for a few steps by `metalm train`, then `metalm export`."""
-    root = tmp_path_factory.mktemp("export")
-    overrides = tiny_overrides(tiny_model_dir, root, **{"learner.name": "protonet"})
-    assert main(["-q", "train", *overrides]) == 0
-    assert main(["export", str(root / "run"), "--out", str(root / "model")]) == 0
-    return root / "model"
 
 
 def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):

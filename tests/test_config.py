@@ -464,3 +464,11 @@ def test_shipped_config_loads(path, tmp_path):
     # and it survives a save/load round trip
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_episode_config_accepts_all_and_ranges():
+    config = load_config(None, ["episode.n_way=all", "episode.k_shot=[1, 5]"])
+    assert config.episode.n_way == "all" and config.episode.k_shot == [1, 5]
+    for bad, message in (("episode.n_way=most", "'all'"), ("episode.k_shot=[4, 2]", "min <= max")):
+        with pytest.raises(MetalmError, match=message):
+            load_config(None, [bad])

@@ -1,12 +1,10 @@
 """Tests for the outer loop and its checkpoints: SIGKILL + resume equivalence, atomic
 checkpoint swaps, the lr schedule, best weights / early stopping, non-finite losses.
 
-Everything runs on the tiny random BERT of `conftest.py` (or on a toy module).
-"""
+Everything runs on the tiny random BERT of `conftest.py` (or on a toy module)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -21,13 +19,9 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 from torch import nn
 
-from metalm import atomic
-from metalm.atomic import NEW_SUFFIX, OLD_SUFFIX, new_path, old_path
+from metalm.atomic import NEW_SUFFIX, OLD_SUFFIX
 from metalm.checkpoint import (
     load_checkpoint,
-    load_weights,
-    save_checkpoint,
-    save_weights_atomic,
 )
 from metalm.cli import main
 from metalm.config import TrainConfig, load_config, save_config
@@ -37,8 +31,6 @@ from metalm.models.encoder import TextEncoder
 from metalm.rundir import find_checkpoint
 from metalm.tasks import build_pools
 from metalm.trainer import MetaTrainer, lr_lambda
-
-# --------------------------------------------------------------------------- helpers
 
 
 class _Net(nn.Module):
@@ -53,25 +45,6 @@ class _Net(nn.Module):
         return self.lin(self.drop(x))
 
 
-def _toy(seed: int = 0):
-    torch.manual_seed(seed)
-    net = _Net()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(TrainConfig(steps=10, warmup_steps=2))
-    )
-    return net, optimizer, scheduler
-
-
-def _toy_step(net: nn.Module, optimizer, scheduler) -> None:
-    net.train()
-    loss = net(torch.randn(8, 4)).pow(2).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-
-
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -80,15 +53,6 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"tensor {key!r} differs"
-
-
-def _assert_same_optimizer_state(a: dict, b: dict) -> None:
-    assert a["param_groups"] == b["param_groups"]
-    assert a["state"].keys() == b["state"].keys()
-    for index, slots in a["state"].items():
-        assert slots.keys() == b["state"][index].keys()
-        for name, value in slots.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][index][name]))
 
 
 def _trainer(model_dir: Path, output_dir: Path, **extra: object) -> MetaTrainer:
@@ -114,10 +78,12 @@ def _leftovers(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in found)
 
 
-# ------------------------------------------------------- resume after SIGKILL (key test)
-
 STEPS = 10
+
+
 KILL_AFTER = 7  # checkpoints at 4, 8: the kill lands between them, after the eval at 6
+
+
 KILL_EXTRA = {
     "train.steps": STEPS,
     "train.checkpoint_every": 4,
@@ -126,7 +92,11 @@ KILL_EXTRA = {
     # so the killed run has written a newer best.safetensors than its last checkpoint knows
     "train.lr": 0.03,
 }
+
+
 TIMEOUT = 150.0
+
+
 # a task mixture with state that depends on the encoder (hard-negative neighbours, k-means
 # cluster tasks), refreshed at steps 0, 3, 6, 9: the resumed run must restore it
 MIXTURE_EXTRA = {
@@ -272,115 +242,6 @@ def test_resume_after_sigkill_gives_the_same_results(
         )
 
 
-# ------------------------------------------------------------------ checkpoint helpers
-
-
-def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path: Path):
-    net, optimizer, scheduler = _toy(seed=0)
-    for _ in range(3):
-        _toy_step(net, optimizer, scheduler)
-    state = {"step": 3, "best_step": None, "val_history": [{"step": 2, "val_accuracy": 0.5}]}
-    save_checkpoint(tmp_path / "checkpoint", net, optimizer, scheduler, state)
-    saved_weights = _weights(net)
-    saved_optimizer = copy.deepcopy(optimizer.state_dict())
-    saved_lr = scheduler.get_last_lr()
-    rand_after_save = torch.rand(5)
-    _toy_step(net, optimizer, scheduler)  # what the uninterrupted run does next
-    continued = _weights(net)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
-
-    fresh, fresh_optimizer, fresh_scheduler = _toy(seed=123)  # other weights, other RNG
-    assert not torch.equal(fresh.lin.weight, saved_weights["lin.weight"])
-    found = find_checkpoint(tmp_path / "checkpoint")
-    assert found == tmp_path / "checkpoint"
-    assert load_checkpoint(found, fresh, fresh_optimizer, fresh_scheduler) == state
-    _assert_same_tensors(_weights(fresh), saved_weights)
-    _assert_same_optimizer_state(fresh_optimizer.state_dict(), saved_optimizer)
-    assert fresh_scheduler.last_epoch == 3
-    assert fresh_scheduler.get_last_lr() == saved_lr
-    assert torch.equal(torch.rand(5), rand_after_save)
-    _toy_step(fresh, fresh_optimizer, fresh_scheduler)  # dropout + AdamW + schedule
-    _assert_same_tensors(_weights(fresh), continued)
-
-
-def test_find_checkpoint_falls_back_to_old_after_an_interrupted_swap(tmp_path: Path):
-    directory = tmp_path / "checkpoint"
-    assert find_checkpoint(directory) is None
-    net, optimizer, scheduler = _toy()
-    save_checkpoint(directory, net, optimizer, scheduler, {"step": 1})
-    _toy_step(net, optimizer, scheduler)
-    save_checkpoint(directory, net, optimizer, scheduler, {"step": 2})
-    step2 = _weights(net)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
-
-    # a run of an earlier metalm, which swapped through checkpoint.tmp/.old: a crash
-    # between `checkpoint -> checkpoint.old` and `checkpoint.tmp -> checkpoint`, with the
-    # next checkpoint half-written in checkpoint.tmp
-    os.replace(directory, tmp_path / "checkpoint.old")
-    (tmp_path / "checkpoint.tmp").mkdir()
-    (tmp_path / "checkpoint.tmp" / "learner.safetensors").write_bytes(b"\0" * 10)
-    assert find_checkpoint(directory) == tmp_path / "checkpoint.old"
-    other, other_optimizer, other_scheduler = _toy(seed=5)
-    state = load_checkpoint(find_checkpoint(directory), other, other_optimizer, other_scheduler)
-    assert state == {"step": 2}
-    _assert_same_tensors(_weights(other), step2)
-
-    # the next save completes the swap and clears both leftovers
-    save_checkpoint(directory, other, other_optimizer, other_scheduler, {"step": 3})
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
-    assert json.loads((directory / "state.json").read_text()) == {"step": 3}
-
-    # a crash while deleting checkpoint.old: the new checkpoint wins
-    (tmp_path / "checkpoint.old").mkdir()
-    (tmp_path / "checkpoint.old" / "state.json").write_text('{"step": 2}')
-    assert find_checkpoint(directory) == directory
-
-
-@pytest.mark.parametrize("exchange", [True, False])
-def test_checkpoint_swap_cut_short_is_recovered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
-):
-    """Checkpoints are replaced by `metalm.atomic.replace_dir`; where its fallback swap
-    (no renameat2) is cut between parking the old checkpoint and renaming the new one in,
-    `find_checkpoint` restores the old one whole."""
-    monkeypatch.setattr(atomic, "use_exchange", exchange)
-    directory = tmp_path / "checkpoint"
-    net, optimizer, scheduler = _toy()
-    save_checkpoint(directory, net, optimizer, scheduler, {"step": 1})
-    _toy_step(net, optimizer, scheduler)
-    save_checkpoint(directory, net, optimizer, scheduler, {"step": 2})
-    step2 = _weights(net)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
-
-    os.replace(directory, old_path(directory))  # the crash: old parked, new half-written
-    new_path(directory).mkdir()
-    (new_path(directory) / "learner.safetensors").write_bytes(b"\0" * 10)
-    assert find_checkpoint(directory) == directory
-    other, other_optimizer, other_scheduler = _toy(seed=5)
-    assert load_checkpoint(directory, other, other_optimizer, other_scheduler) == {"step": 2}
-    _assert_same_tensors(_weights(other), step2)
-    save_checkpoint(directory, other, other_optimizer, other_scheduler, {"step": 3})
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
-    assert json.loads((directory / "state.json").read_text()) == {"step": 3}
-
-
-def test_weights_round_trip_and_mismatch(tmp_path: Path):
-    net, _, _ = _toy(seed=0)
-    path = tmp_path / "w.safetensors"
-    save_weights_atomic(net, path)
-    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
-    other, _, _ = _toy(seed=1)
-    load_weights(other, path)
-    _assert_same_tensors(_weights(other), _weights(net))
-    with pytest.raises(MetalmError, match="do not fit"):
-        load_weights(nn.Sequential(nn.Linear(2, 2)), path)
-    with pytest.raises(MetalmError, match="no such weights file"):
-        load_weights(net, tmp_path / "missing.safetensors")
-
-
-# ------------------------------------------------------------------------- lr schedule
-
-
 @pytest.mark.parametrize(
     ("schedule", "expected"),
     [
@@ -402,9 +263,6 @@ def test_lr_lambda_without_warmup_and_bad_name():
     assert [factor(s) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     with pytest.raises(MetalmError, match=r"train\.schedule"):
         lr_lambda(TrainConfig(schedule="exponential"))
-
-
-# ----------------------------------------------------- best weights and early stopping
 
 
 def test_early_stopping_keeps_the_best_weights(
@@ -491,9 +349,6 @@ def test_early_stopping_when_validation_cannot_improve(tiny_model_dir: Path, tmp
     assert state["stopped_early"] and state["step"] == 4
     _assert_same_tensors(_weights(trainer.learner), initial)
     _assert_same_tensors(load_file(trainer.run_dir / "best.safetensors"), initial)
-
-
-# --------------------------------------------------------------- failures the CLI reports
 
 
 def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_checkpoint(

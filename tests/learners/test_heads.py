@@ -1,12 +1,9 @@
-"""Task heads of the embedding learners (`learner.head`: centroid, logreg, lpft), the
-logistic-regression fit and its leave-one-shot-out choice of L2, report labels, paired
-full-way intervals and `eval --run` with overrides; tiny random BERT, plus one slow test
-on the real MiniLM."""
+"""`metalm.learners.heads`: task heads on support embeddings (centroid, logistic
+regression with a held-out L2, linear probe then fine-tune) through every surface."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +12,13 @@ from conftest import tiny_overrides
 
 from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
 from metalm.cli import main
-from metalm.config import load_config
 from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.data.episodes import Episode
-from metalm.evaluate import Z95, MethodResult, evaluate_episodes, mean_ci95
 from metalm.learners import (
     HEADS,
     FrozenConfig,
     ProtoNetConfig,
     build_learner,
-    method_label,
 )
 from metalm.learners.heads import (
     DEFAULT_L2,
@@ -36,9 +30,6 @@ from metalm.learners.heads import (
     shot_folds,
 )
 from metalm.models import EncoderConfig, TextEncoder
-from metalm.protocols import baselines
-from metalm.report import EvalReport
-from metalm.runs import evaluate_run
 
 TEXTS = [
     "set an alarm for six",
@@ -51,13 +42,12 @@ TEXTS = [
     "put on my workout playlist",
     "play a song by queen",
 ]
+
+
 LABELS = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
 QUERIES = ["alarm at five", "rain in london", "play rock", "hello there"]
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tiny_model_dir) -> TextEncoder:
-    return TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir), max_length=16))
 
 
 def _blobs(n_way: int = 5, shots: int = 4, dim: int = 16, seed: int = 0):
@@ -71,11 +61,6 @@ def _blobs(n_way: int = 5, shots: int = 4, dim: int = 16, seed: int = 0):
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _other_head(config_class) -> str:
-    """A head that is not `config_class`'s default (whatever the default is)."""
-    return next(h for h in HEADS if h != config_class().head and h != "lpft")
 
 
 # -- the logistic-regression head --------------------------------------------------------
@@ -299,133 +284,6 @@ def test_a_model_saved_before_heads_existed_keeps_the_centroid_head(tiny_encoder
     del metadata["learner"]["head"]
     (model / "metalm.json").write_text(json.dumps(metadata))
     assert from_pretrained(model).config.head == "centroid"
-
-
-# -- report labels -----------------------------------------------------------------------
-def test_method_label_names_non_default_heads():
-    for config_class in (FrozenConfig, ProtoNetConfig):
-        name, default = config_class().name, config_class().head
-        assert method_label(config_class()) == name
-        for head in HEADS:
-            expected = name if head == default else f"{name}/{head}"
-            assert method_label(config_class(head=head)) == expected
-    finetune = load_config(None, ["learner.name=finetune"]).learner
-    assert method_label(finetune) == "finetune"  # no head setting: its name
-
-
-def test_baselines_are_kept_apart_by_label():
-    other = _other_head(FrozenConfig)
-    config = load_config(
-        None,
-        [
-            "learner.name=frozen",
-            f"eval.baselines=[{{name: frozen}}, {{name: frozen, head: {other}}}]",
-        ],
-    )
-    assert [method_label(b) for b in baselines(config)] == [f"frozen/{other}"]
-
-
-# -- paired intervals on full-way rows ---------------------------------------------------
-def test_full_way_rows_keep_each_text_and_get_a_paired_difference(tiny_encoder):
-    episode = EpisodeSampler(builtin_dataset("banking77", "test"), 6, 3, 10, seed=4).sample(0)
-    results = []
-    for config in (FrozenConfig(head="centroid"), FrozenConfig(head="logreg")):
-        learner = build_learner(tiny_encoder, config)
-        results.append(
-            evaluate_episodes(learner, [episode], method_label(config), "full-way 3-shot", "d")
-        )
-    for result in results:
-        assert len(result.per_episode) == len(episode.query_texts) == 60
-        assert set(result.per_episode) <= {0.0, 1.0}
-        p = result.accuracy
-        assert p == pytest.approx(np.mean(result.per_episode))
-        assert result.ci95 == pytest.approx(Z95 * np.sqrt(max(p * (1 - p), 1e-12) / 60))
-    base, other = results
-    base.method = "frozen"  # the report's baseline label
-    other.method = "frozen/logreg"
-    report = EvalReport([base, other])
-    diff = report.paired_difference(other)
-    expected = np.asarray(other.per_episode) - np.asarray(base.per_episode)
-    assert diff == pytest.approx(mean_ci95(expected))
-    assert report.paired_difference(base) is None
-    row = report.as_dict()["results"][1]
-    assert row["vs_frozen"] == {"mean": pytest.approx(diff[0]), "ci95": pytest.approx(diff[1])}
-    assert f"{100 * diff[0]:+.2f} ± {100 * diff[1]:.2f}" in report.to_markdown()
-
-
-def test_paired_difference_needs_the_same_units():
-    def result(method: str, episodes: int, values: list[float]) -> MethodResult:
-        mean = float(np.mean(values))
-        return MethodResult(method, "p", "d", 3, 1, episodes, mean, 0.1, 0.0, 1.0, values)
-
-    frozen = result("frozen", 1, [1.0, 0.0, 1.0, 1.0])
-    fewer = result("x", 1, [1.0, 1.0, 1.0])  # not the same query texts
-    assert EvalReport([frozen, fewer]).paired_difference(fewer) is None
-    episodic = result("x", 4, [0.5, 0.2, 0.9, 1.0])  # episodes against texts
-    assert EvalReport([frozen, episodic]).paired_difference(episodic) is None
-    same = result("x", 1, [1.0, 1.0, 0.0, 1.0])
-    assert EvalReport([frozen, same]).paired_difference(same) == pytest.approx(
-        mean_ci95([0.0, 1.0, -1.0, 0.0])
-    )
-
-
-# -- eval --run with overrides -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("heads-run")
-    overrides = tiny_overrides(
-        tiny_model_dir,
-        root,
-        **{"learner.name": "protonet", "eval.settings": "[{n_way: 3, k_shot: 3}]"},
-    )
-    assert main(["-q", "train", *overrides]) == 0
-    return root / "run"
-
-
-def _files(directory: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(directory)): p.read_bytes() for p in directory.iterdir() if p.is_file()
-    }
-
-
-def test_eval_run_applies_learner_and_model_overrides(finished_run, capsys):
-    before = _files(finished_run)
-    own = json.loads((finished_run / "report.json").read_text())
-    other = _other_head(ProtoNetConfig)
-    args = ["-q", "eval", "--run", str(finished_run), "--name", "other-head"]
-    assert main([*args, f"learner.head={other}", "model.batch_size=7"]) == 0
-    out_dir = finished_run / "evals" / "other-head"
-    assert str(out_dir / "report.md") in capsys.readouterr().out
-    assert _files(finished_run) == before  # the run's own report, config, weights
-    report = json.loads((out_dir / "report.json").read_text())
-    methods = {r["method"] for r in report["results"]}
-    assert methods == {f"protonet/{other}", "frozen"}
-    saved = load_config(out_dir / "config.yaml")
-    assert saved.learner.head == other and saved.model.batch_size == 7
-    mine = {r["method"]: r for r in report["results"]}
-    theirs = {r["method"]: r for r in own["results"]}
-    assert mine["frozen"]["per_episode"] == pytest.approx(theirs["frozen"]["per_episode"])
-    assert mine[f"protonet/{other}"]["per_episode"] != theirs["protonet"]["per_episode"]
-    # the same name again is refused before anything is evaluated
-    assert main([*args, f"learner.head={other}"]) == 2
-    assert "already exists" in capsys.readouterr().err
-
-
-def test_eval_run_refuses_overrides_that_change_the_weights_shapes(finished_run, capsys):
-    with pytest.raises(MetalmError, match="do not fit"):
-        evaluate_run(finished_run, ["model.num_layers=1"], progress=False, name="cut")
-    assert not (finished_run / "evals" / "cut").exists()
-    assert main(["-q", "eval", "--name", "x", "learner.name=frozen"]) == 2
-    assert "--name" in capsys.readouterr().err
-
-
-def test_eval_run_default_folder_is_new_each_time(finished_run):
-    first = evaluate_run(finished_run, ["eval.episodes=2"], progress=False)
-    second = evaluate_run(finished_run, ["eval.episodes=2"], progress=False)
-    assert first.run_dir != second.run_dir
-    for report in (first, second):
-        assert Path(report.run_dir).parent == finished_run / "evals"
-        assert (Path(report.run_dir) / "report.json").is_file()
 
 
 # -- the real MiniLM ---------------------------------------------------------------------

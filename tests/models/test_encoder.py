@@ -1,7 +1,5 @@
-"""The encoding options of issue "faster encoding": batches in token-length order (the
-default) and int8 quantization at load time (`quantize="int8"`), on the tiny random BERT
-of conftest and once on the real all-MiniLM-L6-v2. Speed itself is measured by
-benchmarks/encode_speed.py, not here."""
+"""`metalm.models.encoder`: embeddings, pooling, caches, token-ordered batches, int8
+quantization and devices."""
 
 from __future__ import annotations
 
@@ -12,10 +10,87 @@ from conftest import tiny_overrides
 from metalm import FewShotClassifier, MetalmError
 from metalm.cli import main
 from metalm.config import load_config, parse_learner_config
-from metalm.learners import build_learner
-from metalm.models.encoder import EncoderConfig, TextEncoder
+from metalm.data import builtin_dataset
+from metalm.learners import (
+    ProtoNetConfig,
+    build_learner,
+)
+from metalm.models.encoder import EncoderConfig, TextEncoder, resolve_device
 from metalm.pretrained import export_untrained
 from metalm.trainer import MetaTrainer
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(before: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+# -- encoder -----------------------------------------------------------------------
+def test_embed_matches_forward_and_is_normalized(tiny_encoder):
+    texts = ["short", "a somewhat longer sentence about cards", "mid length text"]
+    tiny_encoder.eval()
+    with torch.no_grad():
+        direct = tiny_encoder(texts)
+    batched = tiny_encoder.embed(texts, batch_size=2)  # sorted by length, re-ordered back
+    assert torch.allclose(direct, batched, atol=1e-5)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_padding_does_not_change_embeddings(tiny_encoder):
+    tiny_encoder.eval()
+    alone = tiny_encoder.embed(["hi"])
+    with_long = tiny_encoder.embed(["hi", "a much longer text that forces padding of hi"])
+    assert torch.allclose(alone[0], with_long[0], atol=1e-5)
+
+
+def test_truncation_and_token_cache(tiny_encoder):
+    long_text = " ".join(["word"] * 100)
+    batch = tiny_encoder.tokenize([long_text])
+    assert batch["input_ids"].shape[1] == 16
+    assert long_text in tiny_encoder._token_cache
+
+
+def test_cls_pooling_and_bad_pooling(tiny_model_dir):
+    cls = TextEncoder.from_config(
+        EncoderConfig(name_or_path=str(tiny_model_dir), pooling="cls", normalize=False)
+    )
+    cls.eval()
+    batch = cls.tokenize(["hello world"])
+    with torch.no_grad():
+        hidden = cls.model(**batch).last_hidden_state
+    assert torch.allclose(cls.embed(["hello world"])[0], hidden[0, 0], atol=1e-5)
+    with pytest.raises(MetalmError, match="pooling"):
+        TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir), pooling="max"))
+
+
+def test_functional_params_leave_model_untouched(tiny_encoder):
+    before = snapshot(tiny_encoder)
+    params = {k: v.detach().clone() + 0.5 for k, v in tiny_encoder.model.named_parameters()}
+    shifted = tiny_encoder.embed(["hello"], params=params)
+    plain = tiny_encoder.embed(["hello"])
+    assert not torch.allclose(shifted, plain)
+    assert_unchanged(before, tiny_encoder)
+
+
+def test_embedding_cache_is_used_and_scoped(tiny_encoder):
+    texts = ["alpha", "beta"]
+    with tiny_encoder.cached_embeddings(texts):
+        tiny_encoder._embedding_cache["alpha"] = torch.full((tiny_encoder.dim,), 7.0)
+        assert torch.all(tiny_encoder.embed(["alpha"]) == 7.0)
+    assert not torch.all(tiny_encoder.embed(["alpha"]) == 7.0)
+    assert tiny_encoder._embedding_cache is None
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(MetalmError, match="cannot load encoder"):
+        TextEncoder.from_config(EncoderConfig(name_or_path=str(tmp_path / "nope")))
+
 
 TEXTS = [
     "a",
@@ -27,6 +102,8 @@ TEXTS = [
     "put on my workout playlist now",
     "hello there",
 ]
+
+
 LABELS = ["alarm", "alarm", "alarm", "weather", "weather", "music", "music", "music"]
 
 
@@ -105,7 +182,6 @@ def test_quantize_at_load_through_python_and_cli(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_int8_on_the_real_minilm_keeps_banking77_predictions_close(tmp_path):
-    from metalm.data import builtin_dataset
 
     model = export_untrained(tmp_path / "minilm", "frozen", ["model.device=cpu"])
     support = builtin_dataset("banking77", "train_5")
@@ -119,3 +195,27 @@ def test_int8_on_the_real_minilm_keeps_banking77_predictions_close(tmp_path):
         accuracy[quantize] = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
     assert accuracy["none"] > 0.7  # 77 classes: chance is 1.3%
     assert abs(accuracy["int8"] - accuracy["none"]) < 0.05
+
+
+def test_auto_picks_cuda_only_when_available() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+def test_unknown_or_missing_device_is_a_clear_error() -> None:
+    with pytest.raises(MetalmError, match="unknown device"):
+        resolve_device("tpu-ish")
+    if not torch.cuda.is_available():
+        with pytest.raises(MetalmError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_learner_and_task_state_follow_the_encoder_device(tiny_model_dir) -> None:
+    encoder = TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir)))
+    learner = build_learner(encoder, ProtoNetConfig(learn_scale=True, head="centroid"))
+    device = resolve_device("auto")
+    assert {p.device.type for p in learner.parameters()} == {device.type}
+    state = learner.adapt(["a b", "c d", "e f", "g h"], [0, 1, 0, 1])
+    assert state["prototypes"].device.type == device.type
+    logits = learner.predict(state, ["a b", "g h"])
+    assert logits.shape == (2, 2) and logits.device.type == device.type

@@ -264,7 +264,7 @@ def test_real_minilm_meta_trains_on_a_mixture_and_unlabeled_banking_texts(tmp_pa
     from conftest import run_real_minilm_briefly
     from safetensors.torch import load_file
 
-    intents = Path(__file__).parents[1] / "examples" / "intents.csv"
+    intents = Path(__file__).parents[2] / "examples" / "intents.csv"
     run_real_minilm_briefly(
         "protonet",
         [

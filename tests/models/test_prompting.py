@@ -1,15 +1,13 @@
-"""Loading causal LMs (issue: in-context meta-learning): a tiny random Llama saved
-locally (fast) and the shipped SmolLM2-135M-Instruct GGUF (slow, real weights)."""
+"""`metalm.models.prompting`: prompts from support sets, packed and cached scoring,
+calibration, channel scoring."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from metalm import MetalmError
-from metalm.models.causal import default_causal_path, load_causal_lm
+from metalm.models.causal import load_causal_lm
 from metalm.models.prompting import (
     CHANNEL_TEMPLATE,
     PromptScorer,
@@ -18,40 +16,22 @@ from metalm.models.prompting import (
     verbalize,
 )
 
-
-def test_a_local_directory_loads_in_eval_mode_as_float32(tiny_llama_dir):
-    model, tokenizer = load_causal_lm(str(tiny_llama_dir), device="cpu")
-    assert not model.training
-    assert next(model.parameters()).dtype == torch.float32
-    ids = tokenizer(["hello world", "hi"], return_tensors="pt", padding=True)
-    logits = model(**ids).logits
-    assert logits.shape[:2] == ids["input_ids"].shape
-    assert logits.shape[-1] == model.config.vocab_size
-    assert tokenizer.pad_token_id is not None
-
-
-def test_bad_paths_are_clear_errors(tmp_path):
-    with pytest.raises(MetalmError, match="no such GGUF file"):
-        load_causal_lm(str(tmp_path / "missing.gguf"))
-    with pytest.raises(MetalmError, match="give a Hugging Face model id"):
-        load_causal_lm(str(tmp_path / "not-a-model"))
-
-
-@pytest.mark.slow
-def test_the_shipped_smollm2_gguf_loads_and_knows_a_fact():
-    path = default_causal_path()
-    assert path.endswith(".gguf") and Path(path).is_file()
-    model, tokenizer = load_causal_lm(device="cpu")
-    assert sum(p.numel() for p in model.parameters()) > 100_000_000
-    ids = tokenizer("The capital of France is", return_tensors="pt")
-    with torch.no_grad():
-        next_token = model(**ids).logits[0, -1].argmax()
-    assert tokenizer.decode(next_token).strip() == "Paris"
-
-
 # -- in-context scoring ------------------------------------------------------------------
 SUPPORT = ["will it rain today", "set an alarm for 7", "play some jazz", "is it sunny out"]
+
+
 SUPPORT_LABELS = ["weather", "alarm", "music", "weather"]
+
+
+def plain_prompt_score(model, tokenizer, prompt: str, target: str) -> float:
+    """The reference: the whole prompt and target in one plain forward pass (no cache,
+    no packing, no custom mask), mean log-probability of the target's tokens."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # noqa: E731
+    context, tail = ids(prompt), ids(target)
+    with torch.no_grad():
+        logits = model(torch.cat([context, tail], 1)).logits[0]
+    logprobs = logits[context.shape[1] - 1 : -1].log_softmax(-1)
+    return float(logprobs.gather(1, tail[0][:, None]).mean())
 
 
 def test_verbalize_and_seeded_prefix():
@@ -65,17 +45,6 @@ def test_verbalize_and_seeded_prefix():
     )
     with pytest.raises(MetalmError, match="as many labels as texts"):
         build_prefix(SUPPORT, SUPPORT_LABELS[:2])
-
-
-def plain_prompt_score(model, tokenizer, prompt: str, target: str) -> float:
-    """The reference: the whole prompt and target in one plain forward pass (no cache,
-    no packing, no custom mask), mean log-probability of the target's tokens."""
-    ids = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # noqa: E731
-    context, tail = ids(prompt), ids(target)
-    with torch.no_grad():
-        logits = model(torch.cat([context, tail], 1)).logits[0]
-    logprobs = logits[context.shape[1] - 1 : -1].log_softmax(-1)
-    return float(logprobs.gather(1, tail[0][:, None]).mean())
 
 
 def test_packed_cached_scores_equal_plain_full_prompt_scores(tiny_llama_dir):

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_tune import _env, _worker, check_study_consistent, run_workers, write_tune_yaml
+from tuning import check_study_consistent, run_workers, worker_command, worker_env, write_tune_yaml
 
 from metalm.tune.optuna_private import set_trial_user_attr
 
@@ -88,7 +88,9 @@ def test_postgres_two_concurrent_workers(tiny_model_dir, tmp_path, postgres_url)
     run_workers(
         [
             # as on two machines: separate study directories
-            _worker(path, tiny_model_dir, tmp_path / f"machine{i}", 6, "--storage", postgres_url)
+            worker_command(
+                path, tiny_model_dir, tmp_path / f"machine{i}", 6, "--storage", postgres_url
+            )
             for i in range(2)
         ]
     )
@@ -106,9 +108,11 @@ def test_postgres_two_concurrent_workers(tiny_model_dir, tmp_path, postgres_url)
 @pytest.mark.slow
 def test_postgres_killed_worker_then_continue(tiny_model_dir, tmp_path, postgres_url):
     path = write_tune_yaml(tmp_path / "pgkill.yaml")
-    cmd = _worker(path, tiny_model_dir, tmp_path / "runs", 50, "--storage", postgres_url,
+    cmd = worker_command(path, tiny_model_dir, tmp_path / "runs", 50, "--storage", postgres_url,
                   "--heartbeat", "1")  # fmt: skip
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     running = []
     try:
         deadline = time.monotonic() + 300
@@ -130,7 +134,7 @@ def test_postgres_killed_worker_then_continue(tiny_model_dir, tmp_path, postgres
     set_trial_user_attr(study, killed, "host", "another-machine")
     time.sleep(3)  # past the grace period (2 heartbeats)
     cmd[cmd.index("--trials") + 1] = "3"
-    done = subprocess.run(cmd, env=_env(), timeout=600, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=worker_env(), timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     study = _load(postgres_url, "pgkill")
     assert study.trials[killed.number].state == TrialState.FAIL

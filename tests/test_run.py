@@ -1,0 +1,143 @@
+"""`metalm.run`: evaluating on own files beside the baselines, the README's commands,
+and a hand-made loop on the real MiniLM."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+
+from metalm.cli import main
+from metalm.data import load_csv
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+EXAMPLE_SUPPORT = REPO_ROOT / "examples" / "intents_train_3.csv"
+
+
+EXAMPLE_QUERY = REPO_ROOT / "examples" / "intents_test.csv"
+
+
+OWN_FILES = [f"data.test.support={EXAMPLE_SUPPORT}", f"data.test.query={EXAMPLE_QUERY}"]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def rows(classes: dict[str, int], tag: str) -> list[tuple[str, str]]:
+    return [(f"{tag} text {i} about {c}", c) for c, n in classes.items() for i in range(n)]
+
+
+# -- metalm eval -------------------------------------------------------------------------
+def eval_overrides(model_dir: Path, output_dir: Path) -> list[str]:
+    return tiny_overrides(model_dir, output_dir, **{"eval.settings": "[]"})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny meta-training run (CLINC150 -> BANKING77), named as in the README."""
+    root = tmp_path_factory.mktemp("own-files")
+    overrides = tiny_overrides(tiny_model_dir, root / "runs", run_name="protonet-20261123-120000")
+    assert main(["-q", "train", *overrides]) == 0
+    return root / "runs" / "protonet-20261123-120000"
+
+
+def test_eval_on_own_files_beside_the_baselines(tiny_model_dir, tmp_path, capsys):
+    overrides = [*eval_overrides(tiny_model_dir, tmp_path / "runs"), *OWN_FILES]
+    assert main(["-q", "eval", *overrides]) == 0
+    assert "| frozen | full-way 3-shot | intents_test.csv |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "runs" / "run" / "report.json").read_text())
+    queries = load_csv(EXAMPLE_QUERY)
+    rows_by_method = {r["method"]: r for r in report["results"]}
+    assert set(rows_by_method) == {"protonet", "frozen"}
+    for row in rows_by_method.values():
+        assert row["protocol"] == "full-way 3-shot" and row["dataset"] == "intents_test.csv"
+        assert (row["n_way"], row["k_shot"], row["episodes"]) == (10, 3, 1)
+        assert len(row["per_episode"]) == len(queries) == 30  # one 0/1 per test text
+    # untrained protonet and frozen are the same rule on the same texts: paired difference 0
+    assert rows_by_method["protonet"]["per_episode"] == rows_by_method["frozen"]["per_episode"]
+    assert rows_by_method["protonet"]["vs_frozen"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert rows_by_method["frozen"]["vs_frozen"] is None
+
+
+def test_readme_own_files_commands_run(tiny_run, tiny_model_dir, tmp_path, monkeypatch):
+    """The `metalm eval` lines of README.md's "Your own data", as written: the first from
+    the repository (the shipped example files), the second on a run of that name and
+    `train_5.csv`/`test.csv` files with an `utterance` column."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Your own data") :]
+    section = section[: section.index("\n### ", 1)]
+    commands = [
+        shlex.split(line)[1:]
+        for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith(".venv/bin/metalm eval")
+    ]
+    assert len(commands) == 2
+    first, second = commands
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(["-q", *first, *eval_overrides(tiny_model_dir, tmp_path / "runs")]) == 0
+    report = json.loads((tmp_path / "runs" / "run" / "report.json").read_text())
+    assert {r["protocol"] for r in report["results"]} == {"full-way 3-shot"}
+
+    work = tiny_run.parent.parent
+    support = load_csv(EXAMPLE_SUPPORT)
+    queries = load_csv(EXAMPLE_QUERY)
+    write_csv(
+        work / "train_5.csv",
+        list(zip(support.texts, support.labels, strict=True)),
+        header=("utterance", "label"),
+    )
+    write_csv(
+        work / "test.csv",
+        list(zip(queries.texts, queries.labels, strict=True)),
+        header=("utterance", "label"),
+    )
+    monkeypatch.chdir(work)
+    assert main(["-q", *second]) == 0
+    report = json.loads((tiny_run / "evals" / "my-intents" / "report.json").read_text())
+    full_way = [r for r in report["results"] if r["protocol"].startswith("full-way")]
+    assert {r["dataset"] for r in full_way} == {"test.csv"} and len(full_way) == 2
+
+
+# -- the real MiniLM ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_minilm_full_way_on_own_files_matches_a_hand_made_loop(tmp_path):
+    """Frozen MiniLM (logistic-regression head) on the shipped example files, 10 intents,
+    3 examples each: the report's per-text correctness is that of adapt + predict."""
+    import torch
+
+    from metalm.config import EncoderConfig
+    from metalm.learners import build_learner
+    from metalm.learners.protonet import FrozenConfig
+    from metalm.models.encoder import TextEncoder
+
+    args = ["-q", "eval", f"output_dir={tmp_path}", "run_name=run", "learner.name=frozen"]
+    args += ["eval.settings=[]", "eval.baselines=[{name: frozen, head: centroid}]"]
+    assert main([*args, *OWN_FILES]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    rows_by_method = {r["method"]: r for r in report["results"]}
+    assert set(rows_by_method) == {"frozen", "frozen/centroid"}
+
+    support, queries = load_csv(EXAMPLE_SUPPORT), load_csv(EXAMPLE_QUERY)
+    names = support.classes
+    learner = build_learner(TextEncoder.from_config(EncoderConfig()), FrozenConfig())
+    state = learner.adapt(support.texts, [names.index(y) for y in support.labels])
+    with torch.no_grad():
+        predicted = learner.predict(state, queries.texts).argmax(-1).tolist()
+    correct = [float(names[p] == y) for p, y in zip(predicted, queries.labels, strict=True)]
+    assert rows_by_method["frozen"]["per_episode"] == correct
+    # a pretrained sentence encoder tells these everyday intents apart (chance is 10%)
+    for row in rows_by_method.values():
+        assert row["accuracy"] >= 0.7, row
