@@ -15,25 +15,10 @@ def save_tiny_bert(directory: str | Path, seed: int = 0) -> Path:
         >>> TextEncoder.from_config(EncoderConfig(name_or_path=str(path))).dim
         32
     """
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertConfig, BertModel
 
-    from metalm.models.encoder import default_model_path
-
-    directory = Path(directory)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    sizes = dict(num_attention_heads=2, max_position_embeddings=128)
+    return _save_tiny(directory, seed, BertModel, BertConfig, **sizes)
 
 
 def save_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
@@ -46,23 +31,31 @@ def save_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
         >>> CausalLM.from_config(EncoderConfig(kind="causal", name_or_path=str(path))).dim
         32
     """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sizes = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    return _save_tiny(directory, seed, LlamaForCausalLM, LlamaConfig, **sizes)
+
+
+def _save_tiny(
+    directory: str | Path, seed: int, model_class: type, config_class: type, **sizes: int
+) -> Path:
+    """A 2-layer, 32-wide `model_class` with seeded random weights and MiniLM's tokenizer."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from metalm.models.encoder import default_model_path
 
     directory = Path(directory)
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
+        **sizes,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model_class(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
