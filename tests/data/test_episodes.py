@@ -353,3 +353,13 @@ def test_hard_negative_state_round_trips_to_identical_episodes():
     assert [a.sample(i) for i in range(30)] == [b.sample(i) for i in range(30)]
     mix = MixtureSampler([a, EpisodeSampler(ds, 3, 1, 1, seed=4)], [1, 1])
     assert set(mix.state_dict()) == {"0.neighbours"}
+
+
+def test_a_negative_episode_index_is_a_clear_error(capsys):
+    from metalm.cli import main
+
+    sampler = EpisodeSampler(builtin_dataset("banking77", "test"), 3, 1, 1)
+    with pytest.raises(MetalmError, match="episode index must be >= 0, got -1"):
+        sampler.sample(-1)
+    assert main(["-q", "sample", "--index", "-1"]) == 2
+    assert "episode index must be >= 0" in capsys.readouterr().err

@@ -151,6 +151,8 @@ class EpisodeSampler:
 
     def sample(self, index: int) -> Episode:
         """Episode number `index` (any non-negative integer)."""
+        if index < 0:
+            raise MetalmError(f"an episode index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, index])
         n_way = self._draw(rng, self.n_range)
         k_shot = self._draw(rng, self.k_range)
