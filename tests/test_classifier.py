@@ -23,6 +23,7 @@ from metalm.learners import LEARNERS, build_learner
 from metalm.models.causal import build_model
 from metalm.models.encoder import EncoderConfig, TextEncoder
 from metalm.pretrained import METADATA
+from metalm.scoring import ScoreResult
 
 TEXTS = [
     "set an alarm for six",
@@ -271,3 +272,73 @@ def test_real_minilm_on_banking77_via_api_and_cli(tmp_path):
     assert main([*args, "--output", str(out)]) == 0
     labels = [json.loads(line)["label"] for line in out.read_text().splitlines()]
     assert labels == clf.predict(test.texts)
+
+
+TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
+
+
+TEST_LABELS = ["alarm", "weather", "music", "weather", "music"]
+
+
+def _assert_consistent(result: ScoreResult | dict) -> None:
+    """Per-class numbers and confused pairs follow from the confusion matrix."""
+    data = result.as_dict() if isinstance(result, ScoreResult) else result
+    classes, counts = data["classes"], np.asarray(data["confusion"])
+    assert counts.shape == (len(classes), len(classes))
+    assert data["accuracy"] == pytest.approx(np.trace(counts) / counts.sum())
+    for i, row in enumerate(data["per_class"]):
+        assert row["label"] == classes[i] and row["support"] == counts[i].sum()
+        assert row["predicted"] == counts[:, i].sum()
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    pairs = data["confused_pairs"]
+    assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
+    for pair in pairs:
+        i, j = classes.index(pair["true"]), classes.index(pair["predicted"])
+        assert i != j and pair["count"] == counts[i, j] > 0
+        assert pair["rate"] == pytest.approx(counts[i, j] / counts[i].sum())
+    # the listed pairs are the largest off-diagonal cells
+    largest = sorted(off.ravel(), reverse=True)[: len(pairs)]
+    assert [p["count"] for p in pairs] == [c for c in largest if c > 0]
+
+
+# -- export without a run --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
+    return out
+
+
+# -- FewShotClassifier.score and metalm score ---------------------------------------------
+def test_classifier_score_matches_its_predictions(frozen_model):
+    clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
+    result = clf.score(TEST_TEXTS, TEST_LABELS)
+    predictions = clf.predict(TEST_TEXTS)
+    assert result.classes == clf.classes_
+    assert result.accuracy == pytest.approx(np.mean(np.array(predictions) == TEST_LABELS))
+    expected = np.zeros((3, 3), dtype=int)
+    for truth, pred in zip(TEST_LABELS, predictions, strict=True):
+        expected[clf.classes_.index(truth), clf.classes_.index(pred)] += 1
+    assert result.confusion == expected.tolist()
+    assert result.info["learner"] == "frozen"
+    _assert_consistent(result)
+
+
+def test_classifier_score_labels_the_task_does_not_know(frozen_model):
+    clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
+    with pytest.raises(MetalmError, match=r"does not know: 'snooze', 'taxi' \(its 3 classes"):
+        clf.score([*TEST_TEXTS, "x", "y", "z"], [*TEST_LABELS, "taxi", "snooze", "taxi"])
+    with pytest.raises(MetalmError, match="2 texts but 1 labels"):
+        clf.score(TEST_TEXTS[:2], TEST_LABELS[:1])
+    with pytest.raises(MetalmError, match="not adapted"):
+        FewShotClassifier.from_pretrained(frozen_model).score(TEST_TEXTS, TEST_LABELS)
+
+
+def test_classifier_score_matches_string_labels_to_integer_classes(frozen_model):
+    clf = FewShotClassifier.from_pretrained(frozen_model)
+    clf.adapt(TEXTS, [{"alarm": 0, "weather": 1, "music": 2}[y] for y in LABELS])
+    as_int = [{"alarm": 0, "weather": 1, "music": 2}[y] for y in TEST_LABELS]
+    by_int, by_str = clf.score(TEST_TEXTS, as_int), clf.score(TEST_TEXTS, list(map(str, as_int)))
+    assert by_int.classes == [0, 1, 2] and by_int.confusion == by_str.confusion

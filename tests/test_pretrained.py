@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
-from metalm.config import parse_learner_config
+from metalm.cli import main
+from metalm.config import load_config, parse_learner_config
 from metalm.learners import LEARNERS, build_learner
 from metalm.models.causal import build_model
-from metalm.models.encoder import EncoderConfig
-from metalm.pretrained import FORMAT_VERSION, LEARNER_WEIGHTS, METADATA
+from metalm.models.encoder import EncoderConfig, TextEncoder
+from metalm.pretrained import FORMAT_VERSION, LEARNER_WEIGHTS, METADATA, export_untrained
 
 TEXTS = [
     "set an alarm for six",
@@ -150,3 +151,65 @@ def test_missing_directory_and_hub_failure_are_clear_errors(tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MetalmError, match="cannot download 'metalm-test/absent' from the Hugging"):
         from_pretrained("metalm-test/absent")
+
+
+TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
+
+
+def _built(tiny_model_dir: Path, name: str, *overrides: str):
+    config = load_config(
+        None, [f"learner.name={name}", f"model.name_or_path={tiny_model_dir}", *overrides]
+    )
+    return build_learner(TextEncoder.from_config(config.model), config.learner).eval()
+
+
+@pytest.mark.parametrize(
+    "name, overrides, head",
+    [
+        ("frozen", ["model.max_length=16"], "logreg"),
+        ("protonet", ["model.max_length=16", "learner.head=centroid"], "centroid"),
+        ("anil", ["model.max_length=16"], None),
+    ],
+)
+def test_export_untrained_equals_the_learner_built_from_config(
+    name, overrides, head, tiny_model_dir, tmp_path
+):
+    out = export_untrained(
+        tmp_path / "m", name, [f"model.name_or_path={tiny_model_dir}", *overrides]
+    )
+    metadata = json.loads((out / METADATA).read_text())
+    assert metadata["learner"]["name"] == name and metadata["learner"].get("head") == head
+    assert metadata["meta_trained"] is False and metadata["encoder"]["max_length"] == 16
+    assert "No training run was recorded" in (out / "README.md").read_text()
+    np.testing.assert_allclose(
+        _probabilities(from_pretrained(out)),
+        _probabilities(_built(tiny_model_dir, name, *overrides)),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--learner", "frozen", "train.steps=3"], "model.* and learner.* overrides only"),
+        (["--learner", "nosuch"], "nosuch"),
+        (["--learner", "frozen", "learner.nokey=1"], "nokey"),
+        (["--learner", "frozen", "oops"], "'oops': overrides look like key.sub=value"),
+        (["--run", "somewhere", "--learner", "frozen"], "drop --learner"),
+        ([], "say what to export"),
+    ],
+)
+def test_export_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
+    assert main(["export", *args, "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_does_not_overwrite_other_directories(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    assert main([*args, "--out", str(tmp_path / "m")]) == 2
+    assert "not a metalm model directory" in capsys.readouterr().err
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"

@@ -7,16 +7,18 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import tiny_overrides
 
-from metalm import MetalmError
+from metalm import FewShotClassifier, MetalmError, from_pretrained
 from metalm.cli import main
 from metalm.config import load_config
 from metalm.learners import (
     HEADS,
     ProtoNetConfig,
 )
+from metalm.pretrained import METADATA
 from metalm.runs import evaluate_run
 
 
@@ -134,3 +136,37 @@ def test_eval_run_on_own_files_writes_a_new_folder(tiny_run, capsys):
     }
     saved = load_config(folder / "config.yaml")
     assert saved.data.test.support.source == str(EXAMPLE_SUPPORT)
+
+
+TEXTS = [
+    "set an alarm for six",
+    "wake me up at seven",
+    "what is the weather in paris",
+    "will it rain tomorrow",
+    "play some jazz music",
+    "put on my workout playlist",
+]
+
+
+LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
+
+
+TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
+
+
+def _probabilities(learner) -> np.ndarray:
+    return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(TEST_TEXTS)
+
+
+def test_export_run_by_flag_and_by_position(tiny_model_dir, tmp_path):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"learner.name": "protonet"})
+    assert main(["-q", "train", *overrides, "train.steps=2", "train.eval_every=2"]) == 0
+    run = tmp_path / "run"
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert json.loads((out / METADATA).read_text())["meta_trained"] is True
+    np.testing.assert_array_equal(
+        _probabilities(from_pretrained(tmp_path / "a")),
+        _probabilities(from_pretrained(tmp_path / "b")),
+    )

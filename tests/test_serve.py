@@ -26,7 +26,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
-from metalm import save_pretrained
+from metalm import FewShotClassifier, save_pretrained
+from metalm.cli import main
 from metalm.config import parse_learner_config
 from metalm.learners import build_learner
 from metalm.models.encoder import EncoderConfig, TextEncoder
@@ -535,3 +536,41 @@ def test_bad_settings_are_metalm_errors(loaded_model):
         ServeLimits(max_batch_texts=0)
     with pytest.raises(MetalmError, match="API key is empty"):
         create_app(loaded_model, api_key=" ")
+
+
+TEXTS = [
+    "set an alarm for six",
+    "wake me up at seven",
+    "what is the weather in paris",
+    "will it rain tomorrow",
+    "play some jazz music",
+    "put on my workout playlist",
+]
+
+
+LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
+
+
+# -- export without a run --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
+    return out
+
+
+def test_serve_runs_on_an_untrained_export(frozen_model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from metalm.serve import create_app
+
+    client = TestClient(create_app(frozen_model))
+    examples = [{"text": t, "label": y} for t, y in zip(TEXTS, LABELS, strict=True)]
+    created = client.post("/tasks", json={"examples": examples})
+    assert created.status_code == 201 and created.json()["classes"] == sorted(set(LABELS))
+    answer = client.post(f"/tasks/{created.json()['task_id']}/classify", json={"texts": TEXTS})
+    assert [p["label"] for p in answer.json()["predictions"]] == (
+        FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS).predict(TEXTS)
+    )

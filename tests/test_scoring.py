@@ -1,6 +1,5 @@
-"""`metalm score` / `FewShotClassifier.score` (metrics checked against hand counts) and
-`metalm export --learner` (a model directory without a training run), on the tiny random
-BERT of conftest; one slow test on the real all-MiniLM-L6-v2: export, adapt, score."""
+"""`metalm.scoring`: accuracy, macro-F1, per-class scores and confusions against hand
+counts, the result files, and `metalm score` from the command line."""
 
 from __future__ import annotations
 
@@ -11,17 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 
-from metalm import FewShotClassifier, MetalmError, from_pretrained
+from metalm import FewShotClassifier, MetalmError
 from metalm.cli import main
-from metalm.config import load_config
-from metalm.learners import build_learner
-from metalm.models.encoder import TextEncoder
-from metalm.pretrained import METADATA, export_untrained
+from metalm.pretrained import METADATA
 from metalm.scoring import ClassScore, ConfusedPair, ScoreResult, score_predictions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "intents.csv"
+
+
 TEXTS = [
     "set an alarm for six",
     "wake me up at seven",
@@ -30,8 +27,14 @@ TEXTS = [
     "play some jazz music",
     "put on my workout playlist",
 ]
+
+
 LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
+
+
 TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
+
+
 TEST_LABELS = ["alarm", "weather", "music", "weather", "music"]
 
 
@@ -63,6 +66,15 @@ def _assert_consistent(result: ScoreResult | dict) -> None:
     # the listed pairs are the largest off-diagonal cells
     largest = sorted(off.ravel(), reverse=True)[: len(pairs)]
     assert [p["count"] for p in pairs] == [c for c in largest if c > 0]
+
+
+# -- export without a run --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
+    return out
 
 
 # -- the metrics -------------------------------------------------------------------------
@@ -125,125 +137,6 @@ def test_score_result_files(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(MetalmError, match="is a file"):
         result.write(tmp_path / "file")
-
-
-# -- export without a run --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("untrained") / "model"
-    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
-    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
-    return out
-
-
-def _built(tiny_model_dir: Path, name: str, *overrides: str):
-    config = load_config(
-        None, [f"learner.name={name}", f"model.name_or_path={tiny_model_dir}", *overrides]
-    )
-    return build_learner(TextEncoder.from_config(config.model), config.learner).eval()
-
-
-def _probabilities(learner) -> np.ndarray:
-    return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(TEST_TEXTS)
-
-
-@pytest.mark.parametrize(
-    "name, overrides, head",
-    [
-        ("frozen", ["model.max_length=16"], "logreg"),
-        ("protonet", ["model.max_length=16", "learner.head=centroid"], "centroid"),
-        ("anil", ["model.max_length=16"], None),
-    ],
-)
-def test_export_untrained_equals_the_learner_built_from_config(
-    name, overrides, head, tiny_model_dir, tmp_path
-):
-    out = export_untrained(
-        tmp_path / "m", name, [f"model.name_or_path={tiny_model_dir}", *overrides]
-    )
-    metadata = json.loads((out / METADATA).read_text())
-    assert metadata["learner"]["name"] == name and metadata["learner"].get("head") == head
-    assert metadata["meta_trained"] is False and metadata["encoder"]["max_length"] == 16
-    assert "No training run was recorded" in (out / "README.md").read_text()
-    np.testing.assert_allclose(
-        _probabilities(from_pretrained(out)),
-        _probabilities(_built(tiny_model_dir, name, *overrides)),
-        atol=1e-6,
-    )
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--learner", "frozen", "train.steps=3"], "model.* and learner.* overrides only"),
-        (["--learner", "nosuch"], "nosuch"),
-        (["--learner", "frozen", "learner.nokey=1"], "nokey"),
-        (["--learner", "frozen", "oops"], "'oops': overrides look like key.sub=value"),
-        (["--run", "somewhere", "--learner", "frozen"], "drop --learner"),
-        ([], "say what to export"),
-    ],
-)
-def test_export_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
-    assert main(["export", *args, "--out", str(tmp_path / "m")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
-    assert not (tmp_path / "m").exists()
-
-
-def test_export_does_not_overwrite_other_directories(tiny_model_dir, tmp_path, capsys):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "notes.txt").write_text("mine")
-    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
-    assert main([*args, "--out", str(tmp_path / "m")]) == 2
-    assert "not a metalm model directory" in capsys.readouterr().err
-    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
-
-
-def test_export_run_by_flag_and_by_position(tiny_model_dir, tmp_path):
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"learner.name": "protonet"})
-    assert main(["-q", "train", *overrides, "train.steps=2", "train.eval_every=2"]) == 0
-    run = tmp_path / "run"
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 0
-    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
-    for out in (tmp_path / "a", tmp_path / "b"):
-        assert json.loads((out / METADATA).read_text())["meta_trained"] is True
-    np.testing.assert_array_equal(
-        _probabilities(from_pretrained(tmp_path / "a")),
-        _probabilities(from_pretrained(tmp_path / "b")),
-    )
-
-
-# -- FewShotClassifier.score and metalm score ---------------------------------------------
-def test_classifier_score_matches_its_predictions(frozen_model):
-    clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
-    result = clf.score(TEST_TEXTS, TEST_LABELS)
-    predictions = clf.predict(TEST_TEXTS)
-    assert result.classes == clf.classes_
-    assert result.accuracy == pytest.approx(np.mean(np.array(predictions) == TEST_LABELS))
-    expected = np.zeros((3, 3), dtype=int)
-    for truth, pred in zip(TEST_LABELS, predictions, strict=True):
-        expected[clf.classes_.index(truth), clf.classes_.index(pred)] += 1
-    assert result.confusion == expected.tolist()
-    assert result.info["learner"] == "frozen"
-    _assert_consistent(result)
-
-
-def test_classifier_score_labels_the_task_does_not_know(frozen_model):
-    clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
-    with pytest.raises(MetalmError, match=r"does not know: 'snooze', 'taxi' \(its 3 classes"):
-        clf.score([*TEST_TEXTS, "x", "y", "z"], [*TEST_LABELS, "taxi", "snooze", "taxi"])
-    with pytest.raises(MetalmError, match="2 texts but 1 labels"):
-        clf.score(TEST_TEXTS[:2], TEST_LABELS[:1])
-    with pytest.raises(MetalmError, match="not adapted"):
-        FewShotClassifier.from_pretrained(frozen_model).score(TEST_TEXTS, TEST_LABELS)
-
-
-def test_classifier_score_matches_string_labels_to_integer_classes(frozen_model):
-    clf = FewShotClassifier.from_pretrained(frozen_model)
-    clf.adapt(TEXTS, [{"alarm": 0, "weather": 1, "music": 2}[y] for y in LABELS])
-    as_int = [{"alarm": 0, "weather": 1, "music": 2}[y] for y in TEST_LABELS]
-    by_int, by_str = clf.score(TEST_TEXTS, as_int), clf.score(TEST_TEXTS, list(map(str, as_int)))
-    assert by_int.classes == [0, 1, 2] and by_int.confusion == by_str.confusion
 
 
 def test_cli_export_adapt_score(frozen_model, tmp_path, capsys):
@@ -330,20 +223,4 @@ def test_real_minilm_first_minute_export_adapt_score(tmp_path, capsys):
     result = FewShotClassifier.load_task(task).score(list(texts), list(labels))
     assert result.confusion == data["confusion"] and result.macro_f1 == pytest.approx(
         data["macro_f1"]
-    )
-
-
-def test_serve_runs_on_an_untrained_export(frozen_model):
-    pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from metalm.serve import create_app
-
-    client = TestClient(create_app(frozen_model))
-    examples = [{"text": t, "label": y} for t, y in zip(TEXTS, LABELS, strict=True)]
-    created = client.post("/tasks", json={"examples": examples})
-    assert created.status_code == 201 and created.json()["classes"] == sorted(set(LABELS))
-    answer = client.post(f"/tasks/{created.json()['task_id']}/classify", json={"texts": TEXTS})
-    assert [p["label"] for p in answer.json()["predictions"]] == (
-        FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS).predict(TEXTS)
     )
