@@ -156,6 +156,7 @@ def test_task_save_load_round_trip(frozen_dir, tiny_model_dir, tmp_path):
         FewShotClassifier.load_task(tmp_path)
 
 
+@pytest.mark.slow
 def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
     card = (exported / "README.md").read_text()
     report = json.loads((exported.parent / "run" / "report.json").read_text())

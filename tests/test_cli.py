@@ -531,6 +531,7 @@ def test_bad_input_is_one_line_error_and_no_run_dir(case, tiny_model_dir, tmp_pa
     assert not output_dir.exists() or not any(output_dir.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["class-smaller-than-k-plus-q", "unknown-key"])
 def test_bad_input_as_subprocess(case, tiny_model_dir, tmp_path):
     make_extra, fragments = BAD_INPUTS[case]

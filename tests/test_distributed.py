@@ -101,6 +101,7 @@ def _reduce_worker(rank: int, store_path: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gradients_are_summed_and_missing_ones_stay_missing(tmp_path: Path):
     torch.multiprocessing.spawn(_reduce_worker, args=(str(tmp_path / "store"),), nprocs=2)
 

@@ -200,6 +200,7 @@ def run_main(argv: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_cli_returns_a_status_or_one_error_line(
     examples: int, files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -158,6 +158,7 @@ def test_yaml_files_load_or_raise_metalm_error(examples: int) -> None:
     check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_overrides_load_or_raise_metalm_error(examples: int) -> None:
     """Generated `key=value` overrides on the defaults."""

@@ -103,6 +103,7 @@ def read_everything(path: Path) -> None:
         assert len(unlabeled) >= 2 and all(isinstance(t, str) and t.strip() for t in unlabeled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_csv_files_load_or_raise_metalm_error(examples: int) -> None:
     """Odd CSV files, read as .csv, .jsonl and .txt by every reader."""
@@ -119,6 +120,7 @@ def test_csv_files_load_or_raise_metalm_error(examples: int) -> None:
     check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_jsonl_files_load_or_raise_metalm_error(examples: int) -> None:
     """Odd JSON-lines files, read as .jsonl, .csv and .txt by every reader."""

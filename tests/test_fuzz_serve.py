@@ -129,6 +129,7 @@ def document(server: str) -> dict[str, Any]:
     return document
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples", EXAMPLES)
 @pytest.mark.parametrize("path, method", OPERATIONS)
 def test_every_operation_answers_as_documented(

@@ -71,6 +71,7 @@ def test_eval_on_own_files_beside_the_baselines(tiny_model_dir, tmp_path, capsys
     assert rows_by_method["frozen"]["vs_frozen"] is None
 
 
+@pytest.mark.slow
 def test_readme_own_files_commands_run(tiny_run, tiny_model_dir, tmp_path, monkeypatch):
     """The `metalm eval` lines of README.md's "Your own data", as written: the first from
     the repository (the shipped example files), the second on a run of that name and

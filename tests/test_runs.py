@@ -46,6 +46,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_eval_run_applies_learner_and_model_overrides(finished_run, capsys):
     before = _files(finished_run)
     own = json.loads((finished_run / "report.json").read_text())
@@ -69,6 +70,7 @@ def test_eval_run_applies_learner_and_model_overrides(finished_run, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_run_refuses_overrides_that_change_the_weights_shapes(finished_run, capsys):
     with pytest.raises(MetalmError, match="do not fit"):
         evaluate_run(finished_run, ["model.num_layers=1"], progress=False, name="cut")
@@ -77,6 +79,7 @@ def test_eval_run_refuses_overrides_that_change_the_weights_shapes(finished_run,
     assert "--name" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_run_default_folder_is_new_each_time(finished_run):
     first = evaluate_run(finished_run, ["eval.episodes=2"], progress=False)
     second = evaluate_run(finished_run, ["eval.episodes=2"], progress=False)
@@ -115,6 +118,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     return root / "runs" / "protonet-20261123-120000"
 
 
+@pytest.mark.slow
 def test_eval_run_on_own_files_writes_a_new_folder(tiny_run, capsys):
     before = snapshot(tiny_run)
     evals = tiny_run / "evals"
@@ -158,6 +162,7 @@ def _probabilities(learner) -> np.ndarray:
     return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(TEST_TEXTS)
 
 
+@pytest.mark.slow
 def test_export_run_by_flag_and_by_position(tiny_model_dir, tmp_path):
     overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"learner.name": "protonet"})
     assert main(["-q", "train", *overrides, "train.steps=2", "train.eval_every=2"]) == 0

@@ -378,6 +378,7 @@ def locked_server(model_dir, tmp_path_factory) -> Iterator[Server]:
     running.stop()
 
 
+@pytest.mark.slow
 def test_default_limits_take_a_77_way_5_shot_task(locked_server):
     """The defaults take a 385-example task and a batch of 200 (one limit of 256 did not)."""
     auth = {"authorization": f"Bearer {API_KEY}"}
@@ -394,6 +395,7 @@ def test_default_limits_take_a_77_way_5_shot_task(locked_server):
     assert ServeLimits().max_task_examples >= 2000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "header",
     [None, "Bearer wrong-key", f"Basic {API_KEY}", f"Bearer {API_KEY}x", "Bearer", ""],
@@ -410,6 +412,7 @@ def test_auth_refuses_without_the_key(locked_server, header):
         assert response.headers["www-authenticate"] == "Bearer"
 
 
+@pytest.mark.slow
 def test_auth_accepts_the_key(locked_server):
     assert httpx.get(locked_server.url + "/health").status_code == 200  # open, for probes
     auth = {"authorization": f"Bearer {API_KEY}"}
@@ -480,6 +483,7 @@ def test_time_limit(loaded_model):
         assert http.post(f"/tasks/{task_id}/classify", json={"texts": texts}).status_code == 200
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight(model_dir, tmp_path):
     """SIGTERM while a classify request is half-sent: the server waits for it, answers
     200, then exits 0. (--api-key given as a flag here.)"""
@@ -560,6 +564,7 @@ def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_serve_runs_on_an_untrained_export(frozen_model):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

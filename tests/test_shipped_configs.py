@@ -92,6 +92,7 @@ def check_run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> 
 SLOW_CONFIGS = {"icl.yaml", "metaicl.yaml", "proximal.yaml"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "path",
     [
@@ -112,6 +113,7 @@ def test_shipped_config_runs(path, tiny_model_dir, tiny_llama_dir, tmp_path, mon
     check_run(tmp_path / "runs" / "run", path, overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
 def test_shipped_tune_config_runs(path, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
@@ -196,6 +198,7 @@ def test_readme_has_train_commands():
     assert ["train", "-c", "configs/custom_csv.yaml"] in [c[:3] for c in README_COMMANDS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [  # the torchrun ones start 2 ranks

@@ -225,6 +225,7 @@ def test_neighbour_tasks_pair_each_anchor_with_a_near_text_of_its_topic():
 # ------------------------------------------------------------ meta-training with them
 
 
+@pytest.mark.slow
 def test_meta_training_on_labeled_mixture_plus_unlabeled_tasks(tiny_model_dir, tmp_path):
     from conftest import tiny_overrides
 
@@ -281,6 +282,7 @@ def test_real_minilm_meta_trains_on_a_mixture_and_unlabeled_banking_texts(tmp_pa
     assert state["2.assignments"].shape == (400,) and state["3.neighbours"].shape == (400, 10)
 
 
+@pytest.mark.slow
 def test_meta_pretraining_on_unlabeled_texts_alone_then_adapting(tiny_model_dir, tmp_path):
     """No labels at all: meta-train on tickets, export, then adapt from the first labels."""
     from conftest import tiny_overrides

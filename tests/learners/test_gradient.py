@@ -201,6 +201,7 @@ def test_trainer_uses_the_batched_meta_loss(tiny_model_dir, tmp_path, monkeypatc
     )
 
 
+@pytest.mark.slow
 def test_gradient_learner_resumes_exactly(tiny_model_dir, tmp_path):
     """Interrupted at a checkpoint and resumed = uninterrupted, bitwise (vmap with dropout,
     Meta-SGD's second optimizer group)."""

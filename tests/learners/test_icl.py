@@ -169,6 +169,7 @@ def test_metaicl_run_checkpoints_resumes_and_reports_beside_icl(tiny_llama_dir, 
     assert clf.adapt(TEXTS, [NAMES[y] for y in LABELS]).predict(QUERIES)[0] in NAMES
 
 
+@pytest.mark.slow
 def test_the_classifier_and_cli_adapt_predict_and_save_tasks(tiny_llama_dir, tmp_path, capsys):
     model_dir = tmp_path / "icl-model"
     main(

@@ -12,6 +12,7 @@ from metalm.tune import TuneOptions, tune
 from metalm.tune.arch import arch_space
 
 
+@pytest.mark.slow
 def test_arch_search_returns_pareto_set(tiny_model_dir, tmp_path):
     base = tiny_base(tiny_model_dir, tmp_path, **{"train.steps": 2, "train.eval_every": 2})
     space = arch_space(base, lengths=(8, 16))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 from tuning import TINY_SEARCH, tiny_base
 
@@ -32,6 +33,7 @@ def test_pruning_stops_training(tiny_model_dir, tmp_path):
     assert not (log.parent / "checkpoint").exists()  # pruned trials keep no weights
 
 
+@pytest.mark.slow
 def test_median_pruner_reports_every_validation(tiny_model_dir, tmp_path):
     base = tiny_base(tiny_model_dir, tmp_path, **{"train.steps": 4, "train.eval_every": 2})
     space = parse_space(TINY_SEARCH, base)

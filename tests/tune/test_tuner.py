@@ -15,6 +15,7 @@ from metalm.tune import TuneOptions, parse_space
 from metalm.tune.study import JOURNAL_FILE, journal_storage, open_study, warm_start
 
 
+@pytest.mark.slow
 def test_tune_cli_outputs_and_continue(tiny_model_dir, tmp_path, capsys):
     path = write_tune_yaml(tmp_path / "tiny.yaml")
     overrides = tiny_overrides(tiny_model_dir, tmp_path / "runs")
