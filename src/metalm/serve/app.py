@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from metalm.classifier import FewShotClassifier
 from metalm.errors import MetalmError
 from metalm.serve.limits import Deadline, ServeLimits, TimeLimit
-from metalm.serve.middleware import BearerAuth, BodySizeLimit
+from metalm.serve.middleware import API_KEY_ENV, BearerAuth, BodySizeLimit
 from metalm.serve.schemas import api_models
 from metalm.serve.store import StoreFull, TaskStore, TooManyTasks
 
@@ -48,7 +48,7 @@ def create_app(
     fastapi, _ = _require_fastapi()
     limits = limits or ServeLimits()
     if api_key is not None and not api_key.strip():
-        raise MetalmError("the API key is empty; give a non-empty --api-key or METALM_API_KEY")
+        raise MetalmError(f"the API key is empty; give a non-empty --api-key or {API_KEY_ENV}")
     base = (
         model
         if isinstance(model, FewShotClassifier)
