@@ -1,16 +1,24 @@
 """Shared fixtures and helpers: a tiny random BERT and Llama (fast unit tests), the
-overrides of a fast run, a brief run on the real MiniLM."""
+overrides of a fast run, a brief run on the real MiniLM; frozen models saved from the
+tiny BERT and a tiny finished run (each built once per test module that uses it).
+
+Plain helpers of the top-level tests stand in `run_tools.py`."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
+from metalm import save_pretrained
+from metalm.cli import main
 from metalm.models import EncoderConfig, TextEncoder
 from metalm.models.tiny import save_tiny_bert, save_tiny_llama
+
+# the helpers' asserts explain their failures as a test's do (before its first import)
+pytest.register_assert_rewrite("run_tools")
+from run_tools import read_log, tiny_learner  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +37,22 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_encoder(tiny_model_dir: Path) -> TextEncoder:
     """A fresh encoder over the tiny BERT (each test may change its weights)."""
     return TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir), max_length=16))
+
+
+@pytest.fixture(scope="module")
+def frozen_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`save_pretrained` of a frozen learner on the tiny BERT, its weights nudged."""
+    out = tmp_path_factory.mktemp("frozen") / "model"
+    return save_pretrained(tiny_learner(tiny_model_dir, "frozen"), out)
+
+
+@pytest.fixture(scope="module")
+def frozen_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`metalm export --learner frozen` on the tiny BERT, without a run."""
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
+    return out
 
 
 def tiny_overrides(model_dir: Path, output_dir: Path, **extra: object) -> list[str]:
@@ -56,6 +80,15 @@ def tiny_overrides(model_dir: Path, output_dir: Path, **extra: object) -> list[s
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny meta-training run (CLINC150 -> BANKING77), named as in the README."""
+    root = tmp_path_factory.mktemp("own-files")
+    overrides = tiny_overrides(tiny_model_dir, root / "runs", run_name="protonet-20261123-120000")
+    assert main(["-q", "train", *overrides]) == 0
+    return root / "runs" / "protonet-20261123-120000"
 
 
 def run_real_minilm_briefly(name: str, extra: list[str], tmp_path: Path) -> None:
@@ -87,7 +120,7 @@ def run_real_minilm_briefly(name: str, extra: list[str], tmp_path: Path) -> None
     ]
     report = metalm.run(load_config(None, overrides), progress=False)
     run_dir = tmp_path / "run"
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = read_log(run_dir)
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
     (result,) = report.results
     assert result.method == name and result.episodes == 3 and 0.0 <= result.accuracy <= 1.0

@@ -4,7 +4,6 @@ test on the real all-MiniLM-L6-v2 and real BANKING77 data."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -13,68 +12,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import tiny_overrides
+from run_tools import (
+    LABELS,
+    QUERIES,
+    TEST_LABELS,
+    TEST_TEXTS,
+    TEXTS,
+    assert_consistent,
+    probabilities,
+    tiny_learner,
+    write_csv,
+)
 
 from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
 from metalm.cli import main
-from metalm.config import load_config, parse_learner_config
-from metalm.learners import LEARNERS, build_learner
-from metalm.models.causal import build_model
-from metalm.models.encoder import EncoderConfig, TextEncoder
+from metalm.config import load_config
+from metalm.learners import build_learner
+from metalm.models.encoder import TextEncoder
 from metalm.pretrained import METADATA
-from metalm.scoring import ScoreResult
-
-TEXTS = [
-    "set an alarm for six",
-    "wake me up at seven",
-    "what is the weather in paris",
-    "will it rain tomorrow",
-    "play some jazz music",
-    "put on my workout playlist",
-]
-
-
-LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
-
-
-QUERIES = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "hello"]
-
-
-def _learner(model_dir: Path, name: str, num_layers: int = 0, **config):
-    kind = LEARNERS[name].model_kind
-    model = build_model(
-        EncoderConfig(kind=kind, name_or_path=str(model_dir), max_length=16, num_layers=num_layers)
-    )
-    learner = build_learner(model, parse_learner_config({"name": name, **config}))
-    name_of = {id(p): n for n, p in learner.named_parameters()}
-    torch.manual_seed(1)
-    with torch.no_grad():  # weights that differ from any fresh load (a causal LM's own
-        for parameter in learner.parameters():  # weights are not saved: only its adapters)
-            if kind == "encoder" or "lora_" in name_of[id(parameter)]:
-                parameter.add_(0.05 * torch.randn_like(parameter))
-    return learner.eval()
-
-
-def _probabilities(learner) -> np.ndarray:
-    return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(QUERIES)
-
-
-@pytest.fixture(scope="module")
-def frozen_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("frozen") / "model"
-    return save_pretrained(_learner(tiny_model_dir, "frozen"), out)
 
 
 # -- command line ----------------------------------------------------------------------
-def _write_csv(path: Path, rows, header=("text", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
 @pytest.fixture(scope="module")
 def exported(tiny_model_dir, tmp_path_factory) -> Path:
     """A protonet meta-trained for a few steps by `metalm train`, then `metalm export`."""
@@ -149,7 +108,7 @@ def test_task_save_load_round_trip(frozen_dir, tiny_model_dir, tmp_path):
     again = FewShotClassifier.load_task(tmp_path / "task")  # finds the model by its path
     np.testing.assert_array_equal(again.predict_proba(QUERIES), clf.predict_proba(QUERIES))
     assert again.classes_ == clf.classes_
-    other = save_pretrained(_learner(tiny_model_dir, "protonet"), tmp_path / "other")
+    other = save_pretrained(tiny_learner(tiny_model_dir, "protonet"), tmp_path / "other")
     with pytest.raises(MetalmError, match="adapted with another model"):
         FewShotClassifier.load_task(tmp_path / "task", model=other)
     with pytest.raises(MetalmError, match="not a task directory"):
@@ -171,7 +130,7 @@ def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
 
     _, trained = load_trained_learner(exported.parent / "run")
     np.testing.assert_array_equal(
-        _probabilities(from_pretrained(exported)), _probabilities(trained.eval())
+        probabilities(from_pretrained(exported), QUERIES), probabilities(trained.eval(), QUERIES)
     )
 
 
@@ -181,12 +140,12 @@ def test_export_of_a_non_run_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_cli_adapt_then_predict_files(exported, tmp_path, capsys):
-    support = _write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
+    support = write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
     task = tmp_path / "task"
     args = ["adapt", "--model", str(exported), "--support", str(support), "--out", str(task)]
     assert main(args) == 0
     assert (task / "task.safetensors").exists()
-    queries = _write_csv(tmp_path / "q.csv", [(q,) for q in QUERIES], header=("text",))
+    queries = write_csv(tmp_path / "q.csv", [(q,) for q in QUERIES], header=("text",))
     out = tmp_path / "preds.jsonl"
     assert (
         main(["predict", "--task", str(task), "--input", str(queries), "--output", str(out)]) == 0
@@ -215,7 +174,7 @@ def test_cli_adapt_jsonl_with_other_columns(exported, tmp_path):
 
 @pytest.mark.slow
 def test_cli_predict_in_a_shell_pipeline(exported, tmp_path):
-    support = _write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
+    support = write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
     task = tmp_path / "task"
     cli = [sys.executable, "-m", "metalm.cli"]
     subprocess.run(
@@ -241,7 +200,7 @@ def test_cli_predict_in_a_shell_pipeline(exported, tmp_path):
 def test_cli_predict_errors_are_one_line(exported, tmp_path, capsys):
     assert main(["predict", "--task", str(tmp_path), "--input", "-"]) == 2
     assert "not a task directory" in capsys.readouterr().err
-    bad = _write_csv(tmp_path / "s.csv", [("only one", "a")])
+    bad = write_csv(tmp_path / "s.csv", [("only one", "a")])
     args = ["adapt", "--model", str(exported), "--support", str(bad), "--out", str(tmp_path / "t")]
     assert main(args) == 2
     assert "at least 2 classes" in capsys.readouterr().err
@@ -263,7 +222,7 @@ def test_real_minilm_on_banking77_via_api_and_cli(tmp_path):
     clf = FewShotClassifier.from_pretrained(model).adapt(support.texts, support.labels)
     accuracy = np.mean(np.array(clf.predict(test.texts)) == np.array(test.labels))
     assert accuracy > 0.6
-    support_csv = _write_csv(tmp_path / "s.csv", zip(support.texts, support.labels, strict=True))
+    support_csv = write_csv(tmp_path / "s.csv", zip(support.texts, support.labels, strict=True))
     args = ["adapt", "--model", str(model), "--support", str(support_csv)]
     assert main([*args, "--out", str(tmp_path / "task")]) == 0
     texts = tmp_path / "texts.txt"
@@ -273,43 +232,6 @@ def test_real_minilm_on_banking77_via_api_and_cli(tmp_path):
     assert main([*args, "--output", str(out)]) == 0
     labels = [json.loads(line)["label"] for line in out.read_text().splitlines()]
     assert labels == clf.predict(test.texts)
-
-
-TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
-
-
-TEST_LABELS = ["alarm", "weather", "music", "weather", "music"]
-
-
-def _assert_consistent(result: ScoreResult | dict) -> None:
-    """Per-class numbers and confused pairs follow from the confusion matrix."""
-    data = result.as_dict() if isinstance(result, ScoreResult) else result
-    classes, counts = data["classes"], np.asarray(data["confusion"])
-    assert counts.shape == (len(classes), len(classes))
-    assert data["accuracy"] == pytest.approx(np.trace(counts) / counts.sum())
-    for i, row in enumerate(data["per_class"]):
-        assert row["label"] == classes[i] and row["support"] == counts[i].sum()
-        assert row["predicted"] == counts[:, i].sum()
-    off = counts.copy()
-    np.fill_diagonal(off, 0)
-    pairs = data["confused_pairs"]
-    assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
-    for pair in pairs:
-        i, j = classes.index(pair["true"]), classes.index(pair["predicted"])
-        assert i != j and pair["count"] == counts[i, j] > 0
-        assert pair["rate"] == pytest.approx(counts[i, j] / counts[i].sum())
-    # the listed pairs are the largest off-diagonal cells
-    largest = sorted(off.ravel(), reverse=True)[: len(pairs)]
-    assert [p["count"] for p in pairs] == [c for c in largest if c > 0]
-
-
-# -- export without a run --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("untrained") / "model"
-    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
-    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
-    return out
 
 
 # -- FewShotClassifier.score and metalm score ---------------------------------------------
@@ -324,7 +246,7 @@ def test_classifier_score_matches_its_predictions(frozen_model):
         expected[clf.classes_.index(truth), clf.classes_.index(pred)] += 1
     assert result.confusion == expected.tolist()
     assert result.info["learner"] == "frozen"
-    _assert_consistent(result)
+    assert_consistent(result)
 
 
 def test_classifier_score_labels_the_task_does_not_know(frozen_model):

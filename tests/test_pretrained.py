@@ -9,56 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_tools import QUERIES, probabilities, tiny_learner
 from safetensors.torch import load_file
 
-from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
+from metalm import MetalmError, from_pretrained, save_pretrained
 from metalm.cli import main
-from metalm.config import load_config, parse_learner_config
+from metalm.config import load_config
 from metalm.learners import LEARNERS, build_learner
-from metalm.models.causal import build_model
-from metalm.models.encoder import EncoderConfig, TextEncoder
+from metalm.models.encoder import TextEncoder
 from metalm.pretrained import FORMAT_VERSION, LEARNER_WEIGHTS, METADATA, export_untrained
-
-TEXTS = [
-    "set an alarm for six",
-    "wake me up at seven",
-    "what is the weather in paris",
-    "will it rain tomorrow",
-    "play some jazz music",
-    "put on my workout playlist",
-]
-
-
-LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
-
-
-QUERIES = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "hello"]
-
-
-def _learner(model_dir: Path, name: str, num_layers: int = 0, **config):
-    kind = LEARNERS[name].model_kind
-    model = build_model(
-        EncoderConfig(kind=kind, name_or_path=str(model_dir), max_length=16, num_layers=num_layers)
-    )
-    learner = build_learner(model, parse_learner_config({"name": name, **config}))
-    name_of = {id(p): n for n, p in learner.named_parameters()}
-    torch.manual_seed(1)
-    with torch.no_grad():  # weights that differ from any fresh load (a causal LM's own
-        for parameter in learner.parameters():  # weights are not saved: only its adapters)
-            if kind == "encoder" or "lora_" in name_of[id(parameter)]:
-                parameter.add_(0.05 * torch.randn_like(parameter))
-    return learner.eval()
-
-
-def _probabilities(learner) -> np.ndarray:
-    return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(QUERIES)
-
-
-@pytest.fixture(scope="module")
-def frozen_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("frozen") / "model"
-    return save_pretrained(_learner(tiny_model_dir, "frozen"), out)
-
 
 SLOW = [pytest.mark.slow]
 
@@ -90,8 +49,8 @@ def test_save_load_gives_identical_predictions(
     name, config, tiny_model_dir, tiny_llama_dir, tmp_path
 ):
     causal = LEARNERS[name].model_kind == "causal"
-    learner = _learner(tiny_llama_dir if causal else tiny_model_dir, name, **config)
-    expected = _probabilities(learner)
+    learner = tiny_learner(tiny_llama_dir if causal else tiny_model_dir, name, **config)
+    expected = probabilities(learner, QUERIES)
     out = save_pretrained(learner, tmp_path / name)
     # a causal LM is named in metalm.json, not copied (its LoRA adapters are the learner's)
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -103,14 +62,14 @@ def test_save_load_gives_identical_predictions(
     assert causal == any("lora_" in k for k in own) or name == "icl"
     loaded = from_pretrained(out)
     assert type(loaded) is type(learner) and loaded.config == learner.config
-    np.testing.assert_array_equal(_probabilities(loaded), expected)
+    np.testing.assert_array_equal(probabilities(loaded, QUERIES), expected)
     metadata = json.loads((out / METADATA).read_text())
     assert metadata["format_version"] == FORMAT_VERSION
     assert metadata["learner"]["name"] == name
 
 
 def test_lora_and_truncated_encoder_reload_with_the_same_structure(tiny_model_dir, tmp_path):
-    learner = _learner(tiny_model_dir, "maml", num_layers=1, adapt="lora", lora_r=2)
+    learner = tiny_learner(tiny_model_dir, "maml", num_layers=1, adapt="lora", lora_r=2)
     out = save_pretrained(learner, tmp_path / "lora")
     own = load_file(out / LEARNER_WEIGHTS)
     assert own and all("lora_" in k for k in own)  # LoRA adapters are the learner's
@@ -119,7 +78,7 @@ def test_lora_and_truncated_encoder_reload_with_the_same_structure(tiny_model_di
     assert sorted(loaded.state_dict()) == sorted(learner.state_dict())
     for key, tensor in learner.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], tensor, rtol=0, atol=0)
-    np.testing.assert_array_equal(_probabilities(loaded), _probabilities(learner))
+    np.testing.assert_array_equal(probabilities(loaded, QUERIES), probabilities(learner, QUERIES))
 
 
 @pytest.mark.parametrize(
@@ -153,9 +112,6 @@ def test_missing_directory_and_hub_failure_are_clear_errors(tmp_path, monkeypatc
         from_pretrained("metalm-test/absent")
 
 
-TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
-
-
 def _built(tiny_model_dir: Path, name: str, *overrides: str):
     config = load_config(
         None, [f"learner.name={name}", f"model.name_or_path={tiny_model_dir}", *overrides]
@@ -182,8 +138,8 @@ def test_export_untrained_equals_the_learner_built_from_config(
     assert metadata["meta_trained"] is False and metadata["encoder"]["max_length"] == 16
     assert "No training run was recorded" in (out / "README.md").read_text()
     np.testing.assert_allclose(
-        _probabilities(from_pretrained(out)),
-        _probabilities(_built(tiny_model_dir, name, *overrides)),
+        probabilities(from_pretrained(out), QUERIES),
+        probabilities(_built(tiny_model_dir, name, *overrides), QUERIES),
         atol=1e-6,
     )
 

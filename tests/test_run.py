@@ -3,7 +3,6 @@ and a hand-made loop on the real MiniLM."""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shlex
@@ -11,46 +10,15 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
+from run_tools import EXAMPLE_QUERY, EXAMPLE_SUPPORT, OWN_FILES, REPO_ROOT, write_csv
 
 from metalm.cli import main
 from metalm.data import load_csv
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-EXAMPLE_SUPPORT = REPO_ROOT / "examples" / "intents_train_3.csv"
-
-
-EXAMPLE_QUERY = REPO_ROOT / "examples" / "intents_test.csv"
-
-
-OWN_FILES = [f"data.test.support={EXAMPLE_SUPPORT}", f"data.test.query={EXAMPLE_QUERY}"]
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def rows(classes: dict[str, int], tag: str) -> list[tuple[str, str]]:
-    return [(f"{tag} text {i} about {c}", c) for c, n in classes.items() for i in range(n)]
 
 
 # -- metalm eval -------------------------------------------------------------------------
 def eval_overrides(model_dir: Path, output_dir: Path) -> list[str]:
     return tiny_overrides(model_dir, output_dir, **{"eval.settings": "[]"})
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny meta-training run (CLINC150 -> BANKING77), named as in the README."""
-    root = tmp_path_factory.mktemp("own-files")
-    overrides = tiny_overrides(tiny_model_dir, root / "runs", run_name="protonet-20261123-120000")
-    assert main(["-q", "train", *overrides]) == 0
-    return root / "runs" / "protonet-20261123-120000"
 
 
 def test_eval_on_own_files_beside_the_baselines(tiny_model_dir, tmp_path, capsys):

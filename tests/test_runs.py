@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_overrides
+from run_tools import EXAMPLE_SUPPORT, OWN_FILES, TEST_TEXTS, probabilities
 
-from metalm import FewShotClassifier, MetalmError, from_pretrained
+from metalm import MetalmError, from_pretrained
 from metalm.cli import main
 from metalm.config import load_config
 from metalm.learners import (
@@ -89,33 +90,12 @@ def test_eval_run_default_folder_is_new_each_time(finished_run):
         assert (Path(report.run_dir) / "report.json").is_file()
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-EXAMPLE_SUPPORT = REPO_ROOT / "examples" / "intents_train_3.csv"
-
-
-EXAMPLE_QUERY = REPO_ROOT / "examples" / "intents_test.csv"
-
-
-OWN_FILES = [f"data.test.support={EXAMPLE_SUPPORT}", f"data.test.query={EXAMPLE_QUERY}"]
-
-
 def snapshot(directory: Path) -> dict[str, str]:
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny meta-training run (CLINC150 -> BANKING77), named as in the README."""
-    root = tmp_path_factory.mktemp("own-files")
-    overrides = tiny_overrides(tiny_model_dir, root / "runs", run_name="protonet-20261123-120000")
-    assert main(["-q", "train", *overrides]) == 0
-    return root / "runs" / "protonet-20261123-120000"
 
 
 @pytest.mark.slow
@@ -142,26 +122,6 @@ def test_eval_run_on_own_files_writes_a_new_folder(tiny_run, capsys):
     assert saved.data.test.support.source == str(EXAMPLE_SUPPORT)
 
 
-TEXTS = [
-    "set an alarm for six",
-    "wake me up at seven",
-    "what is the weather in paris",
-    "will it rain tomorrow",
-    "play some jazz music",
-    "put on my workout playlist",
-]
-
-
-LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
-
-
-TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
-
-
-def _probabilities(learner) -> np.ndarray:
-    return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(TEST_TEXTS)
-
-
 @pytest.mark.slow
 def test_export_run_by_flag_and_by_position(tiny_model_dir, tmp_path):
     overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"learner.name": "protonet"})
@@ -172,6 +132,6 @@ def test_export_run_by_flag_and_by_position(tiny_model_dir, tmp_path):
     for out in (tmp_path / "a", tmp_path / "b"):
         assert json.loads((out / METADATA).read_text())["meta_trained"] is True
     np.testing.assert_array_equal(
-        _probabilities(from_pretrained(tmp_path / "a")),
-        _probabilities(from_pretrained(tmp_path / "b")),
+        probabilities(from_pretrained(tmp_path / "a"), TEST_TEXTS),
+        probabilities(from_pretrained(tmp_path / "b"), TEST_TEXTS),
     )

@@ -7,74 +7,16 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from run_tools import LABELS, TEST_LABELS, TEST_TEXTS, TEXTS, assert_consistent, write_csv
 
 from metalm import FewShotClassifier, MetalmError
 from metalm.cli import main
 from metalm.pretrained import METADATA
-from metalm.scoring import ClassScore, ConfusedPair, ScoreResult, score_predictions
+from metalm.scoring import ClassScore, ConfusedPair, score_predictions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "intents.csv"
-
-
-TEXTS = [
-    "set an alarm for six",
-    "wake me up at seven",
-    "what is the weather in paris",
-    "will it rain tomorrow",
-    "play some jazz music",
-    "put on my workout playlist",
-]
-
-
-LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
-
-
-TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in london", "music now"]
-
-
-TEST_LABELS = ["alarm", "weather", "music", "weather", "music"]
-
-
-def _write_csv(path: Path, rows, header=("text", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def _assert_consistent(result: ScoreResult | dict) -> None:
-    """Per-class numbers and confused pairs follow from the confusion matrix."""
-    data = result.as_dict() if isinstance(result, ScoreResult) else result
-    classes, counts = data["classes"], np.asarray(data["confusion"])
-    assert counts.shape == (len(classes), len(classes))
-    assert data["accuracy"] == pytest.approx(np.trace(counts) / counts.sum())
-    for i, row in enumerate(data["per_class"]):
-        assert row["label"] == classes[i] and row["support"] == counts[i].sum()
-        assert row["predicted"] == counts[:, i].sum()
-    off = counts.copy()
-    np.fill_diagonal(off, 0)
-    pairs = data["confused_pairs"]
-    assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
-    for pair in pairs:
-        i, j = classes.index(pair["true"]), classes.index(pair["predicted"])
-        assert i != j and pair["count"] == counts[i, j] > 0
-        assert pair["rate"] == pytest.approx(counts[i, j] / counts[i].sum())
-    # the listed pairs are the largest off-diagonal cells
-    largest = sorted(off.ravel(), reverse=True)[: len(pairs)]
-    assert [p["count"] for p in pairs] == [c for c in largest if c > 0]
-
-
-# -- export without a run --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("untrained") / "model"
-    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
-    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
-    return out
 
 
 # -- the metrics -------------------------------------------------------------------------
@@ -99,7 +41,7 @@ def test_score_predictions_against_hand_counts():
         ConfusedPair("a", "b", 1, 0.25),
         ConfusedPair("a", "c", 1, 0.25),
     ]
-    _assert_consistent(result)
+    assert_consistent(result)
 
 
 def test_score_predictions_perfect_and_integer_labels():
@@ -128,7 +70,7 @@ def test_score_result_files(tmp_path):
     assert [p.name for p in paths] == ["score.json", "score.md", "confusion.png"]
     data = json.loads(paths[0].read_text())
     assert data["n_texts"] == 4 and data["confusion"] == result.confusion
-    _assert_consistent(data)
+    assert_consistent(data)
     markdown = paths[1].read_text()
     assert (
         "| b | a | 1 | 50.0% |" in markdown and "| b | 100.00 | 50.00 | 66.67 | 2 | 1 |" in markdown
@@ -140,7 +82,7 @@ def test_score_result_files(tmp_path):
 
 
 def test_cli_export_adapt_score(frozen_model, tmp_path, capsys):
-    support = _write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
+    support = write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
     task, out = tmp_path / "task", tmp_path / "scores"
     assert (
         main(["adapt", "--model", str(frozen_model), "--support", str(support), "--out", str(task)])
@@ -161,7 +103,7 @@ def test_cli_export_adapt_score(frozen_model, tmp_path, capsys):
     expected = FewShotClassifier.load_task(task).score(TEST_TEXTS, TEST_LABELS)
     assert data["confusion"] == expected.confusion and data["n_texts"] == len(TEST_TEXTS)
     assert data["info"]["task"] == str(task) and data["info"]["input"] == str(test)
-    _assert_consistent(data)
+    assert_consistent(data)
     assert f"{100 * expected.accuracy:.2f}" in printed and "score.json" in printed
     assert (out / "score.md").read_text().startswith("# metalm score")
     assert (out / "confusion.png").stat().st_size > 1000
@@ -173,7 +115,7 @@ def test_cli_score_unknown_labels_is_one_line_error_and_writes_nothing(
     clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
     clf.save_task(tmp_path / "task")
     rows = [*zip(TEST_TEXTS, TEST_LABELS, strict=True), ("call a cab", "taxi")]
-    test = _write_csv(tmp_path / "test.csv", rows)
+    test = write_csv(tmp_path / "test.csv", rows)
     args = ["score", "--task", str(tmp_path / "task"), "--input", str(test)]
     assert main([*args, "--out", str(tmp_path / "scores")]) == 2
     err = capsys.readouterr().err
@@ -202,8 +144,8 @@ def test_real_minilm_first_minute_export_adapt_score(tmp_path, capsys):
     metadata = json.loads((model / METADATA).read_text())
     assert metadata["encoder"]["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert metadata["encoder"]["dim"] == 384 and metadata["learner"]["head"] == "logreg"
-    support_csv = _write_csv(tmp_path / "support.csv", support)
-    test_csv = _write_csv(tmp_path / "test.csv", test)
+    support_csv = write_csv(tmp_path / "support.csv", support)
+    test_csv = write_csv(tmp_path / "test.csv", test)
     assert (
         main(["adapt", "--model", str(model), "--support", str(support_csv), "--out", str(task)])
         == 0
@@ -215,7 +157,7 @@ def test_real_minilm_first_minute_export_adapt_score(tmp_path, capsys):
     assert data["n_texts"] == len(test) and len(data["classes"]) == 10
     assert data["accuracy"] > 0.6, data["accuracy"]  # chance: 0.1
     assert data["macro_f1"] > 0.5
-    _assert_consistent(data)
+    assert_consistent(data)
     assert f"{100 * data['accuracy']:.2f}" in printed
     assert (out / "confusion.png").stat().st_size > 5000 and (out / "score.md").exists()
     # the Python API gives the same numbers
