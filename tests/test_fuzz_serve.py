@@ -8,7 +8,6 @@ message; the server stays up and answers within the time limit (no hang)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import schemathesis
 from fuzzing import DEFAULT_EXAMPLES, EXAMPLES, fuzz_settings
 from hypothesis import given
+from run_tools import OPERATIONS, free_port
 from schemathesis import checks
 
 from metalm import save_pretrained
@@ -29,14 +29,6 @@ from metalm.config import parse_learner_config
 from metalm.learners import build_learner
 from metalm.models.encoder import EncoderConfig, TextEncoder
 
-OPERATIONS = [
-    ("/health", "GET"),
-    ("/tasks", "GET"),
-    ("/tasks", "POST"),
-    ("/tasks/{task_id}", "GET"),
-    ("/tasks/{task_id}", "DELETE"),
-    ("/tasks/{task_id}/classify", "POST"),
-]
 # small limits, so that generated requests reach them; a short time limit: a hang is a 503
 LIMITS = ["--max-tasks", "100000", "--max-texts", "8", "--max-text-chars", "200"]
 LIMITS += ["--max-labels", "4", "--max-body-bytes", "20000", "--request-timeout", "20"]
@@ -46,12 +38,6 @@ CHECKS = [
     checks.content_type_conformance,
     checks.response_schema_conformance,
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,10 +23,10 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from run_tools import LABELS, OPERATIONS, TEXTS, free_port
 from schemathesis import checks
 
 from metalm import FewShotClassifier, save_pretrained
-from metalm.cli import main
 from metalm.config import parse_learner_config
 from metalm.learners import build_learner
 from metalm.models.encoder import EncoderConfig, TextEncoder
@@ -47,12 +46,6 @@ EXAMPLES = [
     {"text": "what is the weather in paris", "label": "weather"},
     {"text": "will it rain tomorrow", "label": "weather"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:
@@ -311,16 +304,6 @@ def live_schema(server):
     return schemathesis.openapi.from_url(server.url + "/openapi.json")
 
 
-OPERATIONS = [
-    ("/health", "GET"),
-    ("/tasks", "GET"),
-    ("/tasks", "POST"),
-    ("/tasks/{task_id}", "GET"),
-    ("/tasks/{task_id}", "DELETE"),
-    ("/tasks/{task_id}/classify", "POST"),
-]
-
-
 @pytest.mark.parametrize("path, method", OPERATIONS)
 def test_api_conforms_to_its_schema(path, method, live_schema, server):
     """Generated requests (valid and invalid) never crash the server, and every answer
@@ -540,28 +523,6 @@ def test_bad_settings_are_metalm_errors(loaded_model):
         ServeLimits(max_batch_texts=0)
     with pytest.raises(MetalmError, match="API key is empty"):
         create_app(loaded_model, api_key=" ")
-
-
-TEXTS = [
-    "set an alarm for six",
-    "wake me up at seven",
-    "what is the weather in paris",
-    "will it rain tomorrow",
-    "play some jazz music",
-    "put on my workout playlist",
-]
-
-
-LABELS = ["alarm", "alarm", "weather", "weather", "music", "music"]
-
-
-# -- export without a run --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def frozen_model(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("untrained") / "model"
-    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
-    assert main([*args, "model.max_length=16", "--out", str(out)]) == 0
-    return out
 
 
 @pytest.mark.slow
