@@ -6,7 +6,6 @@ Runs use the tiny random BERT of conftest (seconds each), except one end-to-end 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_overrides
+from run_tools import read_log, write_csv
 
 from metalm.cli import main
 from metalm.config import load_config, set_dotted
@@ -73,14 +73,6 @@ def intent_rows(classes: int = 20, per_class: int = 10) -> list[tuple[str, str]]
     for label, phrase in list(INTENTS.items())[:classes]:
         rows += [(template.format(phrase), label) for template in TEMPLATES[:per_class]]
     return rows
-
-
-def write_csv(path: Path, rows, header=("text", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -253,7 +245,7 @@ def test_train_report_contents(trained):
     assert report["train"]["steps"] == config.train.steps
     assert report["train"]["best_step"] in (3, 6)
     assert report["run_dir"] == str(run_dir)
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = read_log(run_dir)
     assert [r["step"] for r in log] == list(range(1, config.train.steps + 1))
     assert [r["step"] for r in log if "val_accuracy" in r] == [3, 6]
     markdown = (run_dir / "report.md").read_text()

@@ -17,6 +17,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from run_tools import read_log
 
 from metalm.cli import main
 from metalm.config import load_config, read_yaml, save_config
@@ -83,7 +84,7 @@ def check_run(run_dir: Path, config_path: Path | None, overrides: list[str]) -> 
     methods = {method_label(b) for b in config.eval.baselines} | {method_label(config.learner)}
     assert {m for m, _ in rows} == methods
     if config.train.steps and learner_class(config.learner.name).meta_trainable:
-        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        log = read_log(run_dir)
         assert [r["step"] for r in log] == [1, 2]
         assert all(math.isfinite(r["loss"]) for r in log)
 

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import pytest
+from run_tools import tagged_rows, write_csv
 
 from metalm.cli import main
 from metalm.config import load_config, save_config
 from metalm.data import DataSource
 from metalm.errors import MetalmError
 from metalm.tasks import build_pools
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def rows(classes: dict[str, int], tag: str) -> list[tuple[str, str]]:
-    return [(f"{tag} text {i} about {c}", c) for c, n in classes.items() for i in range(n)]
 
 
 # -- config ------------------------------------------------------------------------------
@@ -62,14 +49,14 @@ def test_support_without_any_test_texts_is_an_error():
 def test_own_files_make_one_full_way_episode(tmp_path):
     support = write_csv(
         tmp_path / "train_3.csv",
-        rows({"alarm": 3, "music": 3, "timer": 4}, "s"),
+        tagged_rows({"alarm": 3, "music": 3, "timer": 4}, "s"),
         header=("utterance", "intent"),
     )
     query = tmp_path / "test.jsonl"
     query.write_text(
         "".join(
             json.dumps({"utterance": t, "intent": y}) + "\n"
-            for t, y in rows({"alarm": 2, "music": 5, "timer": 1}, "q")
+            for t, y in tagged_rows({"alarm": 2, "music": 5, "timer": 1}, "q")
         ),
         encoding="utf-8",
     )
@@ -100,8 +87,8 @@ def test_own_files_make_one_full_way_episode(tmp_path):
 
 def test_query_file_that_is_also_the_training_source_keeps_only_test_classes(tmp_path):
     classes = {f"intent{c}": 8 for c in range(10)}
-    source = write_csv(tmp_path / "all.csv", rows(classes, "a"))
-    support = write_csv(tmp_path / "support.csv", rows({c: 2 for c in classes}, "s"))
+    source = write_csv(tmp_path / "all.csv", tagged_rows(classes, "a"))
+    support = write_csv(tmp_path / "support.csv", tagged_rows({c: 2 for c in classes}, "s"))
     config = load_config(
         None,
         [
@@ -119,8 +106,10 @@ def test_query_file_that_is_also_the_training_source_keeps_only_test_classes(tmp
 
 
 def test_different_label_sets_name_the_labels_missing_on_each_side(tmp_path, capsys):
-    support = write_csv(tmp_path / "train_5.csv", rows({"a": 2, "b": 2, "only_support": 2}, "s"))
-    query = write_csv(tmp_path / "test.csv", rows({"a": 2, "b": 2, "only_query": 2}, "q"))
+    support = write_csv(
+        tmp_path / "train_5.csv", tagged_rows({"a": 2, "b": 2, "only_support": 2}, "s")
+    )
+    query = write_csv(tmp_path / "test.csv", tagged_rows({"a": 2, "b": 2, "only_query": 2}, "q"))
     config = load_config(None, [f"data.test.support={support}", f"data.test.query={query}"])
     with pytest.raises(MetalmError) as err:
         build_pools(config.data)
@@ -139,8 +128,8 @@ def test_different_label_sets_name_the_labels_missing_on_each_side(tmp_path, cap
 def test_hf_directories_as_support_and_query(tmp_path):
     datasets = pytest.importorskip("datasets")
     splits = {
-        "train_2": rows({"x": 2, "y": 2}, "s"),
-        "test": rows({"x": 3, "y": 1}, "q"),
+        "train_2": tagged_rows({"x": 2, "y": 2}, "s"),
+        "test": tagged_rows({"x": 3, "y": 1}, "q"),
     }
     datasets.DatasetDict(
         {
