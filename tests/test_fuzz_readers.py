@@ -103,13 +103,12 @@ def read_everything(path: Path) -> None:
         assert len(unlabeled) >= 2 and all(isinstance(t, str) and t.strip() for t in unlabeled)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_csv_files_load_or_raise_metalm_error(examples: int) -> None:
-    """Odd CSV files, read as .csv, .jsonl and .txt by every reader."""
+def fuzz_every_reader(examples: int, files: st.SearchStrategy[bytes], suffixes: list[str]) -> None:
+    """`examples` files drawn from `files`, each saved with one of `suffixes`, through
+    `read_everything`."""
 
     @fuzz_settings(examples)
-    @given(data=csv_bytes(), suffix=st.sampled_from([".csv", ".jsonl", ".txt"]))
+    @given(data=files, suffix=st.sampled_from(suffixes))
     def check(data: bytes, suffix: str) -> None:
         path = write_temp(data, suffix)
         try:
@@ -118,23 +117,20 @@ def test_csv_files_load_or_raise_metalm_error(examples: int) -> None:
             path.unlink()
 
     check()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_csv_files_load_or_raise_metalm_error(examples: int) -> None:
+    """Odd CSV files, read as .csv, .jsonl and .txt by every reader."""
+    fuzz_every_reader(examples, csv_bytes(), [".csv", ".jsonl", ".txt"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_jsonl_files_load_or_raise_metalm_error(examples: int) -> None:
     """Odd JSON-lines files, read as .jsonl, .csv and .txt by every reader."""
-
-    @fuzz_settings(examples)
-    @given(data=jsonl_bytes(), suffix=st.sampled_from([".jsonl", ".csv", ".txt"]))
-    def check(data: bytes, suffix: str) -> None:
-        path = write_temp(data, suffix)
-        try:
-            read_everything(path)
-        finally:
-            path.unlink()
-
-    check()
+    fuzz_every_reader(examples, jsonl_bytes(), [".jsonl", ".csv", ".txt"])
 
 
 good_text = st.text(min_size=1, max_size=40).filter(lambda t: t.strip() != "")
