@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from metalm import FewShotClassifier
+from metalm.checkpoint import save_checkpoint
 from metalm.config import TrainConfig, parse_learner_config
 from metalm.learners import LEARNERS, build_learner
 from metalm.models.causal import build_model
@@ -137,6 +138,16 @@ def toy_step(net: nn.Module, optimizer, scheduler) -> None:
     loss.backward()
     optimizer.step()
     scheduler.step()
+
+
+def checkpoint_twice(directory: Path) -> dict[str, torch.Tensor]:
+    """A toy's checkpoint of step 1 saved to `directory`, then replaced by that of step 2;
+    the weights of step 2."""
+    net, optimizer, scheduler = toy()
+    save_checkpoint(directory, net, optimizer, scheduler, {"step": 1})
+    toy_step(net, optimizer, scheduler)
+    save_checkpoint(directory, net, optimizer, scheduler, {"step": 2})
+    return weights_of(net)
 
 
 def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_tools import assert_same_tensors, toy, toy_step, weights_of
+from run_tools import assert_same_tensors, checkpoint_twice, toy, toy_step, weights_of
 from torch import nn
 
 from metalm import atomic
@@ -71,11 +71,7 @@ def test_checkpoint_swap_cut_short_is_recovered(
     `find_checkpoint` restores the old one whole."""
     monkeypatch.setattr(atomic, "use_exchange", exchange)
     directory = tmp_path / "checkpoint"
-    net, optimizer, scheduler = toy()
-    save_checkpoint(directory, net, optimizer, scheduler, {"step": 1})
-    toy_step(net, optimizer, scheduler)
-    save_checkpoint(directory, net, optimizer, scheduler, {"step": 2})
-    step2 = weights_of(net)
+    step2 = checkpoint_twice(directory)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
 
     os.replace(directory, old_path(directory))  # the crash: old parked, new half-written

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from run_tools import assert_same_tensors, toy, toy_step, weights_of
+from run_tools import assert_same_tensors, checkpoint_twice, toy, weights_of
 
 from metalm.checkpoint import (
     load_checkpoint,
@@ -18,11 +18,7 @@ from metalm.rundir import find_checkpoint
 def test_find_checkpoint_falls_back_to_old_after_an_interrupted_swap(tmp_path: Path):
     directory = tmp_path / "checkpoint"
     assert find_checkpoint(directory) is None
-    net, optimizer, scheduler = toy()
-    save_checkpoint(directory, net, optimizer, scheduler, {"step": 1})
-    toy_step(net, optimizer, scheduler)
-    save_checkpoint(directory, net, optimizer, scheduler, {"step": 2})
-    step2 = weights_of(net)
+    step2 = checkpoint_twice(directory)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
 
     # a run of an earlier metalm, which swapped through checkpoint.tmp/.old: a crash
