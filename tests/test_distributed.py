@@ -9,23 +9,20 @@ rendezvous takes a free port, so parallel test runs do not collide.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_overrides
+from run_tools import assert_same_runs, kill_b_then_resume, logged_steps, one_thread_env, read_log
 from safetensors.torch import load_file
 
 from metalm import distributed
 from metalm.cli import main
 from metalm.distributed import World
 from metalm.errors import MetalmError
-from metalm.rundir import find_checkpoint
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "distributed_worker.py"
@@ -35,10 +32,7 @@ TIMEOUT = 240.0
 
 def _env() -> dict[str, str]:
     """One torch thread per process (two ranks share this machine's cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
+    return one_thread_env(PYTHONWARNINGS="ignore")
 
 
 # ---------------------------------------------------------------------------- shares
@@ -141,8 +135,7 @@ def test_two_ranks_give_the_weights_of_one_process(tiny_model_dir: Path, tmp_pat
         assert all(v.dtype == torch.float64 for v in a.values())
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert worst <= 1e-9, f"{case}: weights differ by {worst:.3g}"  # seen: ~1e-14
-        log_a = [json.loads(line) for line in (one / case / "log.jsonl").read_text().splitlines()]
-        log_b = [json.loads(line) for line in (two / case / "log.jsonl").read_text().splitlines()]
+        log_a, log_b = read_log(one / case), read_log(two / case)
         assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == [1, 2, 3]
         for ra, rb in zip(log_a, log_b, strict=True):
             assert abs(ra["loss"] - rb["loss"]) <= 1e-12, case
@@ -195,74 +188,26 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def _logged_steps(log: Path) -> list[int]:
-    if not log.exists():
-        return []
-    return [json.loads(line)["step"] for line in log.read_text().split("\n")[:-1]]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds ranks through /proc")
 def test_sigkill_of_one_rank_then_resume_equals_an_uninterrupted_run(
     tiny_model_dir: Path, tmp_path: Path
 ):
     run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
-    errs = {name: tmp_path / f"{name}.err" for name in ("a", "b", "resume")}
-    deadline = time.monotonic() + TIMEOUT
-    with open(errs["a"], "w") as ea, open(errs["b"], "w") as eb:
-        out = subprocess.DEVNULL
-        proc_a = subprocess.Popen(
-            _train(tiny_model_dir, tmp_path / "a"), env=_env(), stdout=out, stderr=ea
-        )
-        proc_b = subprocess.Popen(
-            _train(tiny_model_dir, tmp_path / "b"), env=_env(), stdout=out, stderr=eb
-        )
-    try:
-        while max(_logged_steps(run_b / "log.jsonl"), default=0) < KILL_AFTER:
-            assert proc_b.poll() is None, f"run B exited early:\n{errs['b'].read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"run B did not reach step {KILL_AFTER}"
-            time.sleep(0.005)
-        victim = _rank_pid(proc_b.pid, 1)
-        assert victim is not None, "rank 1 of run B not found"
-        os.kill(victim, signal.SIGKILL)
-        assert proc_b.wait(timeout=60) != 0  # the launcher stops rank 0 and fails
-        found = find_checkpoint(run_b / "checkpoint")
-        assert found is not None
-        killed_at = json.loads((found / "state.json").read_text())["step"]
-        assert killed_at < STEPS and not (run_b / "report.json").exists(), "no mid-run kill"
-
-        with open(errs["resume"], "w") as er:
-            resumed = subprocess.run(
-                [*TRAIN_2, "--resume", str(run_b)],
-                env=_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=er,
-                timeout=max(10.0, deadline - time.monotonic()),
-            )
-        assert resumed.returncode == 0, errs["resume"].read_text()[-3000:]
-        assert proc_a.wait(timeout=max(10.0, deadline - time.monotonic())) == 0, errs[
-            "a"
-        ].read_text()[-3000:]
-    finally:
-        for proc in (proc_a, proc_b):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-    context = f"(rank 1 of B killed, resumed from step {killed_at})"
-    fields = ("step", "loss", "lr", "val_accuracy")
-    log_a = [json.loads(line) for line in (run_a / "log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(line) for line in (run_b / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log_b] == list(range(1, STEPS + 1)), context
-    assert [[r.get(f) for f in fields] for r in log_a] == [
-        [r.get(f) for f in fields] for r in log_b
-    ], context
-    for name in ("best.safetensors", "checkpoint/learner.safetensors"):
-        a, b = load_file(run_a / name), load_file(run_b / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs {context}"
-    report_a = json.loads((run_a / "report.json").read_text())
-    report_b = json.loads((run_b / "report.json").read_text())
-    assert report_a["train"] == report_b["train"]
+    killed = kill_b_then_resume(  # the launcher of B stops rank 0 and fails
+        _train(tiny_model_dir, tmp_path / "a"),
+        _train(tiny_model_dir, tmp_path / "b"),
+        [*TRAIN_2, "--resume", str(run_b)],
+        run_b,
+        kill_after=KILL_AFTER,
+        steps=STEPS,
+        env=_env(),
+        timeout=TIMEOUT,
+        errors=tmp_path,
+        victim=lambda launcher: _rank_pid(launcher, 1),
+    )
+    context = f"(rank 1 of B killed, resumed from step {killed.step})"
+    report_a, report_b = assert_same_runs(run_a, run_b, STEPS, context)
     assert [r["per_episode"] for r in report_a["results"]] == [
         r["per_episode"] for r in report_b["results"]
     ]
@@ -283,8 +228,8 @@ def test_tune_trials_run_on_every_rank_and_pruning_stops_them_all(
     assert json.loads((tmp_path / "tune.json").read_text()) == ["COMPLETE", "PRUNED", "COMPLETE"]
     trials = tmp_path / "study" / "trials"
     # pruned at the validation of step 2, before that step was logged
-    assert _logged_steps(trials / "trial-0001" / "log.jsonl") == [1]
-    assert _logged_steps(trials / "trial-0002" / "log.jsonl") == list(range(1, 7))
+    assert logged_steps(trials / "trial-0001" / "log.jsonl") == [1]
+    assert logged_steps(trials / "trial-0002" / "log.jsonl") == list(range(1, 7))
 
 
 @pytest.mark.slow
@@ -301,7 +246,7 @@ def test_tune_nproc_runs_the_study_and_the_final_run(tiny_model_dir: Path, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     study = tmp_path / "runs" / "tiny"
     assert (study / "trials.csv").exists() and (study / "best" / "report.json").exists()
-    assert _logged_steps(study / "best" / "log.jsonl") == [1, 2, 3, 4]
+    assert logged_steps(study / "best" / "log.jsonl") == [1, 2, 3, 4]
     assert done.stdout.count("study outputs in") == 1  # rank 0 alone prints
 
 

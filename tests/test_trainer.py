@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_overrides
+from run_tools import (
+    ToyNet,
+    assert_same_runs,
+    assert_same_tensors,
+    kill_b_then_resume,
+    one_thread_env,
+    read_log,
+    weights_of,
+)
 from safetensors.torch import load_file
-from torch import nn
 
 from metalm.atomic import NEW_SUFFIX, OLD_SUFFIX
 from metalm.checkpoint import (
@@ -33,28 +38,6 @@ from metalm.tasks import build_pools
 from metalm.trainer import MetaTrainer, lr_lambda
 
 
-class _Net(nn.Module):
-    """A toy module with dropout, so that the torch RNG matters to training."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(self.drop(x))
-
-
-def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"tensor {key!r} differs"
-
-
 def _trainer(model_dir: Path, output_dir: Path, **extra: object) -> MetaTrainer:
     """A MetaTrainer on the tiny model, built the way `metalm.run.run` builds it."""
     config = load_config(None, tiny_overrides(model_dir, output_dir, **extra))
@@ -65,10 +48,6 @@ def _trainer(model_dir: Path, output_dir: Path, **extra: object) -> MetaTrainer:
     train = pools.sampler("train", config.episode, config.seed, drop)
     val = pools.sampler("val", config.episode, config.seed + 1, drop)
     return MetaTrainer(learner, train, val, config.train, output_dir / "run", progress=False)
-
-
-def _log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 def _leftovers(run_dir: Path) -> list[str]:
@@ -116,23 +95,6 @@ def _cli(model_dir: Path, output_dir: Path, extra: dict[str, object]) -> list[st
     return [sys.executable, "-m", "metalm.cli", "-q", "train", *overrides]
 
 
-def _logged_steps(log: Path) -> list[int]:
-    """Steps of the complete lines of a log that another process is appending to."""
-    if not log.exists():
-        return []
-    complete = log.read_text(encoding="utf-8").split("\n")[:-1]
-    return [json.loads(line)["step"] for line in complete]
-
-
-def _finish(proc: subprocess.Popen, name: str, stderr: Path) -> None:
-    try:
-        proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"run {name} did not finish in {TIMEOUT:.0f} s")
-    assert proc.returncode == 0, f"run {name} failed:\n{stderr.read_text()[-3000:]}"
-
-
 def _report_rows(run_dir: Path) -> dict[tuple[str, str], dict]:
     report = json.loads((run_dir / "report.json").read_text())
     keep = ("accuracy", "ci95", "episodes", "per_episode", "vs_frozen")
@@ -144,99 +106,35 @@ def _report_rows(run_dir: Path) -> dict[tuple[str, str], dict]:
 def test_resume_after_sigkill_gives_the_same_results(
     tiny_model_dir: Path, tmp_path: Path, extra: dict[str, object]
 ):
-    # One torch thread in all three processes (as one machine would give them all the
-    # same count), which also lets runs A and B go side by side on two cores.
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["TOKENIZERS_PARALLELISM"] = "false"
     run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
-    err_a, err_b, err_resume = (tmp_path / f"{n}.err" for n in ("a", "b", "resume"))
-    deadline = time.monotonic() + TIMEOUT
+    killed = kill_b_then_resume(
+        _cli(tiny_model_dir, tmp_path / "a", extra),
+        _cli(tiny_model_dir, tmp_path / "b", extra),
+        [sys.executable, "-m", "metalm.cli", "-q", "train", "--resume", str(run_b)],
+        run_b,
+        kill_after=KILL_AFTER,
+        steps=STEPS,
+        env=one_thread_env(),
+        timeout=TIMEOUT,
+        errors=tmp_path,
+    )
+    context = f"(B killed after logging steps {killed.logged}, resumed from step {killed.step})"
+    # the log (every step exactly once, with the same loss, lr and validation accuracy),
+    # the best and final weights (bitwise) and the training summary
+    report_a, _ = assert_same_runs(run_a, run_b, STEPS, context)
+    assert report_a["train"]["steps"] == STEPS and report_a["train"]["best_step"] is not None
 
-    with open(err_a, "w") as ea, open(err_b, "w") as eb:
-        proc_a = subprocess.Popen(
-            _cli(tiny_model_dir, tmp_path / "a", extra),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=ea,
-        )
-        proc_b = subprocess.Popen(
-            _cli(tiny_model_dir, tmp_path / "b", extra),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=eb,
-        )
-    try:
-        while max(_logged_steps(run_b / "log.jsonl"), default=0) < KILL_AFTER:
-            if proc_b.poll() is not None:
-                pytest.fail(
-                    f"run B exited (rc {proc_b.returncode}) before logging step "
-                    f"{KILL_AFTER}:\n{err_b.read_text()[-3000:]}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"run B did not reach step {KILL_AFTER} in {TIMEOUT:.0f} s")
-            time.sleep(0.01)
-        alive = proc_b.poll() is None
-        os.kill(proc_b.pid, signal.SIGKILL)
-        proc_b.wait(timeout=30)
-
-        killed_log = _logged_steps(run_b / "log.jsonl")
-        found = find_checkpoint(run_b / "checkpoint")  # may be checkpoint.old mid-swap
-        assert found is not None, f"no checkpoint after the kill (log {killed_log})"
-        killed_at = json.loads((found / "state.json").read_text())["step"]
-        assert alive and killed_at < STEPS and not (run_b / "report.json").exists(), (
-            f"the SIGKILL landed after run B had finished training (checkpoint at step "
-            f"{killed_at} of {STEPS}, log {killed_log}); the test needs a mid-run kill"
-        )
-
-        with open(err_resume, "w") as er:
-            resumed = subprocess.run(
-                [sys.executable, "-m", "metalm.cli", "-q", "train", "--resume", str(run_b)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=er,
-                timeout=max(10.0, deadline - time.monotonic()),
-            )
-        assert resumed.returncode == 0, f"resume failed:\n{err_resume.read_text()[-3000:]}"
-        _finish(proc_a, "A", err_a)
-    finally:
-        for proc in (proc_a, proc_b):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-    context = f"(B killed after logging steps {killed_log}, resumed from step {killed_at})"
     # the final evaluation: every method and protocol, down to each episode
     rows_a, rows_b = _report_rows(run_a), _report_rows(run_b)
     assert rows_a.keys() == rows_b.keys()
     assert ("protonet", "3-way 1-shot") in rows_a
     for key in rows_a:
         assert rows_a[key] == rows_b[key], f"{key} differs {context}"
-    train_a = json.loads((run_a / "report.json").read_text())["train"]
-    train_b = json.loads((run_b / "report.json").read_text())["train"]
-    assert train_a == train_b, context
-    assert train_a["steps"] == STEPS and train_a["best_step"] is not None
-
-    # the log: every step exactly once, with the same loss, lr and validation accuracy
-    log_a, log_b = _log(run_a), _log(run_b)
-    assert [r["step"] for r in log_b] == list(range(1, STEPS + 1)), context
-    fields = ("step", "loss", "lr", "val_accuracy")
-    assert [[r.get(f) for f in fields] for r in log_a] == [
-        [r.get(f) for f in fields] for r in log_b
-    ], context
-
-    # weights: the best ones and the final checkpoint, bitwise
-    _assert_same_tensors(
-        load_file(run_a / "best.safetensors"), load_file(run_b / "best.safetensors")
-    )
-    _assert_same_tensors(
-        load_file(run_a / "checkpoint" / "learner.safetensors"),
-        load_file(run_b / "checkpoint" / "learner.safetensors"),
-    )
     state_a = json.loads((run_a / "checkpoint" / "state.json").read_text())
     assert state_a == json.loads((run_b / "checkpoint" / "state.json").read_text())
     assert _leftovers(run_a) == [] and _leftovers(run_b) == []
     if extra:  # the samplers' state went through the checkpoint
-        _assert_same_tensors(
+        assert_same_tensors(
             load_file(run_a / "checkpoint" / "samplers.safetensors"),
             load_file(run_b / "checkpoint" / "samplers.safetensors"),
         )
@@ -282,7 +180,7 @@ def test_early_stopping_keeps_the_best_weights(
     seen: dict[int, dict[str, torch.Tensor]] = {}
 
     def scripted_validation(learner, sampler, episodes):
-        seen[trainer.state["step"]] = _weights(learner)
+        seen[trainer.state["step"]] = weights_of(learner)
         return next(scores)
 
     monkeypatch.setattr("metalm.trainer.validation_accuracy", scripted_validation)
@@ -291,7 +189,7 @@ def test_early_stopping_keeps_the_best_weights(
     assert (result.steps, result.best_step, result.best_val_accuracy) == (6, 4, 0.9)
     assert result.stopped_early and sorted(seen) == [2, 4, 6]
     assert [h["step"] for h in result.val_history] == [2, 4, 6]
-    log = _log(run_dir)
+    log = read_log(run_dir)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert [r.get("val_accuracy") for r in log if "val_accuracy" in r] == [0.5, 0.9, 0.4]
     # each step logs the learning rate it trained with
@@ -300,9 +198,9 @@ def test_early_stopping_keeps_the_best_weights(
 
     # the learner ends with the best (step 4) weights; the checkpoint holds step 6
     assert any(not torch.equal(seen[4][k], seen[6][k]) for k in seen[4])
-    _assert_same_tensors(_weights(trainer.learner), seen[4])
-    _assert_same_tensors(load_file(run_dir / "best.safetensors"), seen[4])
-    _assert_same_tensors(load_file(run_dir / "checkpoint" / "learner.safetensors"), seen[6])
+    assert_same_tensors(weights_of(trainer.learner), seen[4])
+    assert_same_tensors(load_file(run_dir / "best.safetensors"), seen[4])
+    assert_same_tensors(load_file(run_dir / "checkpoint" / "learner.safetensors"), seen[6])
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["step"] == 6 and state["stopped_early"] and state["best_step"] == 4
     assert _leftovers(run_dir) == []
@@ -313,8 +211,8 @@ def test_early_stopping_keeps_the_best_weights(
     resumed = again.fit(resume=True)
     assert (resumed.steps, resumed.best_step, resumed.stopped_early) == (6, 4, True)
     assert sorted(seen) == [2, 4, 6]
-    assert [r["step"] for r in _log(run_dir)] == [1, 2, 3, 4, 5, 6]
-    _assert_same_tensors(_weights(again.learner), seen[4])
+    assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert_same_tensors(weights_of(again.learner), seen[4])
     assert _leftovers(run_dir) == [] and (run_dir / "checkpoint" / "state.json").exists()
 
 
@@ -329,7 +227,7 @@ def test_select_best_false_keeps_the_last_weights(
     assert (result.steps, result.best_step, result.best_val_accuracy) == (6, 4, 0.9)
     assert not (trainer.run_dir / "best.safetensors").exists()
     last = load_file(trainer.run_dir / "checkpoint" / "learner.safetensors")
-    _assert_same_tensors(_weights(trainer.learner), last)
+    assert_same_tensors(weights_of(trainer.learner), last)
 
 
 def test_early_stopping_when_validation_cannot_improve(tiny_model_dir: Path, tmp_path: Path):
@@ -339,16 +237,16 @@ def test_early_stopping_when_validation_cannot_improve(tiny_model_dir: Path, tmp
         tmp_path,
         **{"train.steps": 12, "train.eval_every": 2, "train.patience": 1, "train.lr": 0},
     )
-    initial = _weights(trainer.learner)
+    initial = weights_of(trainer.learner)
     result = trainer.fit()
     assert result.stopped_early and result.steps == 4 < trainer.config.steps
     assert result.best_step == 2 and len(result.val_history) == 2
     assert result.val_history[0]["val_accuracy"] == result.val_history[1]["val_accuracy"]
-    assert [r["step"] for r in _log(trainer.run_dir)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_log(trainer.run_dir)] == [1, 2, 3, 4]
     state = json.loads((trainer.run_dir / "checkpoint" / "state.json").read_text())
     assert state["stopped_early"] and state["step"] == 4
-    _assert_same_tensors(_weights(trainer.learner), initial)
-    _assert_same_tensors(load_file(trainer.run_dir / "best.safetensors"), initial)
+    assert_same_tensors(weights_of(trainer.learner), initial)
+    assert_same_tensors(load_file(trainer.run_dir / "best.safetensors"), initial)
 
 
 def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_checkpoint(
@@ -367,7 +265,7 @@ def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_checkpoint(
     assert "loss" in lines[0] and "nan" in lines[0] and "train.lr" in lines[0]
 
     run_dir = tmp_path / "run"
-    assert [r["step"] for r in _log(run_dir)] == [1]
+    assert [r["step"] for r in read_log(run_dir)] == [1]
     assert not (run_dir / "report.json").exists()
     assert _leftovers(run_dir) == []
     trainer = _trainer(tiny_model_dir, tmp_path, **{"train.checkpoint_every": 1})
@@ -398,6 +296,6 @@ def test_resume_without_a_checkpoint_is_a_clear_error(
     assert main(["-q", "train", "--resume", str(run_dir), "train.steps=3"]) == 2
     assert "--resume" in capsys.readouterr().err
 
-    trainer = MetaTrainer(_Net(), None, None, TrainConfig(), run_dir, progress=False)
+    trainer = MetaTrainer(ToyNet(), None, None, TrainConfig(), run_dir, progress=False)
     with pytest.raises(MetalmError, match="no checkpoint to resume from"):
         trainer.fit(resume=True)
