@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from run_tools import QUERIES, probabilities, tiny_learner
+from run_tools import QUERIES, TEST_TEXTS, probabilities, tiny_learner
 from safetensors.torch import load_file
 
 from metalm import MetalmError, from_pretrained, save_pretrained
@@ -138,8 +138,8 @@ def test_export_untrained_equals_the_learner_built_from_config(
     assert metadata["meta_trained"] is False and metadata["encoder"]["max_length"] == 16
     assert "No training run was recorded" in (out / "README.md").read_text()
     np.testing.assert_allclose(
-        probabilities(from_pretrained(out), QUERIES),
-        probabilities(_built(tiny_model_dir, name, *overrides), QUERIES),
+        probabilities(from_pretrained(out), TEST_TEXTS),
+        probabilities(_built(tiny_model_dir, name, *overrides), TEST_TEXTS),
         atol=1e-6,
     )
 
