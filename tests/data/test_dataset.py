@@ -3,12 +3,18 @@ errors bad files get."""
 
 from __future__ import annotations
 
-import csv
 import json
-from functools import cache
 
 import datasets
 import pytest
+from learner_tools import (
+    BUILTIN_SIZES,
+    N_CLASSES,
+    cached_builtin,
+    toy_dataset,
+    write_csv,
+    write_jsonl,
+)
 
 from metalm.data import (
     DataSource,
@@ -21,72 +27,28 @@ from metalm.data import (
 )
 from metalm.errors import MetalmError
 
-BUILTIN_SIZES = {
-    ("banking77", "train"): 8622,
-    ("banking77", "valid"): 1540,
-    ("banking77", "test"): 3080,
-    ("banking77", "train_5"): 385,
-    ("banking77", "train_10"): 770,
-    ("clinc150", "train"): 15000,
-    ("clinc150", "valid"): 3000,
-    ("clinc150", "test"): 4500,
-    ("clinc150", "train_5"): 750,
-    ("clinc150", "train_10"): 1500,
-}
-
-
-N_CLASSES = {"banking77": 77, "clinc150": 150}
-
-
-@cache
-def _builtin(name: str, split: str) -> LabeledTextDataset:
-    """The built-in datasets are immutable, so tests share one load of each."""
-    return builtin_dataset(name, split)
-
-
-def _write_csv(path, header, rows) -> None:
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def _write_jsonl(path, objects) -> None:
-    path.write_text(
-        "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects), encoding="utf-8"
-    )
-
-
-def _toy(counts: dict[str, int]) -> LabeledTextDataset:
-    """A dataset with `counts[c]` distinct texts for each class c."""
-    texts, labels = [], []
-    for c, n in counts.items():
-        texts += [f"{c} example {i}" for i in range(n)]
-        labels += [c] * n
-    return LabeledTextDataset(texts, labels, name="toy")
-
 
 def _hf_rows():
-    ds = _builtin("banking77", "train_5")
+    ds = cached_builtin("banking77", "train_5")
     return list(ds.texts[:40]), list(ds.labels[:40])
 
 
 @pytest.mark.parametrize(("name", "split"), list(BUILTIN_SIZES))
 def test_builtin_dataset_sizes(name, split):
-    ds = _builtin(name, split)
+    ds = cached_builtin(name, split)
     assert len(ds) == BUILTIN_SIZES[name, split]
     assert len(ds.texts) == len(ds.labels)
     assert len(ds.classes) == N_CLASSES[name]
     assert ds.name == f"{name}/{split}"
     assert all(t.strip() for t in ds.texts)
     # every split has the same class set as train
-    assert ds.classes == _builtin(name, "train").classes
+    assert ds.classes == cached_builtin(name, "train").classes
     if split in ("train_5", "train_10"):
         shots = int(split.split("_")[1])
         assert set(ds.class_counts().values()) == {shots}
         assert len(ds) == shots * N_CLASSES[name]
         # the K-shot subsets are drawn from train
-        train = _builtin(name, "train")
+        train = cached_builtin(name, "train")
         assert set(zip(ds.texts, ds.labels, strict=True)) <= set(
             zip(train.texts, train.labels, strict=True)
         )
@@ -103,7 +65,7 @@ def test_csv_with_custom_columns(tmp_path):
         ("id4", "  padded  ", "7"),
     ]
     path = tmp_path / "data.csv"
-    _write_csv(path, ["id", "utterance", "intent"], rows)
+    write_csv(path, ["id", "utterance", "intent"], rows)
     ds = load_csv(path, text_column="utterance", label_column="intent")
     assert ds.texts == tuple(r[1] for r in rows)
     assert ds.labels == tuple(r[2] for r in rows)
@@ -213,7 +175,7 @@ def test_hf_missing_column():
 
 
 def test_drop_small_classes_warns_and_drops():
-    ds = _toy({"a": 6, "b": 6, "rare": 3, "c": 6})
+    ds = toy_dataset({"a": 6, "b": 6, "rare": 3, "c": 6})
     with pytest.warns(UserWarning, match="dropped 1 classes with fewer than 4 .*'rare'"):
         sampler = EpisodeSampler(ds, 3, 2, 2, drop_small_classes=True)
     assert sampler.dataset.classes == ["a", "b", "c"]
@@ -232,11 +194,11 @@ def test_empty_texts_rejected(tmp_path, bad):
     with pytest.raises(MetalmError, match="row 1 has an empty or whitespace-only text"):
         LabeledTextDataset(["ok", bad], ["a", "b"])
     csv_path = tmp_path / "d.csv"
-    _write_csv(csv_path, ["text", "label"], [("ok", "a"), (bad, "b")])
+    write_csv(csv_path, ["text", "label"], [("ok", "a"), (bad, "b")])
     with pytest.raises(MetalmError, match="row 1 has an empty or whitespace-only text"):
         load_csv(csv_path)
     jsonl_path = tmp_path / "d.jsonl"
-    _write_jsonl(jsonl_path, [{"text": "ok", "label": "a"}, {"text": bad, "label": "b"}])
+    write_jsonl(jsonl_path, [{"text": "ok", "label": "a"}, {"text": bad, "label": "b"}])
     with pytest.raises(MetalmError, match="row 1 has an empty or whitespace-only text"):
         load_jsonl(jsonl_path)
 
@@ -254,11 +216,11 @@ def test_missing_or_mismatched_labels_rejected():
 def test_missing_column_in_csv_and_jsonl(tmp_path, missing):
     kept = {"text": "label", "label": "text"}[missing]
     csv_path = tmp_path / "d.csv"
-    _write_csv(csv_path, [kept, "other"], [("x", "y")])
+    write_csv(csv_path, [kept, "other"], [("x", "y")])
     with pytest.raises(MetalmError, match=f"row 0 has no column '{missing}'; columns are"):
         load_csv(csv_path)
     jsonl_path = tmp_path / "d.jsonl"
-    _write_jsonl(jsonl_path, [{"text": "t", "label": "l"}, {kept: "x", "other": "y"}])
+    write_jsonl(jsonl_path, [{"text": "t", "label": "l"}, {kept: "x", "other": "y"}])
     with pytest.raises(MetalmError, match=f"row 1 has no column '{missing}'; columns are"):
         load_jsonl(jsonl_path)
 
@@ -329,4 +291,4 @@ def test_unknown_builtin_name_and_split():
 
 def test_subset_with_unknown_class():
     with pytest.raises(MetalmError, match="unknown classes \\['nope'\\]"):
-        _builtin("banking77", "test").subset(["nope", "card_arrival"])
+        cached_builtin("banking77", "test").subset(["nope", "card_arrival"])

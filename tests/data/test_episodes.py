@@ -13,6 +13,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
+from learner_tools import BUILTIN_SIZES, N_CLASSES, cached_builtin, toy_dataset
 
 from metalm.data import (
     EpisodeSampler,
@@ -23,33 +24,11 @@ from metalm.data import (
 from metalm.data.mixture import MixtureSampler
 from metalm.errors import MetalmError
 
-BUILTIN_SIZES = {
-    ("banking77", "train"): 8622,
-    ("banking77", "valid"): 1540,
-    ("banking77", "test"): 3080,
-    ("banking77", "train_5"): 385,
-    ("banking77", "train_10"): 770,
-    ("clinc150", "train"): 15000,
-    ("clinc150", "valid"): 3000,
-    ("clinc150", "test"): 4500,
-    ("clinc150", "train_5"): 750,
-    ("clinc150", "train_10"): 1500,
-}
-
-
-N_CLASSES = {"banking77": 77, "clinc150": 150}
-
-
-@cache
-def _builtin(name: str, split: str) -> LabeledTextDataset:
-    """The built-in datasets are immutable, so tests share one load of each."""
-    return builtin_dataset(name, split)
-
 
 @cache
 def _class_texts(name: str, split: str) -> dict[str, Counter]:
     """Per class, the multiset of its texts in the dataset."""
-    ds = _builtin(name, split)
+    ds = cached_builtin(name, split)
     out: dict[str, Counter] = defaultdict(Counter)
     for text, label in zip(ds.texts, ds.labels, strict=True):
         out[label][text] += 1
@@ -59,15 +38,6 @@ def _class_texts(name: str, split: str) -> dict[str, Counter]:
 def _episode_json(episodes) -> bytes:
     payload = [dataclasses.asdict(ep) for ep in episodes]
     return json.dumps(payload, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode()
-
-
-def _toy(counts: dict[str, int]) -> LabeledTextDataset:
-    """A dataset with `counts[c]` distinct texts for each class c."""
-    texts, labels = [], []
-    for c, n in counts.items():
-        texts += [f"{c} example {i}" for i in range(n)]
-        labels += [c] * n
-    return LabeledTextDataset(texts, labels, name="toy")
 
 
 SAMPLER_CASES = [
@@ -82,7 +52,7 @@ SAMPLER_CASES = [
 
 @pytest.mark.parametrize(("name", "split", "n", "k", "q", "episodes"), SAMPLER_CASES)
 def test_episode_invariants_on_builtin_data(name, split, n, k, q, episodes):
-    ds = _builtin(name, split)
+    ds = cached_builtin(name, split)
     class_texts = _class_texts(name, split)
     sampler = EpisodeSampler(ds, n, k, q, seed=3)
     for index in range(episodes):
@@ -127,7 +97,7 @@ def test_episode_invariants_on_builtin_data(name, split, n, k, q, episodes):
 
 
 def test_episodes_cover_all_classes_and_vary():
-    ds = _builtin("banking77", "test")
+    ds = cached_builtin("banking77", "test")
     sampler = EpisodeSampler(ds, 5, 1, 5, seed=0)
     eps = [sampler.sample(i) for i in range(300)]
     seen = {name for ep in eps for name in ep.label_names}
@@ -138,7 +108,7 @@ def test_episodes_cover_all_classes_and_vary():
 
 
 def test_class_with_exactly_k_plus_q_rows_uses_every_row():
-    ds = _toy({"a": 4, "b": 4, "c": 9})
+    ds = toy_dataset({"a": 4, "b": 4, "c": 9})
     sampler = EpisodeSampler(ds, 3, 1, 3, seed=1)
     for index in range(20):
         ep = sampler.sample(index)
@@ -159,13 +129,13 @@ def test_class_with_exactly_k_plus_q_rows_uses_every_row():
 
 
 def test_iteration_yields_consecutive_indices():
-    sampler = EpisodeSampler(_builtin("clinc150", "train"), 5, 2, 2, seed=11)
+    sampler = EpisodeSampler(cached_builtin("clinc150", "train"), 5, 2, 2, seed=11)
     it = iter(sampler)
     assert [next(it) for _ in range(6)] == [sampler.sample(i) for i in range(6)]
 
 
 def test_same_seed_and_index_give_same_episode_in_any_order():
-    ds = _builtin("banking77", "test")
+    ds = cached_builtin("banking77", "test")
     a = EpisodeSampler(ds, 5, 2, 3, seed=7)
     # a second instance, on a separately built dataset object
     b = EpisodeSampler(builtin_dataset("banking77", "test"), 5, 2, 3, seed=7)
@@ -182,7 +152,7 @@ def test_same_seed_and_index_give_same_episode_in_any_order():
 
 
 def test_different_seeds_give_different_episodes():
-    ds = _builtin("clinc150", "train")
+    ds = cached_builtin("clinc150", "train")
     by_seed = {
         seed: [EpisodeSampler(ds, 5, 1, 5, seed=seed).sample(i) for i in range(5)]
         for seed in (0, 1, 2, 12345)
@@ -202,14 +172,14 @@ def test_episode_sampling_is_pinned_across_machines():
     # promise Generator.choice streams across versions) or a change to EpisodeSampler,
     # published episode-based numbers are no longer reproducible and that must be a
     # deliberate, documented change.
-    sampler = EpisodeSampler(_builtin("banking77", "test"), 5, 1, 2, seed=0)
+    sampler = EpisodeSampler(cached_builtin("banking77", "test"), 5, 1, 2, seed=0)
     digest = hashlib.sha256(_episode_json([sampler.sample(0), sampler.sample(7)])).hexdigest()
     assert digest == "47b70c92941932179a37e8b34885a44e5250c4a5a48d51fcf1e25836a9a63b7d"
 
 
 @pytest.mark.parametrize("name", ["banking77", "clinc150"])
 def test_full_way_episode(name):
-    support, query = _builtin(name, "train_5"), _builtin(name, "test")
+    support, query = cached_builtin(name, "train_5"), cached_builtin(name, "test")
     ep = full_way_episode(support, query)
     n = N_CLASSES[name]
     assert ep.n_way == n
@@ -225,25 +195,25 @@ def test_full_way_episode(name):
 
 
 def test_full_way_episode_rejects_query_classes_without_support():
-    support = _builtin("banking77", "train_5")
+    support = cached_builtin("banking77", "train_5")
     dropped = support.classes[10]
     partial = support.subset([c for c in support.classes if c != dropped])
     with pytest.raises(MetalmError, match=f"\\['{dropped}'\\] have no support examples"):
-        full_way_episode(partial, _builtin("banking77", "test"))
+        full_way_episode(partial, cached_builtin("banking77", "test"))
 
 
 def test_class_too_small_for_k_plus_q():
-    ds = _toy({"a": 6, "b": 6, "rare": 3, "c": 6})
+    ds = toy_dataset({"a": 6, "b": 6, "rare": 3, "c": 6})
     with pytest.raises(MetalmError, match="class 'rare' has 3 examples but 2-shot with 2 queries"):
         EpisodeSampler(ds, 3, 2, 2)
     # real data: banking77/valid has 20 rows per class
     with pytest.raises(MetalmError, match=r"needs 21 .*77 classes are short"):
-        EpisodeSampler(_builtin("banking77", "valid"), 5, 10, 11)
+        EpisodeSampler(cached_builtin("banking77", "valid"), 5, 10, 11)
 
 
 def test_n_way_larger_than_number_of_classes():
     with pytest.raises(MetalmError, match="78-way episodes need 78 classes but it has 77"):
-        EpisodeSampler(_builtin("banking77", "test"), 78, 1, 1)
+        EpisodeSampler(cached_builtin("banking77", "test"), 78, 1, 1)
 
 
 @pytest.mark.parametrize(
@@ -259,7 +229,7 @@ def test_n_way_larger_than_number_of_classes():
 def test_bad_episode_shape(kwargs, message):
     args = {"n_way": 5, "k_shot": 1, "q_queries": 1} | kwargs
     with pytest.raises(MetalmError, match=message):
-        EpisodeSampler(_builtin("banking77", "test"), **args)
+        EpisodeSampler(cached_builtin("banking77", "test"), **args)
 
 
 def _line_embed(ds: LabeledTextDataset):
@@ -286,7 +256,7 @@ def test_all_way_episodes_hold_every_class():
 
 
 def test_variable_way_and_shot_cover_their_ranges_and_are_deterministic():
-    ds = _toy({f"c{i}": 12 for i in range(20)})
+    ds = toy_dataset({f"c{i}": 12 for i in range(20)})
     sampler = EpisodeSampler(ds, [3, 8], [1, 4], 2, seed=5)
     ways, shots = set(), set()
     for i in range(300):
@@ -304,7 +274,7 @@ def test_variable_way_and_shot_cover_their_ranges_and_are_deterministic():
 
 
 def test_a_fixed_range_equals_the_fixed_size_and_ranges_are_capped():
-    ds = _toy({f"c{i}": 6 for i in range(6)})
+    ds = toy_dataset({f"c{i}": 6 for i in range(6)})
     fixed = EpisodeSampler(ds, 4, 2, 1, seed=1)
     ranged = EpisodeSampler(ds, [4, 4], [2, 2], 1, seed=1)
     assert [fixed.sample(i) for i in range(10)] == [ranged.sample(i) for i in range(10)]
@@ -315,7 +285,7 @@ def test_a_fixed_range_equals_the_fixed_size_and_ranges_are_capped():
 
 
 def test_hard_negative_episodes_are_nearest_classes_of_an_anchor():
-    ds = _toy({f"c{i}": 6 for i in range(30)})
+    ds = toy_dataset({f"c{i}": 6 for i in range(30)})
     embed, _ = _line_embed(ds)
     sampler = EpisodeSampler(ds, 4, 1, 1, seed=0, hard_negatives=1.0, refresh_every=10)
     before = [sampler.sample(i) for i in range(50)]
@@ -331,7 +301,7 @@ def test_hard_negative_episodes_are_nearest_classes_of_an_anchor():
 
 
 def test_hard_negative_share_and_refresh_schedule():
-    ds = _toy({f"c{i}": 6 for i in range(30)})
+    ds = toy_dataset({f"c{i}": 6 for i in range(30)})
     embed, calls = _line_embed(ds)
     sampler = EpisodeSampler(ds, 3, 1, 1, seed=2, hard_negatives=0.5, refresh_every=5)
     for step in range(12):
@@ -343,7 +313,7 @@ def test_hard_negative_share_and_refresh_schedule():
 
 
 def test_hard_negative_state_round_trips_to_identical_episodes():
-    ds = _toy({f"c{i}": 6 for i in range(30)})
+    ds = toy_dataset({f"c{i}": 6 for i in range(30)})
     embed, _ = _line_embed(ds)
     a = EpisodeSampler(ds, 4, 1, 1, seed=0, hard_negatives=0.7, refresh_every=10)
     a.on_step(0, embed)

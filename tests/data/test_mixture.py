@@ -9,20 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from learner_tools import toy_dataset
 
 from metalm.config import load_config
-from metalm.data import EpisodeSampler, LabeledTextDataset
+from metalm.data import EpisodeSampler
 from metalm.data.mixture import MixtureSampler, mixture
 from metalm.errors import MetalmError
 from metalm.tasks import build_pools
-
-
-def _toy(counts: dict[str, int]) -> LabeledTextDataset:
-    texts, labels = [], []
-    for name, n in counts.items():
-        texts += [f"{name} example {i}" for i in range(n)]
-        labels += [name] * n
-    return LabeledTextDataset(texts, labels, name="toy")
 
 
 def _write_csv(path: Path, classes: int, per_class: int, prefix: str) -> Path:
@@ -72,8 +65,8 @@ def test_mixture_config_splits_each_source_and_keeps_episodes_in_one_label_space
 
 
 def test_mixture_is_deterministic_in_seed_and_index():
-    a = _toy({f"a{i}": 6 for i in range(8)})
-    b = _toy({f"b{i}": 6 for i in range(5)})
+    a = toy_dataset({f"a{i}": 6 for i in range(8)})
+    b = toy_dataset({f"b{i}": 6 for i in range(5)})
 
     def build():
         return MixtureSampler(

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 import pytest
+from learner_tools import cached_builtin
 
 from metalm.data import (
     ClassSplit,
     EpisodeSampler,
-    LabeledTextDataset,
-    builtin_dataset,
     explicit_split,
     split_classes,
 )
 from metalm.errors import MetalmError
-
-
-@cache
-def _builtin(name: str, split: str) -> LabeledTextDataset:
-    """The built-in datasets are immutable, so tests share one load of each."""
-    return builtin_dataset(name, split)
-
 
 FRACTIONS = [(0.6, 0.2, 0.2), (0.7, 0.15, 0.15), (0.5, 0.25, 0.25), (0.8, 0.1, 0.1)]
 
@@ -29,7 +19,7 @@ FRACTIONS = [(0.6, 0.2, 0.2), (0.7, 0.15, 0.15), (0.5, 0.25, 0.25), (0.8, 0.1, 0
 @pytest.mark.parametrize("fractions", FRACTIONS)
 @pytest.mark.parametrize("seed", [0, 1, 2, 42])
 def test_split_classes_is_a_disjoint_partition(fractions, seed):
-    classes = _builtin("clinc150", "train").classes
+    classes = cached_builtin("clinc150", "train").classes
     split = split_classes(classes, fractions, seed=seed)
     parts = (split.train, split.val, split.test)
     n = len(classes)
@@ -50,13 +40,13 @@ def test_split_classes_is_a_disjoint_partition(fractions, seed):
 
 
 def test_split_classes_depends_on_seed():
-    classes = _builtin("clinc150", "train").classes
+    classes = cached_builtin("clinc150", "train").classes
     trains = {tuple(split_classes(classes, seed=seed).train) for seed in range(6)}
     assert len(trains) == 6
 
 
 def test_episodes_from_a_split_stay_in_their_classes():
-    ds = _builtin("clinc150", "train")
+    ds = cached_builtin("clinc150", "train")
     split = split_classes(ds.classes, (0.6, 0.2, 0.2), seed=3)
     for part in (split.train, split.val, split.test):
         sampler = EpisodeSampler(ds.subset(part), 5, 1, 2, seed=0)
@@ -65,7 +55,7 @@ def test_episodes_from_a_split_stay_in_their_classes():
 
 
 def test_explicit_split():
-    classes = _builtin("banking77", "test").classes
+    classes = cached_builtin("banking77", "test").classes
     split = explicit_split(classes, classes[:50], classes[50:60], classes[60:])
     assert split == ClassSplit(classes[:50], classes[50:60], classes[60:])
     with pytest.raises(MetalmError, match="class split val: unknown classes"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from learner_tools import sampler
 
 from metalm.config import load_config, parse_learner_config
-from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.errors import MetalmError
 from metalm.learners import (
     LEARNERS,
@@ -22,7 +22,7 @@ from metalm.models.causal import build_model
 
 @pytest.fixture(scope="module")
 def episode():
-    return EpisodeSampler(builtin_dataset("banking77", "test"), 4, 2, 3, seed=5).sample(0)
+    return sampler(4, 2, 3).sample(0)
 
 
 # a few steps where a learner's default takes many (finetune: 300 head steps)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from learner_tools import assert_unchanged, sampler, snapshot
 
-from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.errors import MetalmError
 from metalm.learners import (
     Finetune,
@@ -15,18 +15,7 @@ from metalm.learners import (
 
 @pytest.fixture(scope="module")
 def episode():
-    return EpisodeSampler(builtin_dataset("banking77", "test"), 4, 2, 3, seed=5).sample(0)
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_unchanged(before: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
-    after = module.state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        assert torch.equal(value, after[key]), key
+    return sampler(4, 2, 3).sample(0)
 
 
 @pytest.mark.parametrize("train_encoder", [False, True])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from learner_tools import quadratic
 from torch import nn
 
 from metalm.errors import MetalmError
@@ -16,11 +17,6 @@ from metalm.learners import (
 )
 from metalm.learners.functional import conjugate_gradient, vmap_safe_layer_norm
 from metalm.learners.optim import adam, sgd
-
-
-def quadratic(_model, params, batch):
-    target, scale = batch
-    return (scale * (params["w"] - target) ** 2).sum() + (params["b"] ** 3).sum()
 
 
 # -- inner_loop on toy functions --------------------------------------------------------

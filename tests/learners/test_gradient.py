@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_real_minilm_briefly
-from torch import nn
+from learner_tools import learner_for, snapshot
 
 from metalm.config import load_config, parse_learner_config, save_config
 from metalm.data import EpisodeSampler, builtin_dataset
@@ -24,8 +24,7 @@ from metalm.learners import (
     ReptileConfig,
     build_learner,
 )
-from metalm.learners.gradient import GradientLearner
-from metalm.models import EncoderConfig, TextEncoder
+from metalm.models import TextEncoder
 from metalm.trainer import MetaTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,28 +38,6 @@ NEW_LEARNERS = {
     "reptile": ReptileConfig,
     "proximal": ProximalConfig,
 }
-
-
-@pytest.fixture
-def fresh_encoder(tiny_model_dir) -> TextEncoder:
-    """An encoder of its own, for tests that change it (dtype, LoRA)."""
-    return TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir), max_length=16))
-
-
-@pytest.fixture(scope="module")
-def episodes():
-    sampler = EpisodeSampler(builtin_dataset("banking77", "test"), 3, 2, 2, seed=5)
-    return [sampler.sample(i) for i in range(3)]
-
-
-def learner_for(encoder: TextEncoder, **spec) -> GradientLearner:
-    learner = build_learner(encoder, parse_learner_config(spec))
-    learner.eval()  # no dropout: exact comparisons
-    return learner  # type: ignore[return-value]
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 # -- end to end on the real MiniLM and real data --------------------------------------------

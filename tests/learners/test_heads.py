@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
+from learner_tools import snapshot
 
 from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
 from metalm.cli import main
@@ -57,10 +58,6 @@ def _blobs(n_way: int = 5, shots: int = 4, dim: int = 16, seed: int = 0):
     labels = torch.arange(n_way).repeat(shots)
     features = centres[labels] + 0.8 * torch.randn(len(labels), dim, generator=generator)
     return torch.nn.functional.normalize(features, dim=-1), labels
-
-
-def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 # -- the logistic-regression head --------------------------------------------------------
@@ -203,7 +200,7 @@ def test_adapting_never_reads_the_queries(tiny_encoder):
 
 
 def test_lpft_fine_tunes_copies_and_leaves_the_encoder_unchanged(tiny_encoder):
-    before = _snapshot(tiny_encoder)
+    before = snapshot(tiny_encoder)
     learner = build_learner(
         tiny_encoder, ProtoNetConfig(head="lpft", lpft_steps=3, lpft_lr=1e-2, lpft_head_lr=1e-2)
     )

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from conftest import tiny_overrides
+from learner_tools import meta_params, sampler, seeded_learner
 
-from metalm.config import load_config, parse_learner_config
-from metalm.data import EpisodeSampler, builtin_dataset
+from metalm.config import load_config
 from metalm.learners import build_learner
 from metalm.learners.lstm_meta import MetaLSTMCell, preprocess
 from metalm.models import TextEncoder
@@ -17,31 +17,9 @@ from metalm.tasks import build_pools
 from metalm.trainer import MetaTrainer
 
 
-def sampler(n_way: int, k_shot: int, q: int = 2, seed: int = 5) -> EpisodeSampler:
-    return EpisodeSampler(builtin_dataset("banking77", "test"), n_way, k_shot, q, seed=seed)
-
-
 @pytest.fixture(scope="module")
 def episode():
     return sampler(3, 3).sample(0)
-
-
-def learner_for(encoder: TextEncoder, seed: int = 0, perturb: bool = True, **spec):
-    """A learner in eval mode; `perturb`: random meta-parameters instead of the
-    zero-initialised last layers (an untrained metanet is exactly a prototype head)."""
-    torch.manual_seed(seed)
-    learner = build_learner(encoder, parse_learner_config(spec))
-    if perturb:
-        with torch.no_grad():
-            for name, p in learner.named_parameters():
-                if not name.startswith("encoder."):
-                    p.add_(0.3 * torch.randn_like(p))
-    learner.eval()
-    return learner
-
-
-def meta_params(learner) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in learner.named_parameters() if not n.startswith("encoder.")}
 
 
 def set_gates(cell: MetaLSTMCell, forget: float, step: float) -> None:
@@ -68,7 +46,7 @@ def test_lstm_update_with_hand_set_gates_equals_the_formula(tiny_encoder, episod
     assert torch.allclose(new, 0.9 * theta - 0.2 * grad)
     assert torch.allclose(f, torch.full((6,), 0.9)) and torch.allclose(i, torch.full((6,), 0.2))
     # the learner's inner loop: two updates θ_t = f θ_{t-1} - i ∇L(θ_{t-1}) from θ_0
-    learner = learner_for(tiny_encoder, name="lstm_meta", inner_steps=2, adapter_dim=3)
+    learner = seeded_learner(tiny_encoder, name="lstm_meta", inner_steps=2, adapter_dim=3)
     set_gates(learner.cell, 0.9, 0.2)
     support = tiny_encoder.embed(episode.support_texts)
     labels = torch.tensor(episode.support_labels)
@@ -89,7 +67,7 @@ def test_lstm_update_with_hand_set_gates_equals_the_formula(tiny_encoder, episod
 
 
 def test_lstm_meta_head_fits_any_n_from_one_shared_init(tiny_encoder):
-    learner = learner_for(tiny_encoder, name="lstm_meta", inner_steps=1, head_init="zero")
+    learner = seeded_learner(tiny_encoder, name="lstm_meta", inner_steps=1, head_init="zero")
     for n_way in (2, 6):
         ep = sampler(n_way, 2, seed=n_way).sample(0)
         state = learner.adapt(ep.support_texts, ep.support_labels)

@@ -7,35 +7,11 @@ import math
 
 import pytest
 import torch
+from learner_tools import learner_for
 from torch import nn
 
-from metalm.config import parse_learner_config
-from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.learners import (
-    build_learner,
-    inner_loop,
-)
-from metalm.learners.gradient import GradientLearner
+from metalm.learners import inner_loop
 from metalm.learners.optim import sgd
-from metalm.models import EncoderConfig, TextEncoder
-
-
-@pytest.fixture
-def fresh_encoder(tiny_model_dir) -> TextEncoder:
-    """An encoder of its own, for tests that change it (dtype, LoRA)."""
-    return TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir), max_length=16))
-
-
-@pytest.fixture(scope="module")
-def episodes():
-    sampler = EpisodeSampler(builtin_dataset("banking77", "test"), 3, 2, 2, seed=5)
-    return [sampler.sample(i) for i in range(3)]
-
-
-def learner_for(encoder: TextEncoder, **spec) -> GradientLearner:
-    learner = build_learner(encoder, parse_learner_config(spec))
-    learner.eval()  # no dropout: exact comparisons
-    return learner  # type: ignore[return-value]
 
 
 def grads_of(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,40 +7,15 @@ import random
 
 import pytest
 import torch
+from learner_tools import meta_params, sampler, seeded_learner
 from torch import nn
 
-from metalm.config import parse_learner_config
-from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.learners import build_learner
 from metalm.learners.base import head_logits
-from metalm.models import TextEncoder
-
-
-def sampler(n_way: int, k_shot: int, q: int = 2, seed: int = 5) -> EpisodeSampler:
-    return EpisodeSampler(builtin_dataset("banking77", "test"), n_way, k_shot, q, seed=seed)
 
 
 @pytest.fixture(scope="module")
 def episode():
     return sampler(3, 3).sample(0)
-
-
-def learner_for(encoder: TextEncoder, seed: int = 0, perturb: bool = True, **spec):
-    """A learner in eval mode; `perturb`: random meta-parameters instead of the
-    zero-initialised last layers (an untrained metanet is exactly a prototype head)."""
-    torch.manual_seed(seed)
-    learner = build_learner(encoder, parse_learner_config(spec))
-    if perturb:
-        with torch.no_grad():
-            for name, p in learner.named_parameters():
-                if not name.startswith("encoder."):
-                    p.add_(0.3 * torch.randn_like(p))
-    learner.eval()
-    return learner
-
-
-def meta_params(learner) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in learner.named_parameters() if not n.startswith("encoder.")}
 
 
 def shuffled(texts: list[str], labels: list[int], seed: int) -> tuple[list[str], list[int]]:
@@ -51,7 +26,7 @@ def shuffled(texts: list[str], labels: list[int], seed: int) -> tuple[list[str],
 
 # -- metanet -------------------------------------------------------------------------------
 def test_metanet_is_invariant_to_support_order_and_equivariant_to_classes(tiny_encoder, episode):
-    learner = learner_for(tiny_encoder, name="metanet", layers=2, hidden=16, film=True)
+    learner = seeded_learner(tiny_encoder, name="metanet", layers=2, hidden=16, film=True)
     texts, labels = episode.support_texts, episode.support_labels
     state = learner.adapt(texts, labels)
     logits = learner.predict(state, episode.query_texts)
@@ -73,7 +48,7 @@ def test_metanet_is_invariant_to_support_order_and_equivariant_to_classes(tiny_e
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_metanet_trained_on_3_way_2_shot_handles_7_way_5_shot(tiny_encoder, layers):
-    learner = learner_for(
+    learner = seeded_learner(
         tiny_encoder, perturb=False, name="metanet", layers=layers, hidden=16, context=True
     )
     linears = [m for m in [*learner.phi, learner.rho] if isinstance(m, nn.Linear)]
@@ -96,7 +71,7 @@ def test_metanet_trained_on_3_way_2_shot_handles_7_way_5_shot(tiny_encoder, laye
 
 
 def test_untrained_metanet_is_the_prototype_classifier(tiny_encoder, episode):
-    learner = learner_for(tiny_encoder, perturb=False, name="metanet", film=True)
+    learner = seeded_learner(tiny_encoder, perturb=False, name="metanet", film=True)
     state = learner.adapt(episode.support_texts, episode.support_labels)
     support = tiny_encoder.embed(episode.support_texts)
     labels = torch.tensor(episode.support_labels)
@@ -109,8 +84,8 @@ def test_untrained_metanet_is_the_prototype_classifier(tiny_encoder, episode):
 
 def test_metanet_finetune_steps_are_sgd_on_the_generated_head(tiny_encoder, episode):
     spec = {"name": "metanet", "layers": 2, "hidden": 16, "inner_lr": 0.5}
-    generated = learner_for(tiny_encoder, **spec)
-    tuned = learner_for(tiny_encoder, **spec, finetune_steps=2)
+    generated = seeded_learner(tiny_encoder, **spec)
+    tuned = seeded_learner(tiny_encoder, **spec, finetune_steps=2)
     support = tiny_encoder.embed(episode.support_texts)
     labels = torch.tensor(episode.support_labels)
     head = generated.adapt(episode.support_texts, episode.support_labels)

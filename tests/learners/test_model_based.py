@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_real_minilm_briefly, tiny_overrides
+from learner_tools import meta_params, sampler, seeded_learner
 
 from metalm.checkpoint import load_weights, save_weights_atomic
 from metalm.cli import main
 from metalm.config import load_config, parse_learner_config, save_config
-from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.errors import MetalmError
 from metalm.learners import LSTMMetaConfig, MetaNetConfig, build_learner
 from metalm.learners.model_based import FeatureLearner
@@ -34,31 +34,9 @@ FULL = {
 }
 
 
-def sampler(n_way: int, k_shot: int, q: int = 2, seed: int = 5) -> EpisodeSampler:
-    return EpisodeSampler(builtin_dataset("banking77", "test"), n_way, k_shot, q, seed=seed)
-
-
 @pytest.fixture(scope="module")
 def episode():
     return sampler(3, 3).sample(0)
-
-
-def learner_for(encoder: TextEncoder, seed: int = 0, perturb: bool = True, **spec):
-    """A learner in eval mode; `perturb`: random meta-parameters instead of the
-    zero-initialised last layers (an untrained metanet is exactly a prototype head)."""
-    torch.manual_seed(seed)
-    learner = build_learner(encoder, parse_learner_config(spec))
-    if perturb:
-        with torch.no_grad():
-            for name, p in learner.named_parameters():
-                if not name.startswith("encoder."):
-                    p.add_(0.3 * torch.randn_like(p))
-    learner.eval()
-    return learner
-
-
-def meta_params(learner) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in learner.named_parameters() if not n.startswith("encoder.")}
 
 
 PHRASES = [
@@ -104,11 +82,11 @@ E2E = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_save_and_reload_gives_identical_predictions(tiny_model_dir, tmp_path, episode, name):
     encoder = TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir)))
-    learner = learner_for(encoder, **FULL[name])
+    learner = seeded_learner(encoder, **FULL[name])
     state = learner.adapt(episode.support_texts, episode.support_labels)
     logits = learner.predict(state, episode.query_texts)
     save_weights_atomic(learner, tmp_path / "w.safetensors")
-    fresh = learner_for(
+    fresh = seeded_learner(
         TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir))),
         perturb=False,
         seed=1,
@@ -127,7 +105,7 @@ def test_save_and_reload_gives_identical_predictions(tiny_model_dir, tmp_path, e
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_adaptation_never_changes_the_learner(tiny_encoder, episode, name):
-    learner = learner_for(tiny_encoder, **FULL[name])
+    learner = seeded_learner(tiny_encoder, **FULL[name])
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     learner.meta_loss(episode)
     for training in (True, False):
@@ -210,7 +188,7 @@ def test_config_loads_by_name_and_shipped_yaml(name, tmp_path):
 
 def test_train_encoder_meta_trains_the_encoder(tiny_encoder, episode):
     for name in CONFIGS:
-        learner = learner_for(tiny_encoder, name=name, train_encoder=True)
+        learner = seeded_learner(tiny_encoder, name=name, train_encoder=True)
         assert isinstance(learner, FeatureLearner)
         learner.train()
         learner.zero_grad()

@@ -4,39 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from learner_tools import learner_for, quadratic
 
-from metalm.config import parse_learner_config
-from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.learners import (
-    build_learner,
-    inner_loop,
-)
-from metalm.learners.gradient import GradientLearner
+from metalm.learners import inner_loop
 from metalm.learners.optim import proximal, sgd
-from metalm.models import EncoderConfig, TextEncoder
-
-
-@pytest.fixture
-def fresh_encoder(tiny_model_dir) -> TextEncoder:
-    """An encoder of its own, for tests that change it (dtype, LoRA)."""
-    return TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir), max_length=16))
-
-
-@pytest.fixture(scope="module")
-def episodes():
-    sampler = EpisodeSampler(builtin_dataset("banking77", "test"), 3, 2, 2, seed=5)
-    return [sampler.sample(i) for i in range(3)]
-
-
-def learner_for(encoder: TextEncoder, **spec) -> GradientLearner:
-    learner = build_learner(encoder, parse_learner_config(spec))
-    learner.eval()  # no dropout: exact comparisons
-    return learner  # type: ignore[return-value]
-
-
-def quadratic(_model, params, batch):
-    target, scale = batch
-    return (scale * (params["w"] - target) ** 2).sum() + (params["b"] ** 3).sum()
 
 
 def test_proximal_term_changes_adapted_params_as_the_formula_says():

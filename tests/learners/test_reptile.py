@@ -4,28 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from learner_tools import learner_for
 from torch import nn
 
-from metalm.config import parse_learner_config
-from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.learners import (
-    build_learner,
-)
-from metalm.learners.gradient import GradientLearner
 from metalm.learners.reptile import reptile_surrogate
-from metalm.models import TextEncoder
-
-
-@pytest.fixture(scope="module")
-def episodes():
-    sampler = EpisodeSampler(builtin_dataset("banking77", "test"), 3, 2, 2, seed=5)
-    return [sampler.sample(i) for i in range(3)]
-
-
-def learner_for(encoder: TextEncoder, **spec) -> GradientLearner:
-    learner = build_learner(encoder, parse_learner_config(spec))
-    learner.eval()  # no dropout: exact comparisons
-    return learner  # type: ignore[return-value]
 
 
 def test_reptile_update_equals_its_formula(tiny_encoder, episodes):

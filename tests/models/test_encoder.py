@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_overrides
+from learner_tools import assert_unchanged, snapshot
 
 from metalm import FewShotClassifier, MetalmError
 from metalm.cli import main
@@ -18,17 +19,6 @@ from metalm.learners import (
 from metalm.models.encoder import EncoderConfig, TextEncoder, resolve_device
 from metalm.pretrained import export_untrained
 from metalm.trainer import MetaTrainer
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_unchanged(before: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
-    after = module.state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        assert torch.equal(value, after[key]), key
 
 
 # -- encoder -----------------------------------------------------------------------
