@@ -601,3 +601,19 @@ def test_demo_on_real_minilm_and_real_data(tmp_path):
     assert saved.exists()
     assert results[("protonet", "5-way 1-shot")]["episodes"] == 4
     assert report["train"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`metalm sample | head -1`-like: the reader has gone before the output is written;
+    no error message, the status of a process stopped by SIGPIPE."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metalm.cli", "-q", "sample", "--index", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # the reader stops at once
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert stderr == ""

@@ -6,6 +6,7 @@ the arguments, `train_commands` and `use_commands` hold the commands themselves.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,10 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     succeeded = False
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         succeeded = True
     except MetalmError as err:
         print(f"error{_rank_suffix()}: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (`metalm predict ... | head`)
+        _silence_stdout()
+        return 128 + 13  # as a process killed by SIGPIPE, quietly
     except OSError as err:  # a path the user gave: missing, a directory, not writable, ...
         where = f"{err.filename}: " if err.filename else ""
         print(f"error: {where}{err.strerror or err}; check the path", file=sys.stderr)
@@ -63,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "metalm.distributed" in sys.modules:  # only a training command imports it
             sys.modules["metalm.distributed"].teardown(wait_for_peers=succeeded)
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _rank_suffix() -> str:
