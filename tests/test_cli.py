@@ -617,3 +617,8 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, stderr
     assert stderr == ""
+
+
+def test_an_argument_with_a_nul_byte_is_a_one_line_error(capsys):
+    assert main(["-q", "sample", "-c", "\x00"]) == 2  # found by the CLI fuzzer
+    assert capsys.readouterr().err == "error: an argument contains a NUL byte; remove it\n"

@@ -172,7 +172,7 @@ def would_run_long(argv: list[str]) -> bool:
             _base, space = load_tune_config(args.config, args.overrides)
             return space is not None or args.arch
         load_config(args.config or (DEMO_CONFIG if command == "demo" else None), args.overrides)
-    except (MetalmError, OSError):
+    except (MetalmError, OSError, ValueError):  # ValueError: a path with a NUL byte
         return False
     return True
 

@@ -40,6 +40,9 @@ __all__ = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is not None and any("\0" in token for token in argv):  # a shell cannot pass one
+        print("error: an argument contains a NUL byte; remove it", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc's relaunch
     if args.quiet:
