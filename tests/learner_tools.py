@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from functools import cache
 from pathlib import Path
@@ -98,13 +97,6 @@ def toy_dataset(counts: dict[str, int]) -> LabeledTextDataset:
         texts += [f"{c} example {i}" for i in range(n)]
         labels += [c] * n
     return LabeledTextDataset(texts, labels, name="toy")
-
-
-def write_csv(path: Path, header, rows) -> None:
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def write_jsonl(path: Path, objects) -> None:

@@ -12,9 +12,9 @@ from learner_tools import (
     N_CLASSES,
     cached_builtin,
     toy_dataset,
-    write_csv,
     write_jsonl,
 )
+from run_tools import write_csv
 
 from metalm.data import (
     DataSource,
@@ -65,7 +65,7 @@ def test_csv_with_custom_columns(tmp_path):
         ("id4", "  padded  ", "7"),
     ]
     path = tmp_path / "data.csv"
-    write_csv(path, ["id", "utterance", "intent"], rows)
+    write_csv(path, rows, ["id", "utterance", "intent"])
     ds = load_csv(path, text_column="utterance", label_column="intent")
     assert ds.texts == tuple(r[1] for r in rows)
     assert ds.labels == tuple(r[2] for r in rows)
@@ -194,7 +194,7 @@ def test_empty_texts_rejected(tmp_path, bad):
     with pytest.raises(MetalmError, match="row 1 has an empty or whitespace-only text"):
         LabeledTextDataset(["ok", bad], ["a", "b"])
     csv_path = tmp_path / "d.csv"
-    write_csv(csv_path, ["text", "label"], [("ok", "a"), (bad, "b")])
+    write_csv(csv_path, [("ok", "a"), (bad, "b")])
     with pytest.raises(MetalmError, match="row 1 has an empty or whitespace-only text"):
         load_csv(csv_path)
     jsonl_path = tmp_path / "d.jsonl"
@@ -216,7 +216,7 @@ def test_missing_or_mismatched_labels_rejected():
 def test_missing_column_in_csv_and_jsonl(tmp_path, missing):
     kept = {"text": "label", "label": "text"}[missing]
     csv_path = tmp_path / "d.csv"
-    write_csv(csv_path, [kept, "other"], [("x", "y")])
+    write_csv(csv_path, [("x", "y")], [kept, "other"])
     with pytest.raises(MetalmError, match=f"row 0 has no column '{missing}'; columns are"):
         load_csv(csv_path)
     jsonl_path = tmp_path / "d.jsonl"

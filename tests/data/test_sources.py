@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from learner_tools import write_csv, write_jsonl
+from learner_tools import write_jsonl
+from run_tools import write_csv
 
 from metalm.data import (
     DataSource,
@@ -16,7 +17,7 @@ def test_datasource_dispatches_by_suffix(tmp_path, suffix):
     texts, labels = ["one", "two", "three"], ["a", "b", "a"]
     path = tmp_path / f"data{suffix}"
     if suffix.lower() == ".csv":
-        write_csv(path, ["text", "label"], zip(texts, labels, strict=True))
+        write_csv(path, zip(texts, labels, strict=True))
     else:
         write_jsonl(path, [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)])
     ds = DataSource(str(path)).load()

@@ -21,7 +21,8 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from tuning import check_study_consistent, run_workers, worker_command, worker_env, write_tune_yaml
+from run_tools import one_thread_env
+from tuning import check_study_consistent, run_workers, worker_command, write_tune_yaml
 
 from metalm.tune.optuna_private import set_trial_user_attr
 
@@ -111,7 +112,7 @@ def test_postgres_killed_worker_then_continue(tiny_model_dir, tmp_path, postgres
     cmd = worker_command(path, tiny_model_dir, tmp_path / "runs", 50, "--storage", postgres_url,
                   "--heartbeat", "1")  # fmt: skip
     proc = subprocess.Popen(
-        cmd, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     running = []
     try:
@@ -134,7 +135,7 @@ def test_postgres_killed_worker_then_continue(tiny_model_dir, tmp_path, postgres
     set_trial_user_attr(study, killed, "host", "another-machine")
     time.sleep(3)  # past the grace period (2 heartbeats)
     cmd[cmd.index("--trials") + 1] = "3"
-    done = subprocess.run(cmd, env=worker_env(), timeout=600, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=one_thread_env(), timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     study = _load(postgres_url, "pgkill")
     assert study.trials[killed.number].state == TrialState.FAIL

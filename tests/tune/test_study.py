@@ -9,12 +9,12 @@ import time
 import optuna
 import pytest
 from optuna.trial import TrialState
+from run_tools import one_thread_env
 from tuning import (
     SPACE,
     check_study_consistent,
     run_workers,
     worker_command,
-    worker_env,
     write_tune_yaml,
 )
 
@@ -40,7 +40,7 @@ def test_killed_local_worker_leaves_study_usable(tiny_model_dir, tmp_path):
     journal = tmp_path / "runs" / "killed" / JOURNAL_FILE
     cmd = worker_command(path, tiny_model_dir, tmp_path / "runs", 50)
     proc = subprocess.Popen(
-        cmd, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 300
@@ -60,7 +60,7 @@ def test_killed_local_worker_leaves_study_usable(tiny_model_dir, tmp_path):
             proc.kill()
     killed = running[0].number
     cmd[cmd.index("--trials") + 1] = "2"
-    subprocess.run(cmd, env=worker_env(), check=True, timeout=600, capture_output=True)
+    subprocess.run(cmd, env=one_thread_env(), check=True, timeout=600, capture_output=True)
     study = optuna.load_study(study_name="killed", storage=journal_storage(journal))
     assert study.trials[killed].state == TrialState.FAIL
     check_study_consistent(study, 2)

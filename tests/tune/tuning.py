@@ -3,7 +3,6 @@ worker processes on one study. Trials run on the tiny random BERT of conftest.""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import optuna
 import yaml
 from conftest import tiny_overrides
 from optuna.trial import TrialState
+from run_tools import one_thread_env
 
 from metalm.config import RunConfig, load_config
 
@@ -52,15 +52,15 @@ def worker_command(path: Path, model_dir: Path, out: Path, trials: int, *extra: 
     ]  # fmt: skip
 
 
-def worker_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def run_workers(commands: list[list[str]]) -> None:
     """Start every worker command at once and wait: each must exit 0."""
     procs = [
         subprocess.Popen(
-            command, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            env=one_thread_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for command in commands
     ]
