@@ -23,6 +23,7 @@ from metalm.learners import (
 )
 from metalm.learners.heads import (
     DEFAULT_L2,
+    DEFAULT_LOGREG_L2,
     L2_GRID,
     _fit_batched,
     choose_l2,
@@ -172,7 +173,7 @@ def test_logreg_head_is_the_fit_on_support_embeddings(tiny_encoder, name):
     config = FrozenConfig(head="logreg") if name == "frozen" else ProtoNetConfig(head="logreg")
     learner = build_learner(tiny_encoder, config)
     state = learner.adapt(TEXTS, LABELS)
-    expected = fit_logreg(tiny_encoder.embed(TEXTS), torch.tensor(LABELS), 3)
+    expected = fit_logreg(tiny_encoder.embed(TEXTS), torch.tensor(LABELS), 3, l2=DEFAULT_LOGREG_L2)
     assert sorted(state) == ["head.bias", "head.l2", "head.weight"]
     for key, tensor in expected.items():
         assert torch.equal(state[key], tensor), key
@@ -182,6 +183,19 @@ def test_logreg_head_is_the_fit_on_support_embeddings(tiny_encoder, name):
     )
     fixed = build_learner(tiny_encoder, ProtoNetConfig(head="logreg", logreg_l2=0.5))
     assert fixed.adapt(TEXTS, LABELS)["head.l2"].item() == 0.5
+
+
+def test_the_default_l2_is_fixed_and_zero_chooses_it_on_the_support_set(tiny_encoder):
+    """The default head uses the strength chosen on validation data for every task;
+    `logreg_l2=0` picks one per task by leave-one-shot-out (here: two shots per class)."""
+    texts, labels = TEXTS + QUERIES[:3], [*LABELS, 0, 1, 2]
+    default = build_learner(tiny_encoder, FrozenConfig()).adapt(texts, labels)
+    assert default["head.l2"].item() == pytest.approx(DEFAULT_LOGREG_L2)
+    per_task = build_learner(tiny_encoder, FrozenConfig(logreg_l2=0.0))
+    state = per_task.adapt(texts, labels)
+    assert state["head.l2"].item() == pytest.approx(
+        choose_l2(tiny_encoder.embed(texts), torch.tensor(labels), 3)
+    )
 
 
 def test_adapting_never_reads_the_queries(tiny_encoder):

@@ -30,7 +30,7 @@ from metalm.learners.base import (
     register_learner,
 )
 from metalm.learners.finetune import finetune_encoder
-from metalm.learners.heads import fit_logreg
+from metalm.learners.heads import DEFAULT_LOGREG_L2, fit_logreg
 from metalm.models.encoder import TextEncoder
 
 
@@ -56,7 +56,8 @@ class EmbeddingHeadConfig(LearnerConfig):
 
     * `centroid`: nearest class centroid (prototypes) with the learner's `distance`;
     * `logreg`: a multinomial logistic regression on the support embeddings, started
-      from the prototypes; its L2 strength is `logreg_l2`, or when 0 chosen by
+      from the prototypes; its L2 strength is `logreg_l2` (`DEFAULT_LOGREG_L2`, chosen
+      on the `valid` splits: `benchmarks/logreg_l2_rule.py`), or when 0 chosen by
       leave-one-shot-out on the support set (`metalm.learners.heads.fit_logreg`);
     * `lpft`: that logistic regression (linear probe), then `lpft_steps` AdamW steps
       fine-tuning encoder (at `lpft_lr`) and head (at `lpft_head_lr`) on the support set;
@@ -67,7 +68,7 @@ class EmbeddingHeadConfig(LearnerConfig):
     """
 
     head: str = "logreg"
-    logreg_l2: float = 0.0
+    logreg_l2: float = DEFAULT_LOGREG_L2
     lpft_steps: int = 10
     lpft_lr: float = 3e-5
     lpft_head_lr: float = 1e-3
