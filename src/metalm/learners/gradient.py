@@ -45,10 +45,12 @@ from metalm.learners.functional import (
     select_params,
     vmap_safe_layer_norm,
 )
+from metalm.learners.heads import DEFAULT_LOGREG_L2, fit_logreg
 from metalm.learners.optim import UPDATE_RULES, InnerOptimizer, Params, proximal
-from metalm.models.encoder import TextEncoder
+from metalm.models.encoder import FORWARD_TOKENS, TextEncoder, length_groups
 
 HEAD_INITS = ("prototype", "zero")
+EVAL_HEAD_INITS = (*HEAD_INITS, "logreg")
 
 
 @dataclass
@@ -57,7 +59,10 @@ class GradientConfig(LearnerConfig):
 
     `inner_steps` gradient steps adapt each task during meta-training, and
     `eval_inner_steps` (default: the same) at test time. `head_lr`: inner learning rate
-    of the task head; `head_init`: `prototype` or `zero`; `inner_optimizer`: `sgd` or
+    of the task head; `head_init`: `prototype` or `zero`; `eval_head_init`: the head a
+    task starts from at test time (default: `head_init`), which may also be `logreg`
+    (the logistic-regression fit of `learner.head=logreg`, then the inner steps from
+    there); `inner_optimizer`: `sgd` or
     `adam` (differentiable). `vectorize`: adapt the tasks of a meta-batch in one
     `torch.func.vmap` call when their shapes agree, instead of one by one. Off by default:
     on MiniLM it is no faster overall (0.78-1.22x by learner) and takes 2-3.6x the memory
@@ -69,6 +74,7 @@ class GradientConfig(LearnerConfig):
     eval_inner_steps: int | None = None
     head_lr: float = 0.05
     head_init: str = "prototype"
+    eval_head_init: str | None = None
     logit_scale: float = 10.0
     inner_optimizer: str = "sgd"
     vectorize: bool = False
@@ -81,6 +87,11 @@ class GradientConfig(LearnerConfig):
         if self.head_init not in HEAD_INITS:
             raise MetalmError(
                 f"learner.head_init must be 'zero' or 'prototype', got {self.head_init!r}"
+            )
+        if self.eval_head_init is not None and self.eval_head_init not in EVAL_HEAD_INITS:
+            raise MetalmError(
+                f"learner.eval_head_init must be one of {', '.join(EVAL_HEAD_INITS)} or null, "
+                f"got {self.eval_head_init!r}"
             )
         if self.inner_optimizer not in UPDATE_RULES:
             raise MetalmError(
@@ -99,9 +110,12 @@ class EncoderAdaptConfig(GradientConfig):
     `lora_targets` modules, through PEFT). `inner_lr`: inner rate of those tensors.
     `adapt_embeddings`: also adapt the embedding tables (off: their dense gradient over
     the whole vocabulary doubles the cost of a FOMAML step; `benchmarks/maml_speed.py`).
+    `eval_adapt`: what adapts at test time; null: the same tensors as in meta-training;
+    `head`: the head only, on embeddings computed once (as fast as ANIL's adapt).
     """
 
     adapt: str = "last_n"
+    eval_adapt: str | None = None
     last_n: int = 2
     adapt_embeddings: bool = False
     inner_lr: float = 1e-3
@@ -115,6 +129,8 @@ class EncoderAdaptConfig(GradientConfig):
             raise MetalmError(
                 f"learner.adapt must be one of {list(ADAPT_MODES)}, got {self.adapt!r}"
             )
+        if self.eval_adapt not in (None, "head"):
+            raise MetalmError(f"learner.eval_adapt must be null or 'head', got {self.eval_adapt!r}")
         if self.adapt == "lora" and self.lora_r < 1:
             raise MetalmError(f"learner.lora_r must be >= 1, got {self.lora_r}")
 
@@ -202,7 +218,27 @@ class GradientLearner(MetaLearner):
     def _features(
         self, ids: Tensor, mask: Tensor, params: Params | None, vectorized: bool
     ) -> Tensor:
-        """Pooled embeddings of token tensors, with `params` (prefixed) swapped in."""
+        """Pooled embeddings of token tensors, with `params` (prefixed) swapped in.
+        Outside `vmap`, rows of similar length are encoded together, each group cut to
+        its own width (as `TextEncoder.forward` does)."""
+        if not vectorized:
+            lengths = mask.sum(1).tolist()
+            groups = length_groups(lengths, FORWARD_TOKENS)
+            if len(groups) > 1:
+                parts = []
+                for group in groups:
+                    rows = torch.tensor(group, device=ids.device)
+                    width = max(lengths[i] for i in group)
+                    parts.append(
+                        self._padded_features(ids[rows, :width], mask[rows, :width], params, False)
+                    )
+                order = torch.tensor([i for g in groups for i in g], device=ids.device)
+                return torch.cat(parts)[torch.argsort(order)]
+        return self._padded_features(ids, mask, params, vectorized)
+
+    def _padded_features(
+        self, ids: Tensor, mask: Tensor, params: Params | None, vectorized: bool
+    ) -> Tensor:
         model = self.encoder.model
         swapped = encoder_params(params or {})
         kwargs = {
@@ -218,9 +254,17 @@ class GradientLearner(MetaLearner):
     def logits(self, params: Params, features: Tensor) -> Tensor:
         return head_logits(params, features, self.config.logit_scale)
 
-    def init_head(self, features: Tensor, labels: Tensor, n_way: int) -> Params:
-        """Zero head, or the prototype head `2 m_c`, `-||m_c||^2` (with gradient)."""
-        if self.config.head_init == "zero":
+    def init_head(
+        self, features: Tensor, labels: Tensor, n_way: int, kind: str | None = None
+    ) -> Params:
+        """Zero head, the prototype head `2 m_c`, `-||m_c||^2` (with gradient), or (at
+        test time) the logistic-regression fit; `kind` defaults to `head_init`."""
+        kind = kind or self.config.head_init
+        if kind == "logreg":  # fitted for logits W x + b: divided by the logit scale
+            fit = fit_logreg(features, labels, n_way, l2=DEFAULT_LOGREG_L2)
+            scale = self.config.logit_scale
+            return {k: (fit[k] / scale).to(features.dtype) for k in HEAD_KEYS}
+        if kind == "zero":
             dim = features.shape[-1]
             return {
                 "head.weight": features.new_zeros(n_way, dim),
@@ -363,9 +407,9 @@ class GradientLearner(MetaLearner):
         lrs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in self._inner_lrs().items()}
         # cached during evaluation
         features = self.encoder.embed(support_texts).to(device=device, dtype=self._dtype)
-        head = self.init_head(features, labels, n_way)
+        head = self.init_head(features, labels, n_way, cfg.eval_head_init)
         with torch.enable_grad():
-            if self.head_only:
+            if self.head_only or getattr(cfg, "eval_adapt", None) == "head":
                 adapted = self._inner(head, self._head_loss, (features, labels), steps, True, lrs)
             else:
                 params = {k: v.detach() for k, v in self.meta_params().items()} | head
