@@ -110,3 +110,25 @@ def test_real_minilm_full_way_on_own_files_matches_a_hand_made_loop(tmp_path):
     # a pretrained sentence encoder tells these everyday intents apart (chance is 10%)
     for row in rows_by_method.values():
         assert row["accuracy"] >= 0.7, row
+
+
+def test_a_strict_run_reports_the_classes_it_left_out(tiny_model_dir, tmp_path):
+    """CLINC150 -> BANKING77 with `data.classes.strict`: the report names the meta-train
+    classes removed for a name shared with a test intent."""
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path / "runs",
+        **{
+            "train.steps": 0,
+            "eval.episodes": 2,
+            "data.classes.strict": "true",
+            "data.classes.name_similarity": "null",
+        },
+    )
+    assert main(["-q", "eval", *overrides]) == 0
+    run_dir = tmp_path / "runs" / "run"
+    removed = json.loads((run_dir / "report.json").read_text())["removed_overlap"]
+    assert {"test_class": "change_pin", "train_class": "pin_change", "reason": "same words",
+            "similarity": None} in removed  # fmt: skip
+    assert "Strict split: " in (run_dir / "report.md").read_text()
+    assert "pin_change" in (run_dir / "report.md").read_text()

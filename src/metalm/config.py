@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from metalm.data.episodes import _range
+from metalm.data.overlap import DEFAULT_SIMILARITY
 from metalm.data.sources import DataSource, EvalSource
 from metalm.data.splits import check_fractions
 from metalm.data.unlabeled import UnlabeledConfig
@@ -73,10 +74,21 @@ class ClassesConfig:
     val: list[str] = field(default_factory=list)
     test: list[str] = field(default_factory=list)
     seed: int = 0
+    # a strict split: meta-train and meta-val lose every class whose name or near-name is
+    # a test class's (same words, one name's words inside the other's, or names whose
+    # embeddings are at least `name_similarity` alike; null: names and words only).
+    # See metalm.data.overlap; `metalm overlap` lists them.
+    strict: bool = False
+    name_similarity: float | None = DEFAULT_SIMILARITY
 
     def __post_init__(self) -> None:
         if not (self.train or self.val or self.test):  # explicit lists win over fractions
             check_fractions(self.fractions, "data.classes.fractions")
+        if self.name_similarity is not None and not 0 < self.name_similarity <= 1:
+            raise MetalmError(
+                "data.classes.name_similarity must be in (0, 1] (a cosine similarity) or "
+                f"null (names and words only), got {self.name_similarity}"
+            )
 
 
 @dataclass

@@ -32,6 +32,8 @@ class EvalReport:
     results: list[MethodResult]
     train: dict[str, Any] = field(default_factory=dict)
     run_dir: str = ""
+    # a strict split's removed overlaps (`data.classes.strict`): ClassOverlap.as_dict()s
+    removed_overlap: list[dict[str, Any]] = field(default_factory=list)
 
     def find(self, method: str, protocol: str) -> MethodResult | None:
         for result in self.results:
@@ -61,7 +63,10 @@ class EvalReport:
             diff = self.paired_difference(result)
             row["vs_frozen"] = None if diff is None else {"mean": diff[0], "ci95": diff[1]}
             rows.append(row)
-        return {"results": rows, "train": self.train, "run_dir": self.run_dir}
+        out = {"results": rows, "train": self.train, "run_dir": self.run_dir}
+        if self.removed_overlap:
+            out["removed_overlap"] = self.removed_overlap
+        return out
 
     def to_markdown(self) -> str:
         lines = [
@@ -89,6 +94,12 @@ class EvalReport:
             header += (
                 f"Meta-trained {self.train.get('steps')} steps; best validation accuracy "
                 f"{self.train.get('best_val_accuracy')} at step {self.train.get('best_step')}.\n\n"
+            )
+        if self.removed_overlap:
+            removed = sorted({o["train_class"] for o in self.removed_overlap})
+            header += (
+                f"Strict split: {len(removed)} meta-train/meta-val classes removed for a "
+                f"(near-)name shared with a test class: {', '.join(removed)}.\n\n"
             )
         (run_dir / REPORT_MD).write_text(header + self.to_markdown() + "\n")
         if self.results:

@@ -107,7 +107,8 @@ def run(
         return EvalReport(results=[], train=train_summary, run_dir=str(run_dir))
 
     results = evaluate_with_baselines(learner, config, pools, progress)
-    report = EvalReport(results=results, train=train_summary)
+    removed = [o.as_dict() for o in pools.removed_overlap]
+    report = EvalReport(results=results, train=train_summary, removed_overlap=removed)
     report.write(run_dir)
     return report
 

@@ -17,6 +17,7 @@ from metalm.data.episodes import (
     full_way_episode,
 )
 from metalm.data.mixture import mixture
+from metalm.data.overlap import ClassOverlap, class_overlap, overlapping_train_classes
 from metalm.data.sources import DataSource, EvalSource
 from metalm.data.splits import ClassSplit, explicit_split, split_classes
 from metalm.data.unlabeled import (
@@ -40,7 +41,8 @@ class TaskPools:
 
     `train_parts`/`val_parts` hold each labeled training source's meta-train and meta-val
     classes (with its weight); `train`/`val` are the first source's. `unlabeled` holds the
-    texts without labels, if any.
+    texts without labels, if any. `removed_overlap`: what a strict split
+    (`data.classes.strict`) took out of meta-training, and why.
     """
 
     split: ClassSplit
@@ -53,6 +55,7 @@ class TaskPools:
     val_parts: list[LabeledTextDataset] = field(default_factory=list)
     unlabeled: list[str] = field(default_factory=list)
     unlabeled_config: UnlabeledConfig | None = None
+    removed_overlap: list[ClassOverlap] = field(default_factory=list)
 
     def sampler(self, pool: str, episode: EpisodeConfig, seed: int, drop_small: bool = False):
         """Plain N-way K-shot episodes of one pool (`train`, `val` or `test`)."""
@@ -201,6 +204,12 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         raise MetalmError("no meta-train classes; raise data.classes.fractions[0]")
     # the test classes are those of the first source that is also the test dataset
     split = splits[home[0]] if home else (splits[0] if splits else ClassSplit([], [], []))
+    test_source = test_spec.load() if test_spec else None
+    test_pool = test_source if cross else _restrict(test_source, split.test, "test")
+    overlap: list[ClassOverlap] = []
+    if data.classes.strict and test_pool is not None:
+        splits, overlap = _strict(splits, test_pool.classes, data.classes.name_similarity)
+        split = splits[home[0]] if home else splits[0]
     val_source = data.val.load() if data.val else None
     train_parts, val_parts = [], []
     for spec, dataset, part in zip(sources, loaded, splits, strict=True):
@@ -210,8 +219,6 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         if part.val:
             pool = val_source or dataset
             val_parts.append(pool.subset(part.val, f"{pool.name}[meta-val]"))
-    test_source = test_spec.load() if test_spec else None
-    test_pool = test_source if cross else _restrict(test_source, split.test, "test")
     full_way = _full_way(data, test_spec, test_pool, full_way_shots or [], split, cross)
     unlabeled: list[str] = []
     if data.unlabeled is not None:
@@ -229,7 +236,44 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         val_parts=val_parts,
         unlabeled=unlabeled,
         unlabeled_config=data.unlabeled,
+        removed_overlap=overlap,
     )
+
+
+def _strict(
+    splits: list[ClassSplit], test_classes: list[str], similarity: float | None
+) -> tuple[list[ClassSplit], list[ClassOverlap]]:
+    """Each source's split without the meta-train/meta-val classes that overlap a test
+    class (`data.classes.strict`), and the overlaps that were removed."""
+    seen = sorted({c for part in splits for c in part.train + part.val})
+    overlap = class_overlap(seen, test_classes, similarity)
+    removed = set(overlapping_train_classes(overlap))
+    kept = [
+        ClassSplit(
+            [c for c in part.train if c not in removed],
+            [c for c in part.val if c not in removed],
+            part.test,
+        )
+        for part in splits
+    ]
+    if not any(part.train for part in kept):
+        raise MetalmError(
+            f"data.classes.strict removes every meta-train class ({len(removed)} overlap the "
+            "test classes); meta-train on another dataset, or set data.classes.strict=false"
+        )
+    return kept, overlap
+
+
+def pools_overlap(pools: TaskPools, similarity: float | None) -> list[ClassOverlap]:
+    """The (near-)name overlaps between the meta-train/meta-val classes `pools` kept and
+    its test classes (empty after a strict split)."""
+    if pools.test is None:
+        return []
+    seen = sorted(
+        {c for dataset, _ in pools.train_parts for c in dataset.classes}
+        | {c for dataset in pools.val_parts for c in dataset.classes}
+    )
+    return class_overlap(seen, pools.test.classes, similarity)
 
 
 def _query_spec(test: DataSource | None) -> DataSource | None:
@@ -307,4 +351,4 @@ def _restrict(dataset: Any, classes: list[str], part: str) -> LabeledTextDataset
     return dataset.subset(classes, f"{dataset.name}[meta-{part}]")
 
 
-__all__ = ["TaskPools", "build_pools", "unlabeled_samplers", "validation_sampler"]
+__all__ = ["TaskPools", "build_pools", "pools_overlap", "unlabeled_samplers", "validation_sampler"]

@@ -60,6 +60,8 @@ def test_bad_learner_settings_are_clear_errors(tiny_encoder):
         ({"name": "metasgd", "lr_shape": "row"}, "lr_shape"),
         ({"name": "reptile", "adapt": "head"}, "must adapt encoder tensors"),
         ({"name": "proximal", "implicit": True, "prox_lambda": 0.0}, "prox_lambda"),
+        ({"name": "maml", "eval_head_init": "ridge"}, "eval_head_init"),
+        ({"name": "fomaml", "eval_adapt": "all"}, "eval_adapt"),
     ):
         with pytest.raises(MetalmError, match=message):
             build_learner(tiny_encoder, parse_learner_config(spec))
@@ -238,3 +240,53 @@ def test_shipped_learner_yaml_loads(name):
 @pytest.mark.parametrize("name", list(E2E))
 def test_real_minilm_end_to_end(name, tmp_path):
     run_real_minilm_briefly(name, ["learner.inner_steps=2", *E2E[name]], tmp_path)
+
+
+# -- test-time adaptation: the head a task starts from, what adapts ------------------------
+def test_a_logreg_start_without_steps_is_the_logreg_head(tiny_encoder, episodes):
+    """`eval_head_init=logreg` with no test-time steps predicts exactly what `frozen`'s
+    logistic-regression head predicts on the same encoder."""
+    episode = episodes[0]
+    maml = learner_for(
+        tiny_encoder, name="maml", adapt="last_n", last_n=1, eval_head_init="logreg",
+        eval_inner_steps=0,
+    )  # fmt: skip
+    frozen = build_learner(tiny_encoder, parse_learner_config({"name": "frozen"}))
+    mine = maml.predict(
+        maml.adapt(episode.support_texts, episode.support_labels), episode.query_texts
+    )
+    theirs = frozen.predict(
+        frozen.adapt(episode.support_texts, episode.support_labels), episode.query_texts
+    )
+    torch.testing.assert_close(mine, theirs)
+
+
+def test_a_logreg_start_then_steps_moves_away_from_it(tiny_encoder, episodes):
+    episode = episodes[0]
+    spec = {"name": "anil", "eval_head_init": "logreg", "head_lr": 0.5}
+    still = learner_for(tiny_encoder, **spec, eval_inner_steps=0)
+    moved = learner_for(tiny_encoder, **spec, eval_inner_steps=3)
+    a = still.adapt(episode.support_texts, episode.support_labels)
+    b = moved.adapt(episode.support_texts, episode.support_labels)
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
+def test_eval_adapt_head_adapts_the_head_alone_at_test_time(tiny_encoder, episodes):
+    """`eval_adapt=head`: the task state has no encoder tensors, and the head equals ANIL's
+    inner loop from the same start on the same embeddings."""
+    episode = episodes[0]
+    fomaml = learner_for(
+        tiny_encoder, name="fomaml", adapt="last_n", last_n=1, eval_adapt="head",
+        inner_steps=3, head_lr=0.3,
+    )  # fmt: skip
+    anil = learner_for(tiny_encoder, name="anil", inner_steps=3, head_lr=0.3)
+    state = fomaml.adapt(episode.support_texts, episode.support_labels)
+    assert sorted(state) == ["head.bias", "head.weight"]
+    expected = anil.adapt(episode.support_texts, episode.support_labels)
+    for key in state:
+        torch.testing.assert_close(state[key], expected[key])
+    trained_like = learner_for(tiny_encoder, name="fomaml", adapt="last_n", last_n=1)
+    assert any(
+        k.startswith("encoder.")
+        for k in trained_like.adapt(episode.support_texts, episode.support_labels)
+    )

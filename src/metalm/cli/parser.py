@@ -8,6 +8,7 @@ from metalm.cli.train_commands import (
     cmd_datasets,
     cmd_demo,
     cmd_eval,
+    cmd_overlap,
     cmd_sample,
     cmd_train,
     cmd_tune,
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_datasets,
         _add_sample,
+        _add_overlap,
         _add_train,
         _add_eval,
         _add_tune,
@@ -75,6 +77,13 @@ def _add_sample(sub) -> None:
     sample.add_argument("--k-shot", type=int)
     sample.add_argument("--q-queries", type=int)
     sample.set_defaults(func=cmd_sample)
+
+
+def _add_overlap(sub) -> None:
+    overlap = _with_config(
+        sub.add_parser("overlap", help="test classes whose (near-)name is a meta-train class")
+    )
+    overlap.set_defaults(func=cmd_overlap)
 
 
 def _add_train(sub) -> None:

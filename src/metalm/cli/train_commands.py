@@ -1,4 +1,5 @@
-"""The commands that meta-train and evaluate: datasets, sample, train, eval, demo, tune.
+"""The commands that meta-train and evaluate: datasets, sample, overlap, train, eval,
+demo, tune, compare.
 
 `--nproc N` on train and tune starts the same command again in N processes (`_relaunch`).
 """
@@ -59,6 +60,31 @@ def cmd_sample(args: argparse.Namespace) -> None:
         for text, y in zip(episode.query_texts, episode.query_labels, strict=True):
             if y == label:
                 print(f"  query:   {text}")
+
+
+def cmd_overlap(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from metalm.data.overlap import overlap_markdown, overlapping_train_classes
+    from metalm.tasks import build_pools, pools_overlap
+
+    config = _config(args)
+    classes = config.data.classes
+    pools = build_pools(replace(config.data, classes=replace(classes, strict=False)))
+    found = pools_overlap(pools, classes.name_similarity)
+    tests = len(pools.test.classes) if pools.test is not None else 0
+    print(
+        f"{len({o.test_class for o in found})} of the {tests} test classes share a name or "
+        "near-name with meta-train/meta-val classes"
+    )
+    if found:
+        print()
+        print(overlap_markdown(found))
+        removed = overlapping_train_classes(found)
+        print(
+            f"\na strict split (data.classes.strict=true) leaves out {len(removed)} "
+            f"meta-train/meta-val classes: {', '.join(removed)}"
+        )
 
 
 def _print_report(report) -> None:
