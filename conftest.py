@@ -45,9 +45,10 @@ QUERIES = ["will it snow tomorrow", "alarm at five please", "play a song"]
 LABEL_NAMES = ["weather", "alarm", "music"]
 
 
-# examples that run a whole study (trials, then the best config on meta-test): a few
+# examples that run a whole study (trials, then the best config on meta-test) or a
+# comparison of learners: a few
 # seconds each, so they run with the slow tests (`pytest -m "not slow"` leaves them out)
-SLOW_DOCTESTS = {"metalm.tune", "metalm.tune.tuner", "metalm.tune.objective"}
+SLOW_DOCTESTS = {"metalm.tune", "metalm.tune.tuner", "metalm.tune.objective", "metalm.compare"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -46,15 +46,7 @@ class EvalReport:
         units: the same episodes (the first ones both ran: episode i is the same task
         for every method), or for a single episode (full-way) the same query texts."""
         base = self.find(BASELINE, result.protocol)
-        if base is None or base is result or (base.episodes == 1) != (result.episodes == 1):
-            return None
-        if result.episodes == 1 and len(base.per_episode) != len(result.per_episode):
-            return None  # not the same query texts
-        n = min(len(base.per_episode), len(result.per_episode))
-        if n < 2:
-            return None
-        diffs = np.asarray(result.per_episode[:n]) - np.asarray(base.per_episode[:n])
-        return mean_ci95(diffs)
+        return None if base is None or base is result else paired_difference(result, base)
 
     def as_dict(self) -> dict[str, Any]:
         rows = []
@@ -106,6 +98,29 @@ class EvalReport:
             plot_accuracy(self, run_dir / ACCURACY_PLOT)
         if (run_dir / LOG_FILE).exists():
             plot_training(run_dir / LOG_FILE, run_dir / TRAINING_PLOT)
+
+
+def paired_difference(result: MethodResult, base: MethodResult) -> tuple[float, float] | None:
+    """Mean accuracy difference `result - base` with its 95% CI, paired on the same test
+    units: the same episodes (the first ones both ran: episode i is the same task for
+    every method), or for a single episode (full-way) the same query texts; None when
+    they share fewer than two units.
+
+    Example:
+        >>> a = MethodResult("a", "5-way 1-shot", "d", 5, 1, 3, 0.8, 0.1, 0.0, 0.0, [0.8, 0.9, 0.7])
+        >>> b = MethodResult("b", "5-way 1-shot", "d", 5, 1, 3, 0.7, 0.1, 0.0, 0.0, [0.7, 0.8, 0.6])
+        >>> [round(v, 4) for v in paired_difference(a, b)]
+        [0.1, 0.0]
+    """
+    if (base.episodes == 1) != (result.episodes == 1):
+        return None
+    if result.episodes == 1 and len(base.per_episode) != len(result.per_episode):
+        return None  # not the same query texts
+    n = min(len(base.per_episode), len(result.per_episode))
+    if n < 2:
+        return None
+    diffs = np.asarray(result.per_episode[:n]) - np.asarray(base.per_episode[:n])
+    return mean_ci95(diffs)
 
 
 def _pyplot():

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from metalm.cli.parser import build_parser
 from metalm.cli.train_commands import (
+    cmd_compare,
     cmd_datasets,
     cmd_demo,
     cmd_eval,
@@ -26,6 +27,7 @@ from metalm.errors import MetalmError
 __all__ = [
     "build_parser",
     "cmd_adapt",
+    "cmd_compare",
     "cmd_datasets",
     "cmd_demo",
     "cmd_eval",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from metalm.cli.train_commands import (
+    cmd_compare,
     cmd_datasets,
     cmd_demo,
     cmd_eval,
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_eval,
         _add_tune,
+        _add_compare,
         _add_demo,
         _add_export,
         _add_adapt,
@@ -132,6 +134,23 @@ def _add_tune(sub) -> None:
     tune.add_argument("--heartbeat", type=int, default=60, help="RDB heartbeat seconds")
     _add_nproc(tune, "run each trial data-parallel in N processes on this machine")
     tune.set_defaults(func=cmd_tune)
+
+
+def _add_compare(sub) -> None:
+    compare = _with_config(
+        sub.add_parser(
+            "compare", help="meta-train several learners on the same tasks; one leaderboard"
+        )
+    )
+    compare.add_argument(
+        "--learners", nargs="+", metavar="NAME", help="instead of the config's compare.learners"
+    )
+    compare.add_argument(
+        "--out",
+        help="the comparison's folder (default output_dir/compare-<config name>); "
+        "run again to resume",
+    )
+    compare.set_defaults(func=cmd_compare)
 
 
 def _add_demo(sub) -> None:

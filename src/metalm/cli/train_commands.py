@@ -87,6 +87,20 @@ def cmd_overlap(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from metalm.compare import compare, load_compare_config
+
+    config, entries = load_compare_config(args.config, args.overrides, args.learners)
+    name = Path(args.config).stem if args.config else "compare"
+    out = Path(args.out) if args.out else Path(config.output_dir) / f"compare-{name}"
+    report = compare(config, entries, out, progress=not args.quiet)
+    print()
+    print(report.to_markdown())
+    print(f"\nresults: {out}/compare.md, compare.json, compare.png")
+
+
 def _print_report(report) -> None:
     print()
     print(report.to_markdown())

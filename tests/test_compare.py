@@ -1,0 +1,192 @@
+"""`metalm compare`: several learners on the same tasks, one report; resumable; clear
+errors. On the tiny BERT (the real leaderboard's commands are in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_overrides
+from run_tools import logged_steps, one_thread_env
+
+from metalm.cli import main
+from metalm.compare import CompareEntry, compare, load_compare_config
+from metalm.errors import MetalmError
+
+
+def shared(model_dir: Path, out: Path, **extra: object) -> list[str]:
+    values = {"eval.full_way_shots": "[5]", "data.classes.name_similarity": "null", **extra}
+    return tiny_overrides(model_dir, out, **values)
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_model_dir, tmp_path_factory):
+    """protonet (head logreg) and anil (its own head) compared once."""
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    overrides = shared(tiny_model_dir, out.parent / "runs")
+    assert (
+        main(["-q", "compare", "--learners", "protonet", "anil", "--out", str(out), *overrides])
+        == 0
+    )
+    return out
+
+
+def test_every_learner_is_tested_on_the_same_tasks_beside_its_baselines(compared):
+    report = json.loads((compared / "compare.json").read_text())
+    rows = {(r["label"], r["head"], r["result"]["protocol"]): r for r in report["rows"]}
+    # protonet's own head is the logreg head: no second row; anil has both
+    assert sorted(rows) == [
+        ("anil", "logreg", "3-way 1-shot"),
+        ("anil", "logreg", "full-way 5-shot"),
+        ("anil", "own", "3-way 1-shot"),
+        ("anil", "own", "full-way 5-shot"),
+        ("protonet", "own", "3-way 1-shot"),
+        ("protonet", "own", "full-way 5-shot"),
+    ]
+    frozen = {r["protocol"]: r for r in report["baselines"]["frozen"]}
+    untrained = {r["protocol"]: r for r in report["baselines"]["anil"]}
+    for (label, head, protocol), row in rows.items():
+        base = (untrained if (label, head) == ("anil", "own") else frozen)[protocol]
+        if label == "protonet":
+            base = {r["protocol"]: r for r in report["baselines"]["protonet"]}[protocol]
+        mine, theirs = row["result"]["per_episode"], base["per_episode"]
+        assert len(mine) == len(theirs)  # the very same episodes / test texts
+        expected = sum(a - b for a, b in zip(mine, theirs, strict=True)) / len(mine)
+        assert row["vs_same_head"]["mean"] == pytest.approx(expected)
+        reference = sum(a - b for a, b in zip(mine, frozen[protocol]["per_episode"], strict=True))
+        assert row["vs_frozen"]["mean"] == pytest.approx(reference / len(mine))
+        assert row["train_steps"] == 6 and row["meta_train_seconds"] > 0
+    # untrained protonet under the logreg head is frozen under it: the same predictions
+    assert (
+        report["baselines"]["protonet"][0]["per_episode"] == frozen["3-way 1-shot"]["per_episode"]
+    )
+    assert report["settings"]["anil"]["learner"]["name"] == "anil"
+    assert {"test_class": "change_pin", "train_class": "pin_change", "reason": "same words",
+            "similarity": None} in report["overlap"]  # fmt: skip
+    text = (compared / "compare.md").read_text()
+    assert "| anil | own |" in text and "## full-way 5-shot" in text and "## Settings" in text
+    assert (compared / "compare.png").stat().st_size > 0
+    for label in ("protonet", "anil"):
+        assert (compared / "learners" / label / "report.json").exists()
+
+
+def test_a_finished_comparison_is_read_back_not_run_again(compared, tiny_model_dir):
+    before = {p: p.stat().st_mtime_ns for p in compared.rglob("*.safetensors")}
+    reports = {p: p.read_bytes() for p in (compared / "learners").rglob("report.json")}
+    overrides = shared(tiny_model_dir, compared.parent / "runs")
+    assert (
+        main(
+            ["-q", "compare", "--learners", "protonet", "anil", "--out", str(compared), *overrides]
+        )
+        == 0
+    )
+    assert {p: p.stat().st_mtime_ns for p in compared.rglob("*.safetensors")} == before
+    assert {p: p.read_bytes() for p in reports} == reports
+
+
+def test_another_shared_config_in_the_same_folder_is_refused(compared, tiny_model_dir):
+    overrides = shared(tiny_model_dir, compared.parent / "runs", **{"eval.episodes": 3})
+    with pytest.raises(MetalmError, match="holds another comparison"):
+        config, entries = load_compare_config(None, overrides, ["protonet"])
+        compare(config, entries, compared, progress=False)
+
+
+def test_a_compare_section_gives_each_learner_its_own_settings(tiny_model_dir, tmp_path):
+    config_file = tmp_path / "cmp.yaml"
+    anil = {"name": "anil", "label": "anil-3", "learner": {"inner_steps": 3},
+            "overrides": ["train.steps=2"]}  # fmt: skip
+    config_file.write_text(yaml.safe_dump({"compare": {"learners": ["protonet", anil]}}))
+    overrides = shared(tiny_model_dir, tmp_path / "runs")
+    config, entries = load_compare_config(config_file, overrides)
+    assert [e.label for e in entries] == ["protonet", "anil-3"]
+    report = compare(config, entries[1:], tmp_path / "out", progress=False)
+    assert report.settings["anil-3"]["learner"]["inner_steps"] == 3
+    assert {row.train_steps for row in report.rows} == {2}
+    assert "inner_steps=3" in (tmp_path / "out" / "compare.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"learners": ["protonet", "protonet"]}, "used twice"),
+        ({"learners": ["nosuch"]}, "unknown learner 'nosuch'"),
+        ({"learners": [{"name": "anil", "overrides": ["eval.episodes=3"]}]}, "not change data"),
+        ({"learners": ["anil"], "heads": ["own"]}, "one key, learners"),
+        ({"learners": [{"name": "anil", "learner": {"inner_steps": -1}}]}, "inner_steps"),
+    ],
+)
+def test_bad_compare_sections_are_clear_errors_before_anything_is_written(
+    tiny_model_dir, tmp_path, section, message
+):
+    config_file = tmp_path / "cmp.yaml"
+    config_file.write_text(yaml.safe_dump({"compare": section}))
+    overrides = shared(tiny_model_dir, tmp_path / "runs")
+    out = tmp_path / "out"
+    with pytest.raises(MetalmError, match=message):
+        config, entries = load_compare_config(config_file, overrides)
+        compare(config, entries, out, progress=False)
+    assert not out.exists()
+
+
+def test_no_learners_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    overrides = shared(tiny_model_dir, tmp_path / "runs")
+    assert main(["compare", "--out", str(tmp_path / "out"), *overrides]) == 2
+    assert "no learners" in capsys.readouterr().err
+
+
+def test_one_failing_learner_does_not_stop_the_others(tiny_model_dir, tmp_path, capsys):
+    """A learner that fails at run time (here: a NaN loss) is reported on one line; the
+    others are run and in the report."""
+    entries = [
+        CompareEntry("protonet"),
+        CompareEntry("anil", label="bad", learner={"head_lr": float("nan")}),
+    ]
+    config, _ = load_compare_config(None, shared(tiny_model_dir, tmp_path / "runs"), ["frozen"])
+    with pytest.raises(MetalmError, match=r"1 of 2 learners failed \(bad\)"):
+        compare(config, entries, tmp_path / "out", progress=False)
+    err = capsys.readouterr().err
+    assert err.count("bad: error:") == 1
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert {r["label"] for r in report["rows"]} == {"protonet"}
+    assert "bad" in report["errors"]
+    assert (tmp_path / "out" / "learners" / "bad" / "error.txt").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_learner_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
+    """SIGKILL `metalm compare` in the middle of a learner's meta-training; the same
+    command again resumes it from its checkpoint (no step trained twice) and finishes."""
+    out = tmp_path / "out"
+    overrides = shared(
+        tiny_model_dir, tmp_path / "runs", **{"train.steps": 40, "train.checkpoint_every": 4}
+    )
+    command = [sys.executable, "-m", "metalm", "-q", "compare", "--learners", "anil",
+               "--out", str(out), *overrides]  # fmt: skip
+    log = out / "learners" / "anil" / "log.jsonl"
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(
+            command, env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=err
+        )
+    deadline = time.monotonic() + 300
+    while max(logged_steps(log), default=0) < 10:
+        assert proc.poll() is None, (tmp_path / "err").read_text()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = max(logged_steps(log))
+    assert killed_at < 40 and not (out / "learners" / "anil" / "report.json").exists()
+    resumed = subprocess.run(command[:3] + command[4:], env=one_thread_env(),
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    steps = logged_steps(log)
+    assert steps == list(range(1, 41))  # each step once: resumed, not restarted
+    assert (out / "compare.json").exists()
