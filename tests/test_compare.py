@@ -190,3 +190,25 @@ def test_an_interrupted_learner_resumes_from_its_checkpoint(tiny_model_dir, tmp_
     steps = logged_steps(log)
     assert steps == list(range(1, 41))  # each step once: resumed, not restarted
     assert (out / "compare.json").exists()
+
+
+def test_trained_learners_are_tested_again_without_training(compared, tiny_model_dir, tmp_path):
+    """`--trained-in`: the learners of another comparison, trained the same way, are
+    tested on other test tasks (here `valid`) with other test-time settings."""
+    valid = shared(tiny_model_dir, tmp_path / "runs", **{"data.test.split": "valid"})
+    config, _ = load_compare_config(None, valid, ["protonet"])
+    entries = [CompareEntry("anil", learner={"eval_inner_steps": 2})]
+    out = tmp_path / "valid"
+    report = compare(config, entries, out, progress=False, trained_in=compared)
+    run_dir = out / "learners" / "anil"
+    assert not (run_dir / "checkpoint").exists() and not (run_dir / "best.safetensors").exists()
+    assert (run_dir / "trained_in.txt").read_text() == str(
+        (compared / "learners" / "anil").resolve()
+    )
+    assert {row.result.dataset for row in report.rows} == {"banking77/valid"}
+    assert {row.train_steps for row in report.rows} == {6}  # the trained run's log
+    first = json.loads((compared / "compare.json").read_text())["rows"][0]["result"]
+    assert report.rows[0].result.per_episode != first["per_episode"]
+    other = [CompareEntry("anil", learner={"inner_steps": 2})]  # another training
+    with pytest.raises(MetalmError, match="trained with other settings"):
+        compare(config, other, tmp_path / "other", progress=False, trained_in=compared)

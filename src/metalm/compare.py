@@ -28,15 +28,31 @@ from typing import Any
 
 import yaml
 
-from metalm.config import RunConfig, config_from_data, read_yaml, to_dict
+from metalm.checkpoint import load_weights
+from metalm.config import (
+    RunConfig,
+    config_from_data,
+    load_config,
+    read_yaml,
+    save_config,
+    to_dict,
+)
 from metalm.errors import MetalmError
 from metalm.evaluate import MethodResult
-from metalm.learners import EmbeddingHeadConfig, FrozenConfig, build_learner, learner_class
+from metalm.learners import (
+    EmbeddingHeadConfig,
+    FrozenConfig,
+    MetaLearner,
+    build_learner,
+    learner_class,
+    method_label,
+)
+from metalm.models.causal import build_model
 from metalm.parsing import from_dict
 from metalm.protocols import evaluate_learner
-from metalm.report import paired_difference
+from metalm.report import EvalReport, paired_difference
 from metalm.run import run
-from metalm.rundir import CONFIG_FILE, LOG_FILE, REPORT_JSON, has_checkpoint
+from metalm.rundir import CONFIG_FILE, LOG_FILE, REPORT_JSON, has_checkpoint, trained_weights
 from metalm.tasks import build_pools, pools_overlap
 
 COMPARE_FILE = "compare.yaml"
@@ -164,15 +180,26 @@ def learner_config(base: RunConfig, entry: CompareEntry, out: Path) -> RunConfig
 
 
 def compare(
-    config: RunConfig, entries: list[CompareEntry], out: str | Path, progress: bool = True
+    config: RunConfig,
+    entries: list[CompareEntry],
+    out: str | Path,
+    progress: bool = True,
+    trained_in: str | Path | None = None,
 ) -> CompareReport:
     """Run (or resume) every learner of `entries` and its baselines; write
     `out/compare.{json,md,png}`. Errors of one learner are recorded and the others go on;
-    `MetalmError` is raised at the end if any failed."""
+    `MetalmError` is raised at the end if any failed.
+
+    `trained_in`: another comparison's folder whose learners trained exactly as these
+    would (same label, same training; test-time settings such as `eval_inner_steps` or
+    `head` may differ): their weights are tested here instead of training again, e.g. to
+    score on `test` the learners chosen on `valid`."""
     if not entries:
         raise MetalmError("compare: no learners; pass --learners or a compare.learners list")
     out = Path(out)
     configs = {e.label: learner_config(config, e, out) for e in entries}  # validated first
+    if trained_in is not None:
+        _check_trained_in(configs, Path(trained_in))
     pools = build_pools(config.data, config.eval.full_way_shots)
     overlap = [o.as_dict() for o in pools_overlap(pools, config.data.classes.name_similarity)]
     _claim(out, config, entries)
@@ -191,7 +218,7 @@ def compare(
         }
         _say(progress, f"[{i}/{len(entries)}] {entry.label}")
         try:
-            own, logreg, seconds, steps = _learner_results(run_config, out, progress)
+            own, logreg, seconds, steps = _learner_results(run_config, out, progress, trained_in)
             untrained = _baseline(
                 run_config, run_config.learner, out / "baselines", entry.label, progress
             )
@@ -250,15 +277,17 @@ def _claim(out: Path, config: RunConfig, entries: list[CompareEntry]) -> None:
 
 
 def _learner_results(
-    config: RunConfig, out: Path, progress: bool
+    config: RunConfig, out: Path, progress: bool, trained_in: str | Path | None = None
 ) -> tuple[list[MethodResult], list[MethodResult], float, int]:
     """(own-head results, logreg-head results, meta-train seconds, steps) of one
-    learner: run (or resumed, or read back), then its encoder under the logreg head."""
-    from metalm.runs import load_trained_learner
-
+    learner: run (or resumed, or read back, or tested from `trained_in`), then its
+    encoder under the logreg head."""
     run_dir = out / "learners" / config.run_name
     own = _finished(run_dir)
-    if own is None:
+    source = Path(trained_in) / "learners" / config.run_name if trained_in else None
+    if own is None and source is not None and _finished(source) is not None:
+        own = _test_trained(config, source, run_dir, progress)
+    elif own is None:
         if has_checkpoint(run_dir):
             _say(progress, f"  resuming {run_dir}")
             own = run(config, resume=run_dir, progress=progress).results
@@ -270,7 +299,7 @@ def _learner_results(
     if _has_logreg_row(config):
         logreg = _read_results(logreg_file)
         if logreg is None:
-            _, learner = load_trained_learner(run_dir)
+            learner = _trained_learner(config, _weights_dir(run_dir))
             head = build_learner(learner.encoder, FrozenConfig())
             pools = build_pools(config.data, config.eval.full_way_shots)
             logreg = evaluate_learner(head, config.run_name, config, pools, progress)
@@ -278,6 +307,74 @@ def _learner_results(
     else:
         logreg = []
     return own, logreg, seconds, steps
+
+
+# learner settings that only change how a trained learner adapts at test time
+TEST_TIME_FIELDS = frozenset(
+    {"head", "logreg_l2", "lpft_steps", "lpft_lr", "lpft_head_lr", "eval_inner_steps",
+     "eval_head_init", "eval_adapt"}
+)  # fmt: skip
+TRAINED_IN_FILE = "trained_in.txt"
+
+
+def _training(config: RunConfig) -> dict[str, Any]:
+    """What decides a learner's trained weights: everything but the test data, the test
+    protocols, where the run is written and the learner's test-time settings."""
+    data = to_dict(config)
+    for key in ("eval", "output_dir", "run_name"):
+        data.pop(key)
+    data["data"].pop("test")
+    data["learner"] = {k: v for k, v in data["learner"].items() if k not in TEST_TIME_FIELDS}
+    return json.loads(json.dumps(data))
+
+
+def _test_trained(
+    config: RunConfig, source: Path, run_dir: Path, progress: bool
+) -> list[MethodResult]:
+    """Test the learner trained in `source` (another comparison) on this config's test
+    tasks, with this config's test-time settings; the report goes to `run_dir`."""
+    _say(progress, f"  testing the learner trained in {source}")
+    learner = _trained_learner(config, source)
+    pools = build_pools(config.data, config.eval.full_way_shots)
+    results = evaluate_learner(learner, method_label(config.learner), config, pools, progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    shutil.copyfile(source / LOG_FILE, run_dir / LOG_FILE)
+    (run_dir / TRAINED_IN_FILE).write_text(str(source.resolve()))
+    EvalReport(results=results).write(run_dir)
+    return results
+
+
+def _check_trained_in(configs: dict[str, RunConfig], trained_in: Path) -> None:
+    """Every learner that `trained_in` holds finished trained as it would here."""
+    for label, config in configs.items():
+        source = trained_in / "learners" / label
+        if _finished(source) is None:
+            continue
+        saved = load_config(source / CONFIG_FILE)
+        same_test = saved.data.test is not None and config.data.test is not None
+        if not (same_test and saved.data.test.source == config.data.test.source) or (
+            _training(saved) != _training(config)
+        ):
+            raise MetalmError(
+                f"{source} trained with other settings (or for another test dataset) than "
+                f"{label!r} here; drop --trained-in or give the learner another label"
+            )
+
+
+def _weights_dir(run_dir: Path) -> Path:
+    """The run whose weights a learner folder tests: its own, or the one it names."""
+    pointer = run_dir / TRAINED_IN_FILE
+    return Path(pointer.read_text().strip()) if pointer.exists() else run_dir
+
+
+def _trained_learner(config: RunConfig, run_dir: Path) -> MetaLearner:
+    """`config`'s learner with the trained weights of `run_dir`."""
+    learner = build_learner(build_model(config.model), config.learner)
+    weights = trained_weights(run_dir)
+    if weights is not None:
+        load_weights(learner, weights)
+    return learner
 
 
 def _has_logreg_row(config: RunConfig) -> bool:

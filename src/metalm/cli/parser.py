@@ -150,6 +150,12 @@ def _add_compare(sub) -> None:
         help="the comparison's folder (default output_dir/compare-<config name>); "
         "run again to resume",
     )
+    compare.add_argument(
+        "--trained-in",
+        metavar="DIR",
+        help="test the learners another comparison trained (same training settings) "
+        "instead of training them again: choose on valid, then score test",
+    )
     compare.set_defaults(func=cmd_compare)
 
 

@@ -95,7 +95,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     config, entries = load_compare_config(args.config, args.overrides, args.learners)
     name = Path(args.config).stem if args.config else "compare"
     out = Path(args.out) if args.out else Path(config.output_dir) / f"compare-{name}"
-    report = compare(config, entries, out, progress=not args.quiet)
+    report = compare(config, entries, out, progress=not args.quiet, trained_in=args.trained_in)
     print()
     print(report.to_markdown())
     print(f"\nresults: {out}/compare.md, compare.json, compare.png")
