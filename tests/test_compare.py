@@ -212,3 +212,14 @@ def test_trained_learners_are_tested_again_without_training(compared, tiny_model
     other = [CompareEntry("anil", learner={"inner_steps": 2})]  # another training
     with pytest.raises(MetalmError, match="trained with other settings"):
         compare(config, other, tmp_path / "other", progress=False, trained_in=compared)
+
+
+def test_learners_named_on_the_command_line_keep_their_compare_settings(tmp_path):
+    config_file = tmp_path / "cmp.yaml"
+    anil = {"name": "anil", "label": "anil-3", "learner": {"inner_steps": 3}}
+    config_file.write_text(yaml.safe_dump({"compare": {"learners": ["protonet", anil]}}))
+    _, entries = load_compare_config(config_file, [], ["anil-3", "maml"])
+    assert [(e.label, e.name, e.learner) for e in entries] == [
+        ("anil-3", "anil", {"inner_steps": 3}),
+        ("maml", "maml", {}),
+    ]

@@ -27,7 +27,12 @@ from metalm.tune import load_tune_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(
-    p for p in (REPO_ROOT / "configs").glob("*.yaml") if "search" not in read_yaml(p)
+    p
+    for p in (REPO_ROOT / "configs").glob("*.yaml")
+    if "search" not in read_yaml(p) and "compare" not in read_yaml(p)
+)
+COMPARE_CONFIGS = sorted(
+    p for p in (REPO_ROOT / "configs").glob("*.yaml") if "compare" in read_yaml(p)
 )
 TUNE_CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if "search" in read_yaml(p))
 RECIPES = sorted((REPO_ROOT / "src" / "metalm" / "recipes").glob("*.yaml"))
@@ -128,6 +133,22 @@ def test_shipped_tune_config_runs(path, tiny_model_dir, tmp_path, monkeypatch):
         assert len(list(csv.DictReader(f))) == 2
     best = json.loads((study / "best" / "report.json").read_text())
     assert best["results"] and all(0.0 <= r["accuracy"] <= 1.0 for r in best["results"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=lambda p: p.name)
+def test_shipped_compare_config_runs(path, tiny_model_dir, tmp_path, monkeypatch):
+    """Every learner of the comparison, with its own settings, for 2 steps."""
+    monkeypatch.chdir(REPO_ROOT)
+    overrides = [*budget(tiny_model_dir, tmp_path / "runs"), "data.unlabeled.max_texts=300"]
+    out = tmp_path / "compare"
+    assert main(["-q", "compare", "-c", str(path), "--out", str(out), *overrides]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    labels = [e if isinstance(e, str) else e.get("label", e["name"])
+              for e in read_yaml(path)["compare"]["learners"]]  # fmt: skip
+    assert list(dict.fromkeys(r["label"] for r in report["rows"])) == labels
+    assert not report["errors"]
+    assert all(0.0 <= r["result"]["accuracy"] <= 1.0 for r in report["rows"])
 
 
 @pytest.mark.parametrize(

@@ -149,18 +149,21 @@ def load_compare_config(
     path: str | Path | None, overrides: list[str] | None = None, learners: list[str] | None = None
 ) -> tuple[RunConfig, list[CompareEntry]]:
     """The shared run config (defaults, the YAML at `path` less its `compare:` section,
-    `overrides`) and the learners: `learners` if given, else the `compare.learners` list
-    (each a name or a mapping of `CompareEntry`'s fields)."""
+    `overrides`) and the learners: the `compare.learners` list (each a name or a mapping
+    of `CompareEntry`'s fields), or, when `learners` is given, those labels: each one's
+    entry of that list if it has one, else the learner of that name with its defaults."""
     data = read_yaml(path) if path is not None else {}
     section = data.pop("compare", None) or {}
     if not isinstance(section, dict) or set(section) - {"learners"}:
         raise MetalmError("compare: expected a mapping with one key, learners: [...]")
     config = config_from_data(data, overrides)
-    items: list[Any] = list(learners) if learners else list(section.get("learners") or [])
     entries = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(section.get("learners") or []):
         spec = {"name": item} if isinstance(item, str) else item
         entries.append(from_dict(CompareEntry, spec, f"compare.learners[{i}]"))
+    if learners:
+        listed = {e.label: e for e in entries}
+        entries = [listed.get(label) or CompareEntry(label) for label in learners]
     labels = [e.label for e in entries]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
