@@ -45,10 +45,16 @@ QUERIES = ["will it snow tomorrow", "alarm at five please", "play a song"]
 LABEL_NAMES = ["weather", "alarm", "music"]
 
 
-# examples that run a whole study (trials, then the best config on meta-test) or a
-# comparison of learners: a few
-# seconds each, so they run with the slow tests (`pytest -m "not slow"` leaves them out)
-SLOW_DOCTESTS = {"metalm.tune", "metalm.tune.tuner", "metalm.tune.objective", "metalm.compare"}
+# examples that run a whole study (trials, then the best config on meta-test), a
+# comparison of learners or two runs: a few seconds each, so they run with the slow tests
+# (`pytest -m "not slow"` leaves them out)
+SLOW_DOCTESTS = {
+    "metalm.tune",
+    "metalm.tune.tuner",
+    "metalm.tune.objective",
+    "metalm.compare",
+    "metalm.run.run_on_both_splits",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -586,12 +586,17 @@ def test_demo_on_real_minilm_and_real_data(tmp_path):
     out = result.stdout
     assert "CLINC150" in out and "BANKING77" in out
     protocols = ("5-way 1-shot", "5-way 5-shot", "full-way 5-shot", "full-way 10-shot")
-    for method in ("protonet", "frozen", "frozen/centroid"):
+    for method in ("protonet", "protonet (strict split)", "frozen", "frozen/centroid"):
         for protocol in protocols:
             assert f"| {method} | {protocol} | banking77/test |" in out, (method, protocol)
     report = json.loads((tmp_path / "runs" / "demo" / "report.json").read_text())
     results = results_by_key(report)
-    assert len(results) == 12
+    assert len(results) == 16
+    # the strict run left out the CLINC150 intents named like BANKING77's, and says so
+    removed = {o["train_class"] for o in report["removed_overlap"]}
+    assert {"exchange_rate", "pin_change", "transfer"} <= removed
+    strict = load_config(tmp_path / "runs" / "demo-strict" / "config.yaml")
+    assert strict.data.classes.strict and strict.eval.baselines == []
     frozen = results[("frozen", "full-way 5-shot")]
     assert frozen["n_way"] == 77 and frozen["k_shot"] == 5 and frozen["episodes"] == 1
     assert 0.70 <= frozen["accuracy"] <= 0.85

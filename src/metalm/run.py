@@ -8,7 +8,7 @@ What else works on a run directory (resume, reload, re-evaluate, export) is in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,14 @@ from metalm.rundir import CONFIG_FILE, new_run_dir
 from metalm.tasks import TaskPools, build_pools, validation_sampler
 from metalm.trainer import MetaTrainer, ValidationCallback
 
-__all__ = ["build_trainer", "evaluate_learner", "evaluate_with_baselines", "run", "samplers"]
+__all__ = [
+    "build_trainer",
+    "evaluate_learner",
+    "evaluate_with_baselines",
+    "run",
+    "run_on_both_splits",
+    "samplers",
+]
 
 
 def samplers(config: RunConfig, pools: TaskPools) -> tuple[TaskSampler, TaskSampler | None]:
@@ -111,6 +118,42 @@ def run(
     report = EvalReport(results=results, train=train_summary, removed_overlap=removed)
     report.write(run_dir)
     return report
+
+
+STRICT_SUFFIX = " (strict split)"
+
+
+def run_on_both_splits(config: RunConfig, progress: bool = True) -> EvalReport:
+    """`run(config)`, then the same learner meta-trained on the strict split
+    (`data.classes.strict`, its run directory `<run>-strict`, no baselines of its own);
+    one report of both, the strict rows named `<method> (strict split)`, written to the
+    first run's directory (`metalm demo`). A config that is strict already runs once.
+
+    Example:
+        >>> from metalm.config import DEMO_CONFIG
+        >>> report = run_on_both_splits(load_config(DEMO_CONFIG, tiny), progress=False)
+        >>> sorted({r.method for r in report.results})
+        ['protonet', 'protonet (strict split)']
+    """
+    report = run(config, progress=progress)
+    if config.data.classes.strict or not report.run_dir:
+        return report
+    run_dir = Path(report.run_dir)
+    strict = replace(
+        config,
+        output_dir=str(run_dir.parent),
+        run_name=f"{run_dir.name}-strict",
+        data=replace(config.data, classes=replace(config.data.classes, strict=True)),
+        eval=replace(config.eval, baselines=[]),
+    )
+    other = run(strict, progress=progress)
+    renamed = [replace(r, method=r.method + STRICT_SUFFIX) for r in other.results]
+    own = {r.method for r in renamed}
+    position = max(i for i, r in enumerate(report.results) if r.method + STRICT_SUFFIX in own)
+    merged = report.results[: position + 1] + renamed + report.results[position + 1 :]
+    combined = EvalReport(merged, report.train, removed_overlap=other.removed_overlap)
+    combined.write(run_dir)
+    return combined
 
 
 _MOVED = {

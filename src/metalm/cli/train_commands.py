@@ -187,15 +187,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from metalm.config import DEMO_CONFIG, load_config
-    from metalm.run import run
+    from metalm.run import run_on_both_splits
 
     print(
         "metalm demo: meta-train protonet on CLINC150's labeled intents and BANKING77's "
         "texts without labels,\nthen learn BANKING77's unseen intents from a few examples, "
-        "beside the untrained encoder\n"
+        "beside the untrained encoder;\nonce on all CLINC150 intents, once on the strict "
+        "split (without those whose name or near-name is a BANKING77 intent)\n"
     )
-    report = run(load_config(args.config or DEMO_CONFIG, args.overrides), progress=not args.quiet)
-    _print_report(report)
+    config = load_config(args.config or DEMO_CONFIG, args.overrides)
+    _print_report(run_on_both_splits(config, progress=not args.quiet))
 
 
 def _tune_processes(args: argparse.Namespace, base):

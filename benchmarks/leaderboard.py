@@ -1,0 +1,83 @@
+"""The learner leaderboard: tables from `metalm compare` reports (compare.json).
+
+The comparisons themselves run through the CLI (commands in BENCHMARKS.md, "Which
+learner?"); this script copies their reports into benchmarks/results/ and prints the
+compact tables BENCHMARKS.md shows: per learner, each head's accuracy at 5-way 1-shot
+and full-way 5-shot with the paired difference to its baseline (own head: the learner
+untrained; logreg head: frozen), meta-train time and adapt time per task.
+
+    python benchmarks/leaderboard.py --copy runs/leaderboard/clinc150-test/compare.json \
+        benchmarks/results/leaderboard_clinc150_test.json
+    python benchmarks/leaderboard.py benchmarks/results/leaderboard_*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+
+def cell(row: dict, key: str) -> str:
+    r = row["result"]
+    delta = row[key]
+    text = f"{100 * r['accuracy']:.2f}"
+    if delta is not None:
+        text += f" ({100 * delta['mean']:+.2f} ± {100 * delta['ci95']:.2f})"
+    return text
+
+
+def table(report: dict, title: str) -> str:
+    rows = report["rows"]
+    protocols = list(dict.fromkeys(r["result"]["protocol"] for r in rows))
+    frozen = {r["protocol"]: r for r in report["baselines"]["frozen"]}
+    head = " | ".join(protocols)
+    lines = [
+        f"**{title}**",
+        "",
+        f"| learner | head | {head} | meta-train s (steps) "
+        f"| adapt s/task ({' / '.join(protocols)}) |",
+        "|---|---|" + "---|" * len(protocols) + "---|---|",
+    ]
+    cells = " | ".join(f"{100 * frozen[p]['accuracy']:.2f}" for p in protocols)
+    adapt = " / ".join(f"{frozen[p]['adapt_seconds']:.3f}" for p in protocols)
+    lines.append(f"| frozen | logreg | {cells} | 0 | {adapt} |")
+    seen = list(dict.fromkeys((r["label"], r["head"]) for r in rows))
+    for label, head_name in seen:
+        mine = {
+            r["result"]["protocol"]: r
+            for r in rows
+            if (r["label"], r["head"]) == (label, head_name)
+        }
+        key = "vs_same_head"
+        cells = " | ".join(cell(mine[p], key) if p in mine else "" for p in protocols)
+        first = next(iter(mine.values()))
+        adapt = " / ".join(
+            f"{mine[p]['result']['adapt_seconds']:.3f}" for p in protocols if p in mine
+        )
+        lines.append(
+            f"| {label} | {head_name} | {cells} | {first['meta_train_seconds']:.0f} "
+            f"({first['train_steps']}) | {adapt} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("reports", nargs="*", help="compare.json files")
+    parser.add_argument("--copy", nargs=2, metavar=("COMPARE_JSON", "DEST"))
+    args = parser.parse_args()
+    if args.copy:
+        Path(args.copy[1]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(*args.copy)
+        args.reports.append(args.copy[1])
+    for path in args.reports:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        dataset = report["baselines"]["frozen"][0]["dataset"]
+        print(table(report, f"{dataset} ({Path(path).name}; strict split: {report['strict']})"))
+        print()
+
+
+if __name__ == "__main__":
+    main()
