@@ -223,3 +223,25 @@ def test_learners_named_on_the_command_line_keep_their_compare_settings(tmp_path
         ("anil-3", "anil", {"inner_steps": 3}),
         ("maml", "maml", {}),
     ]
+
+
+@pytest.mark.slow
+def test_in_context_learners_are_compared_beside_frozen_minilm(tiny_llama_dir, tmp_path):
+    """On a causal LM: `metaicl` beside itself untrained (`icl` with the same scoring),
+    `icl` as its own baseline (evaluated once), `frozen` on the shipped MiniLM."""
+    overrides = shared(
+        tiny_llama_dir, tmp_path / "runs", **{"model.kind": "causal", "eval.full_way_shots": "[]",
+                                              "model.max_length": 64}
+    )  # fmt: skip
+    config, entries = load_compare_config(None, overrides, ["icl", "metaicl"])
+    report = compare(config, entries, tmp_path / "out", progress=False)
+    assert {(r.label, r.head) for r in report.rows} == {("icl", "own"), ("metaicl", "own")}
+    icl = next(r for r in report.rows if r.label == "icl")
+    assert icl.vs_same_head == pytest.approx((0.0, 0.0), abs=1e-12)  # itself
+    assert not (tmp_path / "out" / "baselines" / "icl").exists()
+    saved = yaml.safe_load((tmp_path / "out" / "baselines" / "frozen" / "config.yaml").read_text())
+    assert saved["model"]["kind"] == "encoder"
+    untrained = yaml.safe_load(
+        (tmp_path / "out" / "baselines" / "metaicl" / "config.yaml").read_text()
+    )
+    assert untrained["learner"]["name"] == "metaicl" and untrained["train"]["steps"] == 0

@@ -49,7 +49,7 @@ from metalm.learners import (
 )
 from metalm.models.causal import build_model
 from metalm.parsing import from_dict
-from metalm.protocols import evaluate_learner
+from metalm.protocols import baseline_model, evaluate_learner
 from metalm.report import EvalReport, paired_difference
 from metalm.run import run
 from metalm.rundir import CONFIG_FILE, LOG_FILE, REPORT_JSON, has_checkpoint, trained_weights
@@ -222,9 +222,12 @@ def compare(
         _say(progress, f"[{i}/{len(entries)}] {entry.label}")
         try:
             own, logreg, seconds, steps = _learner_results(run_config, out, progress, trained_in)
-            untrained = _baseline(
-                run_config, run_config.learner, out / "baselines", entry.label, progress
-            )
+            if learner_class(entry.name).meta_trainable:
+                untrained = _baseline(
+                    run_config, run_config.learner, out / "baselines", entry.label, progress
+                )
+            else:  # it is its own untrained self
+                untrained = own
         except Exception as err:  # one learner's failure does not stop the others
             errors[entry.label] = _one_line(err)
             _record_error(out / "learners" / entry.label, err)
@@ -394,7 +397,8 @@ def _baseline(
     config: RunConfig, learner: Any, root: Path, name: str, progress: bool
 ) -> list[MethodResult]:
     """The untrained `learner` on the shared test tasks (read back if already done)."""
-    key_data = {"learner": to_dict(learner), "model": to_dict(config.model), "seed": config.seed}
+    model = baseline_model(config, learner_class(learner.name).model_kind)
+    key_data = {"learner": to_dict(learner), "model": to_dict(model), "seed": config.seed}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:12]
     run_dir = root / name
     done = _finished(run_dir)
@@ -404,6 +408,7 @@ def _baseline(
     _say(progress, f"  untrained baseline: {name}")
     untrained = replace(
         config,
+        model=model,
         learner=learner,
         output_dir=str(root),
         run_name=name,
