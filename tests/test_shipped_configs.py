@@ -137,10 +137,13 @@ def test_shipped_tune_config_runs(path, tiny_model_dir, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=lambda p: p.name)
-def test_shipped_compare_config_runs(path, tiny_model_dir, tmp_path, monkeypatch):
+def test_shipped_compare_config_runs(path, tiny_model_dir, tiny_llama_dir, tmp_path, monkeypatch):
     """Every learner of the comparison, with its own settings, for 2 steps."""
     monkeypatch.chdir(REPO_ROOT)
-    overrides = [*budget(tiny_model_dir, tmp_path / "runs"), "data.unlabeled.max_texts=300"]
+    causal = read_yaml(path).get("model", {}).get("kind") == "causal"
+    overrides = budget(tiny_llama_dir if causal else tiny_model_dir, tmp_path / "runs")
+    if "unlabeled" in read_yaml(path)["data"]:
+        overrides.append("data.unlabeled.max_texts=300")
     out = tmp_path / "compare"
     assert main(["-q", "compare", "-c", str(path), "--out", str(out), *overrides]) == 0
     report = json.loads((out / "compare.json").read_text())
