@@ -458,6 +458,14 @@ def test_shipped_config_loads(path, tmp_path):
 
         config, space = load_tune_config(path)
         assert space is not None and space.params
+    elif "compare" in read_yaml(path):
+        # a comparison: the shared run config, and each learner's config built from it
+        from metalm.compare import learner_config, load_compare_config
+
+        config, entries = load_compare_config(path)
+        assert entries
+        for entry in entries:
+            assert learner_config(config, entry, tmp_path).learner.name == entry.name
     else:
         config = load_config(path)
     assert isinstance(config, RunConfig)

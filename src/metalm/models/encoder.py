@@ -120,7 +120,7 @@ def length_groups(counts: Sequence[int], max_tokens: int) -> list[list[int]]:
     longest at most `max_tokens` tokens (a group holds at least one text).
 
     Example:
-        >>> length_groups([30, 5, 6, 31], 64)
+        >>> length_groups([30, 5, 6, 31], 40)
         [[1, 2], [0], [3]]
     """
     order = sorted(range(len(counts)), key=counts.__getitem__)
