@@ -235,20 +235,18 @@ def compare(
             continue
         baselines[entry.label] = untrained
         for head, results, base in (("own", own, untrained), ("logreg", logreg, frozen)):
-            for result in results:
-                same = _find(base, result.protocol)
-                reference = _find(frozen, result.protocol)
-                rows.append(
-                    CompareRow(
-                        entry.label,
-                        head,
-                        result,
-                        None if same is None else paired_difference(result, same),
-                        None if reference is None else paired_difference(result, reference),
-                        seconds,
-                        steps,
-                    )
+            rows += [
+                CompareRow(
+                    entry.label,
+                    head,
+                    result,
+                    _paired(result, base),
+                    _paired(result, frozen),
+                    seconds,
+                    steps,
                 )
+                for result in results
+            ]
     report = CompareReport(rows, baselines, settings, overlap, config.data.classes.strict, errors)
     report.write(out)
     if errors:
@@ -471,8 +469,10 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _find(results: list[MethodResult], protocol: str) -> MethodResult | None:
-    return next((r for r in results if r.protocol == protocol), None)
+def _paired(result: MethodResult, baselines: list[MethodResult]) -> tuple[float, float] | None:
+    """The paired difference of `result` to the baseline of its protocol, if any."""
+    base = next((r for r in baselines if r.protocol == result.protocol), None)
+    return None if base is None else paired_difference(result, base)
 
 
 def _say(progress: bool, line: str) -> None:
