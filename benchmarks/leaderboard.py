@@ -9,6 +9,8 @@ untrained; logreg head: frozen), meta-train time and adapt time per task.
     python benchmarks/leaderboard.py --copy runs/leaderboard/clinc150-test/compare.json \
         benchmarks/results/leaderboard_clinc150_test.json
     python benchmarks/leaderboard.py benchmarks/results/leaderboard_*.json
+    python benchmarks/leaderboard.py --choose runs/leaderboard/clinc150-valid/compare.json \
+        benchmarks/results/leaderboard_choices_clinc150.json      # heads chosen on valid
 """
 
 from __future__ import annotations
@@ -63,11 +65,38 @@ def table(report: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def choose_heads(report: dict) -> dict[str, dict[str, str]]:
+    """Per learner and protocol, the head (`own` or `logreg`) with the higher accuracy in
+    `report` (a comparison on validation data)."""
+    best: dict[str, dict[str, tuple[float, str]]] = {}
+    for row in report["rows"]:
+        protocol, accuracy = row["result"]["protocol"], row["result"]["accuracy"]
+        current = best.setdefault(row["label"], {}).get(protocol)
+        if current is None or accuracy > current[0]:
+            best[row["label"]][protocol] = (accuracy, row["head"])
+    return {label: {p: head for p, (_, head) in heads.items()} for label, heads in best.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="*", help="compare.json files")
     parser.add_argument("--copy", nargs=2, metavar=("COMPARE_JSON", "DEST"))
+    parser.add_argument(
+        "--choose",
+        nargs=2,
+        metavar=("VALID_COMPARE_JSON", "DEST"),
+        help="write each learner's head per protocol, chosen on a validation comparison",
+    )
     args = parser.parse_args()
+    if args.choose:
+        report = json.loads(Path(args.choose[0]).read_text(encoding="utf-8"))
+        record = {
+            "rule": "per learner and protocol, the head with the higher accuracy on valid",
+            "chosen_on": args.choose[0],
+            "heads": choose_heads(report),
+        }
+        Path(args.choose[1]).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        print(json.dumps(record["heads"], indent=1))
     if args.copy:
         Path(args.copy[1]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(*args.copy)

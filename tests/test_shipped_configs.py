@@ -259,3 +259,12 @@ def test_empty_mapping_survives_save_and_load(tmp_path):
     config = load_config(None, ["eval.episodes_by_method={}"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml").eval.episodes_by_method == {}
+
+
+def test_the_leaderboard_fixes_share_the_leaderboards_tasks_and_budget():
+    """benchmarks/leaderboard_fixes.yaml copies configs/compare_intents.yaml's shared part:
+    its variants are measured on the same data, episodes, budget and test protocol."""
+    fixes = read_yaml(REPO_ROOT / "benchmarks" / "leaderboard_fixes.yaml")
+    leaderboard = read_yaml(REPO_ROOT / "configs" / "compare_intents.yaml")
+    fixes.pop("compare"), leaderboard.pop("compare")
+    assert fixes == leaderboard
