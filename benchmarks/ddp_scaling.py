@@ -70,7 +70,7 @@ def worker(args: argparse.Namespace) -> None:
     sampler = pools.train_sampler(config.episode, config.seed, False)
     trainer = MetaTrainer(learner, sampler, None, config.train, args.out, progress=False)
     trainer.fit()
-    distributed.teardown()
+    distributed.teardown(wait_for_peers=True)
 
 
 def one_run(nproc: int, threads: int, args: argparse.Namespace) -> float:

@@ -125,4 +125,6 @@ if __name__ == "__main__":
         tune_with_pruning(Path(sys.argv[1]), Path(sys.argv[2]))
     else:
         train(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(CASES))
-    distributed.teardown()
+    # as the CLI does after a command that succeeded: meet the peer before leaving, so
+    # that no rank tears down while the other still sends (an abort at exit otherwise)
+    distributed.teardown(wait_for_peers=True)

@@ -92,7 +92,7 @@ def _reduce_worker(rank: int, store_path: str) -> None:
     assert c.grad is None
     assert distributed.same_on_all_ranks({"x": torch.arange(3)})
     assert not distributed.same_on_all_ranks({"x": torch.arange(3) + rank})
-    torch.distributed.destroy_process_group()
+    distributed.teardown(wait_for_peers=True)
 
 
 @pytest.mark.slow
