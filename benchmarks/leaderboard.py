@@ -11,6 +11,8 @@ untrained; logreg head: frozen), meta-train time and adapt time per task.
     python benchmarks/leaderboard.py benchmarks/results/leaderboard_*.json
     python benchmarks/leaderboard.py --choose runs/leaderboard/clinc150-valid/compare.json \
         benchmarks/results/leaderboard_choices_clinc150.json      # heads chosen on valid
+    python benchmarks/leaderboard.py benchmarks/results/leaderboard_clinc150_test.json \
+        --targets benchmarks/results/leaderboard_choices_clinc150.json   # the issue's targets
 """
 
 from __future__ import annotations
@@ -77,6 +79,39 @@ def choose_heads(report: dict) -> dict[str, dict[str, str]]:
     return {label: {p: head for p, (_, head) in heads.items()} for label, heads in best.items()}
 
 
+def targets(report: dict, choices: dict[str, dict[str, str]]) -> str:
+    """Per learner, the head chosen on valid at each protocol, its paired difference to
+    the same head untrained, and whether the 95% interval lies above 0."""
+    protocols = list(dict.fromkeys(r["result"]["protocol"] for r in report["rows"]))
+    lines = [
+        f"| learner | {' | '.join(protocols)} |",
+        "|---|" + "---|" * len(protocols),
+    ]
+    for label in dict.fromkeys(r["label"] for r in report["rows"]):
+        cells = []
+        for protocol in protocols:
+            head = choices.get(label, {}).get(protocol)
+            row = next(
+                (
+                    r
+                    for r in report["rows"]
+                    if (r["label"], r["head"], r["result"]["protocol"]) == (label, head, protocol)
+                ),
+                None,
+            )
+            if row is None or row["vs_same_head"] is None:
+                cells.append("not chosen" if head is None else "(baseline)")
+                continue
+            delta = row["vs_same_head"]
+            above = delta["mean"] - delta["ci95"] > 0
+            cells.append(
+                f"{head}: {100 * delta['mean']:+.2f} ± {100 * delta['ci95']:.2f} "
+                f"{'**yes**' if above else 'no'}"
+            )
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="*", help="compare.json files")
@@ -86,6 +121,11 @@ def main() -> None:
         nargs=2,
         metavar=("VALID_COMPARE_JSON", "DEST"),
         help="write each learner's head per protocol, chosen on a validation comparison",
+    )
+    parser.add_argument(
+        "--targets",
+        metavar="CHOICES_JSON",
+        help="print, for the chosen heads, the paired difference to the untrained same head",
     )
     args = parser.parse_args()
     if args.choose:
@@ -106,6 +146,10 @@ def main() -> None:
         dataset = report["baselines"]["frozen"][0]["dataset"]
         print(table(report, f"{dataset} ({Path(path).name}; strict split: {report['strict']})"))
         print()
+        if args.targets:
+            choices = json.loads(Path(args.targets).read_text(encoding="utf-8"))["heads"]
+            print(targets(report, choices))
+            print()
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ of BANKING77 and CLINC150. The rules:
                  reference the default head must match)
 
     python benchmarks/logreg_l2_rule.py --split valid            # choose
-    python benchmarks/logreg_l2_rule.py --split test --rules "C:10" "loo:3e-5,1e-4,3e-4" \
-        "sklearn:C=10" --out benchmarks/results/logreg_l2_rule_test.json   # score once
+    python benchmarks/logreg_l2_rule.py --split test --rules fixed:1e-4 \
+        loo:3e-5,1e-4,3e-4 sklearn:C=10 --out benchmarks/results/logreg_l2_rule_test.json
 
 Prints a Markdown table (accuracy, paired difference to `--reference` ± 95% CI) and
 writes JSON.
@@ -59,6 +59,9 @@ DEFAULT_RULES = [
 ]
 
 
+SOLVER = {"max_iter": 100, "tol": 1e-4}  # metalm's L-BFGS stopping rule (--max-iter, --tol)
+
+
 def fit(rule: str, x: torch.Tensor, y: torch.Tensor, n_way: int):
     """(weight, bias) of `rule` on support features `x`, labels `y`."""
     kind, _, value = rule.partition(":")
@@ -75,12 +78,12 @@ def fit(rule: str, x: torch.Tensor, y: torch.Tensor, n_way: int):
             model.intercept_, dtype=torch.float32
         )
     if kind == "fixed":
-        head = fit_logreg(x, y, n_way, l2=float(value))
+        head = fit_logreg(x, y, n_way, l2=float(value), **SOLVER)
     elif kind == "C":
-        head = fit_logreg(x, y, n_way, l2=1.0 / (float(value) * len(y)))
+        head = fit_logreg(x, y, n_way, l2=1.0 / (float(value) * len(y)), **SOLVER)
     elif kind == "loo":
         grid = tuple(float(v) for v in value.split(","))
-        head = fit_logreg(x, y, n_way, grid=grid)
+        head = fit_logreg(x, y, n_way, grid=grid, **SOLVER)
     else:
         raise SystemExit(f"unknown rule {rule!r}")
     return head["head.weight"], head["head.bias"]
@@ -118,8 +121,11 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--model", default="", help="an encoder directory (default: MiniLM)")
+    parser.add_argument("--max-iter", type=int, default=SOLVER["max_iter"], help="L-BFGS steps")
+    parser.add_argument("--tol", type=float, default=SOLVER["tol"], help="L-BFGS gradient tol")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    SOLVER.update(max_iter=args.max_iter, tol=args.tol)
     if args.reference not in args.rules:
         args.rules.append(args.reference)
 
@@ -172,6 +178,7 @@ def main() -> None:
         "split": args.split,
         "reference": args.reference,
         "episodes": args.episodes,
+        "solver": dict(SOLVER),
         "machine": platform.platform(),
         "command": "python benchmarks/logreg_l2_rule.py " + " ".join(_argv()),
         "results": rows,

@@ -190,6 +190,7 @@ def _fit_batched(
     row_weights: Tensor,
     l2: Tensor,
     max_iter: int,
+    tol: float = 1e-4,
 ) -> tuple[Tensor, Tensor]:
     """Fit P independent logistic regressions at once (see `_lbfgs`).
 
@@ -205,7 +206,7 @@ def _fit_batched(
     l2 = l2.to(x)
     with torch.no_grad():
         theta = _scaled_prototypes(x1, onehot, row_weights, weights, l2)
-        theta = _lbfgs(_objective(x1, labels, weights, l2), theta.contiguous(), max_iter)
+        theta = _lbfgs(_objective(x1, labels, weights, l2), theta.contiguous(), max_iter, tol)
     return theta[:, :, :-1].contiguous(), theta[:, :, -1].contiguous()
 
 
@@ -294,13 +295,15 @@ def fit_logreg(
     l2: float | None = None,
     grid: Sequence[float] = L2_GRID,
     max_iter: int = 100,
+    tol: float = 1e-4,
 ) -> dict[str, Tensor]:
     """A multinomial logistic regression head `{"head.weight", "head.bias"}` on
     `features`, started from the prototype head; `l2=None` picks it by
-    leave-one-shot-out over `grid` (see `choose_l2`). `head.l2` records the strength."""
+    leave-one-shot-out over `grid` (see `choose_l2`). `head.l2` records the strength.
+    L-BFGS stops after `max_iter` steps or when no gradient entry is above `tol`."""
     if l2 is None:
         l2 = choose_l2(features, labels, n_way, grid)
     ones = torch.ones(1, len(labels), device=features.device)
     strength = torch.tensor([float(l2)], device=features.device)
-    weight, bias = _fit_batched(features, labels, n_way, ones, strength, max_iter)
+    weight, bias = _fit_batched(features, labels, n_way, ones, strength, max_iter, tol)
     return {"head.weight": weight[0], "head.bias": bias[0], "head.l2": strength}
