@@ -136,7 +136,7 @@ def test_yaml_learner_section_without_name_updates_default(tmp_path):
             ("data", "val"),
             DataSource("banking77", "valid"),
         ),
-        ("data.test=banking77", ("data", "test"), EvalSource("banking77", "train")),
+        ("data.test=banking77", ("data", "test"), EvalSource("banking77", "test")),
         ("data.train.source=/data/x.csv", ("data", "train", "source"), "/data/x.csv"),
         ("data.test.split=valid", ("data", "test"), EvalSource("banking77", "valid")),
     ],

@@ -77,7 +77,9 @@ class EvalSource(DataSource):
     `support` source and a `query` source.
 
     With `query`, the test texts are the query source's (`source`/`split` are then unused);
-    without, they are this source's own. With `support`, one full-way episode is built:
+    without, they are this source's own, split `test` unless named
+    (`data.test=clinc150` is CLINC150's `test` split; `{source: clinc150, split: valid}`
+    its validation split). With `support`, one full-way episode is built:
     every support example against every query text (label sets must match). A plain
     string for `support`/`query` is a path or name that takes this source's columns, with
     split `train` (support) or `test` (query).
@@ -90,6 +92,7 @@ class EvalSource(DataSource):
     """
 
     source: str = ""
+    split: str = "test"  # the test data: `data.test=clinc150` means CLINC150's test split
     support: str | DataSource | None = None
     query: str | DataSource | None = None
 
