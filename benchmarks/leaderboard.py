@@ -87,18 +87,12 @@ def targets(report: dict, choices: dict[str, dict[str, str]]) -> str:
         f"| learner | {' | '.join(protocols)} |",
         "|---|" + "---|" * len(protocols),
     ]
+    rows = {(r["label"], r["head"], r["result"]["protocol"]): r for r in report["rows"]}
     for label in dict.fromkeys(r["label"] for r in report["rows"]):
         cells = []
         for protocol in protocols:
             head = choices.get(label, {}).get(protocol)
-            row = next(
-                (
-                    r
-                    for r in report["rows"]
-                    if (r["label"], r["head"], r["result"]["protocol"]) == (label, head, protocol)
-                ),
-                None,
-            )
+            row = rows.get((label, head, protocol))
             if row is None or row["vs_same_head"] is None:
                 cells.append("not chosen" if head is None else "(baseline)")
                 continue

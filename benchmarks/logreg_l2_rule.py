@@ -39,7 +39,7 @@ import torch
 from metalm.data import EpisodeSampler, builtin_dataset, full_way_episode
 from metalm.data.episodes import Episode
 from metalm.evaluate import mean_ci95
-from metalm.learners.heads import fit_logreg
+from metalm.learners.heads import FIT_ITER, LBFGS_TOL, fit_logreg
 from metalm.models.encoder import EncoderConfig, TextEncoder
 
 DEFAULT_RULES = [
@@ -59,7 +59,7 @@ DEFAULT_RULES = [
 ]
 
 
-SOLVER = {"max_iter": 100, "tol": 1e-4}  # metalm's L-BFGS stopping rule (--max-iter, --tol)
+SOLVER = {"max_iter": FIT_ITER, "tol": LBFGS_TOL}  # metalm's L-BFGS stopping rule
 
 
 def fit(rule: str, x: torch.Tensor, y: torch.Tensor, n_way: int):

@@ -49,6 +49,8 @@ DEFAULT_L2 = 1e-4  # one example per class: nothing to hold out
 DEFAULT_LOGREG_L2 = 1e-4
 MAX_FOLDS = 5  # K > MAX_FOLDS shots: fold f holds out the shots f, f+5, ...
 SELECT_ITER = 10  # L-BFGS iterations of each selection problem
+FIT_ITER = 100  # L-BFGS iterations of the final fit
+LBFGS_TOL = 1e-4  # a problem stops when no gradient entry is above this
 _HISTORY = 10  # L-BFGS curvature pairs kept per problem
 
 Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -99,7 +101,7 @@ def _objective(x1: Tensor, labels: Tensor, weights: Tensor, l2: Tensor) -> Objec
     return evaluate
 
 
-def _lbfgs(objective: Objective, theta: Tensor, max_iter: int, tol: float = 1e-4) -> Tensor:
+def _lbfgs(objective: Objective, theta: Tensor, max_iter: int, tol: float = LBFGS_TOL) -> Tensor:
     """Minimise P independent problems at once: each keeps its own L-BFGS memory and
     its own backtracking (Armijo) step; a problem stops when its largest gradient entry
     is below `tol` or no step lowers its loss."""
@@ -190,7 +192,7 @@ def _fit_batched(
     row_weights: Tensor,
     l2: Tensor,
     max_iter: int,
-    tol: float = 1e-4,
+    tol: float = LBFGS_TOL,
 ) -> tuple[Tensor, Tensor]:
     """Fit P independent logistic regressions at once (see `_lbfgs`).
 
@@ -294,8 +296,8 @@ def fit_logreg(
     n_way: int,
     l2: float | None = None,
     grid: Sequence[float] = L2_GRID,
-    max_iter: int = 100,
-    tol: float = 1e-4,
+    max_iter: int = FIT_ITER,
+    tol: float = LBFGS_TOL,
 ) -> dict[str, Tensor]:
     """A multinomial logistic regression head `{"head.weight", "head.bias"}` on
     `features`, started from the prototype head; `l2=None` picks it by
