@@ -13,6 +13,9 @@ untrained; logreg head: frozen), meta-train time and adapt time per task.
         benchmarks/results/leaderboard_choices_clinc150.json      # heads chosen on valid
     python benchmarks/leaderboard.py benchmarks/results/leaderboard_clinc150_test.json \
         --targets benchmarks/results/leaderboard_choices_clinc150.json   # the issue's targets
+    python benchmarks/leaderboard.py --readme benchmarks/results/leaderboard_clinc150_test.json \
+        benchmarks/results/leaderboard_banking77_test.json \
+        --targets benchmarks/results/leaderboard_choices_clinc150.json   # README's table
 """
 
 from __future__ import annotations
@@ -106,6 +109,40 @@ def targets(report: dict, choices: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def readme_table(reports: list[dict], choices: dict[str, dict[str, str]]) -> str:
+    """One row per learner, one column per (dataset, protocol) of `reports`: the chosen
+    head's accuracy with its paired difference to the same head untrained; `not run`
+    where a report has no such row."""
+    columns = []
+    for report in reports:
+        dataset = report["baselines"]["frozen"][0]["dataset"]
+        for protocol in dict.fromkeys(r["result"]["protocol"] for r in report["rows"]):
+            columns.append((dataset, protocol, report))
+    lines = [
+        "| learner | " + " | ".join(f"{d} {p}" for d, p, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    frozen = [
+        next(f for f in report["baselines"]["frozen"] if f["protocol"] == protocol)
+        for _, protocol, report in columns
+    ]
+    lines.append(
+        "| frozen (logreg) | " + " | ".join(f"{100 * f['accuracy']:.2f}" for f in frozen) + " |"
+    )
+    indexes = [
+        {(r["label"], r["head"], r["result"]["protocol"]): r for r in report["rows"]}
+        for _, _, report in columns
+    ]
+    labels = dict.fromkeys(r["label"] for report in reports for r in report["rows"])
+    for label in labels:
+        cells = []
+        for (_, protocol, _), index in zip(columns, indexes, strict=True):
+            row = index.get((label, choices.get(label, {}).get(protocol), protocol))
+            cells.append("not run" if row is None else cell(row, "vs_same_head"))
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="*", help="compare.json files")
@@ -121,7 +158,19 @@ def main() -> None:
         metavar="CHOICES_JSON",
         help="print, for the chosen heads, the paired difference to the untrained same head",
     )
+    parser.add_argument(
+        "--readme",
+        action="store_true",
+        help="print one table over all reports with the heads of --targets (README's table)",
+    )
     args = parser.parse_args()
+    if args.readme:
+        if not args.targets:
+            parser.error("--readme needs --targets CHOICES_JSON (the heads chosen on valid)")
+        choices = json.loads(Path(args.targets).read_text(encoding="utf-8"))["heads"]
+        reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.reports]
+        print(readme_table(reports, choices))
+        return
     if args.choose:
         report = json.loads(Path(args.choose[0]).read_text(encoding="utf-8"))
         record = {

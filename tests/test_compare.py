@@ -245,3 +245,40 @@ def test_in_context_learners_are_compared_beside_frozen_minilm(tiny_llama_dir, t
         (tmp_path / "out" / "baselines" / "metaicl" / "config.yaml").read_text()
     )
     assert untrained["learner"]["name"] == "metaicl" and untrained["train"]["steps"] == 0
+
+
+def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path):
+    """benchmarks/leaderboard.py: --choose keeps the better head per learner and protocol;
+    --readme prints its accuracy and paired Δ per report, `not run` where a report lacks it."""
+    script = Path(__file__).parents[1] / "benchmarks" / "leaderboard.py"
+    report = json.loads((compared / "compare.json").read_text())
+    choices = tmp_path / "choices.json"
+    run = [sys.executable, str(script)]
+    subprocess.run([*run, "--choose", str(compared / "compare.json"), str(choices)], check=True)
+    heads = json.loads(choices.read_text())["heads"]
+    for label, protocol_heads in heads.items():
+        for protocol, head in protocol_heads.items():
+            accuracies = {
+                r["head"]: r["result"]["accuracy"]
+                for r in report["rows"]
+                if r["label"] == label and r["result"]["protocol"] == protocol
+            }
+            assert accuracies[head] == max(accuracies.values())
+    partial = tmp_path / "partial.json"  # a second report where anil was not run
+    partial.write_text(
+        json.dumps({**report, "rows": [r for r in report["rows"] if r["label"] != "anil"]})
+    )
+    printed = subprocess.run(
+        [*run, "--readme", str(compared / "compare.json"), str(partial), "--targets", str(choices)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    lines = {line.split(" | ")[0]: line for line in printed.splitlines()}
+    anil = [
+        r
+        for r in report["rows"]
+        if r["label"] == "anil" and r["head"] == heads["anil"]["3-way 1-shot"]
+    ]
+    first = next(r for r in anil if r["result"]["protocol"] == "3-way 1-shot")
+    assert f"| anil | {100 * first['result']['accuracy']:.2f} (" in lines["| anil"]
+    assert lines["| anil"].count("not run") == 2 and "not run" not in lines["| protonet"]
+    assert lines["| frozen (logreg)"].count("|") == 6  # 2 reports × 2 protocols
