@@ -226,6 +226,17 @@ def test_learners_named_on_the_command_line_keep_their_compare_settings(tmp_path
 
 
 @pytest.mark.slow
+def test_overrides_after_the_learner_names_are_overrides(tiny_model_dir, tmp_path):
+    """`--learners protonet train.steps=4`: argparse gives `train.steps=4` to --learners;
+    it is an override, not a learner named `train.steps=4`."""
+    out = tmp_path / "cmp"
+    overrides = shared(tiny_model_dir, tmp_path / "runs", **{"train.steps": 4})
+    assert main(["-q", "compare", "--out", str(out), "--learners", "protonet", *overrides]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert {r["label"] for r in report["rows"]} == {"protonet"}
+    assert {r["train_steps"] for r in report["rows"]} == {4}
+
+
 def test_in_context_learners_are_compared_beside_frozen_minilm(tiny_llama_dir, tmp_path):
     """On a causal LM: `metaicl` beside itself untrained (`icl` with the same scoring),
     `icl` as its own baseline (evaluated once), `frozen` on the shipped MiniLM."""

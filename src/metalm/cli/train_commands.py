@@ -92,7 +92,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     from metalm.compare import compare, load_compare_config
 
-    config, entries = load_compare_config(args.config, args.overrides, args.learners)
+    # `--learners a b key=value`: argparse hands the trailing overrides to --learners
+    learners = [x for x in args.learners or [] if "=" not in x] or None
+    overrides = [*args.overrides, *(x for x in args.learners or [] if "=" in x)]
+    config, entries = load_compare_config(args.config, overrides, learners)
     name = Path(args.config).stem if args.config else "compare"
     out = Path(args.out) if args.out else Path(config.output_dir) / f"compare-{name}"
     report = compare(config, entries, out, progress=not args.quiet, trained_in=args.trained_in)
