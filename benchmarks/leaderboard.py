@@ -16,6 +16,9 @@ untrained; logreg head: frozen), meta-train time and adapt time per task.
     python benchmarks/leaderboard.py --readme benchmarks/results/leaderboard_clinc150_test.json \
         benchmarks/results/leaderboard_banking77_test.json \
         --targets benchmarks/results/leaderboard_choices_clinc150.json   # README's table
+    python benchmarks/leaderboard.py benchmarks/results/leaderboard_icl_clinc150_test.json \
+        --paired metaicl-channel-choice icl-direct \
+        --paired metaicl-channel-choice baseline:metaicl-channel-choice   # any two rows
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from metalm.evaluate import mean_ci95
 
 
 def cell(row: dict, key: str) -> str:
@@ -143,6 +148,29 @@ def readme_table(reports: list[dict], choices: dict[str, dict[str, str]]) -> str
     return "\n".join(lines)
 
 
+def episodes(report: dict, name: str, protocol: str) -> list[float]:
+    """Per-episode accuracies of a learner's own head (`name`), or of an untrained
+    baseline (`baseline:<label>`, e.g. `baseline:frozen`), at `protocol`."""
+    if name.startswith("baseline:"):
+        results = report["baselines"][name.removeprefix("baseline:")]
+    else:
+        results = [r["result"] for r in report["rows"] if (r["label"], r["head"]) == (name, "own")]
+    found = [r["per_episode"] for r in results if r["protocol"] == protocol]
+    if not found:
+        raise SystemExit(f"{name}: no {protocol} result in this report")
+    return found[0]
+
+
+def paired(report: dict, a: str, b: str) -> str:
+    """`a` − `b` per protocol: mean paired difference ± 95% CI over the shared episodes."""
+    lines = []
+    for protocol in dict.fromkeys(r["result"]["protocol"] for r in report["rows"]):
+        mine, theirs = episodes(report, a, protocol), episodes(report, b, protocol)
+        mean, ci = mean_ci95([x - y for x, y in zip(mine, theirs, strict=True)])
+        lines.append(f"{a} − {b} ({protocol}, {len(mine)}): {100 * mean:+.2f} ± {100 * ci:.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="*", help="compare.json files")
@@ -162,6 +190,13 @@ def main() -> None:
         "--readme",
         action="store_true",
         help="print one table over all reports with the heads of --targets (README's table)",
+    )
+    parser.add_argument(
+        "--paired",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        help="print A − B paired over the same episodes (labels, or baseline:<label>)",
     )
     args = parser.parse_args()
     if args.readme:
@@ -193,6 +228,8 @@ def main() -> None:
             choices = json.loads(Path(args.targets).read_text(encoding="utf-8"))["heads"]
             print(targets(report, choices))
             print()
+        for a, b in args.paired or []:
+            print(paired(report, a, b))
 
 
 if __name__ == "__main__":

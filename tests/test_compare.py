@@ -293,3 +293,15 @@ def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path):
     assert f"| anil | {100 * first['result']['accuracy']:.2f} (" in lines["| anil"]
     assert lines["| anil"].count("not run") == 2 and "not run" not in lines["| protonet"]
     assert lines["| frozen (logreg)"].count("|") == 6  # 2 reports × 2 protocols
+    printed = subprocess.run(
+        [*run, str(compared / "compare.json"), "--paired", "anil", "baseline:frozen"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    own = next(
+        r["vs_frozen"]
+        for r in report["rows"]
+        if (r["label"], r["head"], r["result"]["protocol"]) == ("anil", "own", "3-way 1-shot")
+    )
+    mean, ci = 100 * own["mean"], 100 * own["ci95"]
+    expected = f"anil − baseline:frozen (3-way 1-shot, 5): {mean:+.2f} ± {ci:.2f}"
+    assert expected in printed
