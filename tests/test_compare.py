@@ -237,6 +237,21 @@ def test_overrides_after_the_learner_names_are_overrides(tiny_model_dir, tmp_pat
     assert {r["train_steps"] for r in report["rows"]} == {4}
 
 
+def test_a_strict_comparison_reports_the_classes_it_removed(tiny_model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    overrides = shared(tiny_model_dir, tmp_path / "runs", **{"data.classes.strict": "true"})
+    assert main(["-q", "compare", "--out", str(out), "--learners", "protonet", *overrides]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert report["strict"] is True
+    removed = {o["train_class"] for o in report["overlap"]}
+    assert "pin_change" in removed
+    learner = json.loads((out / "learners" / "protonet" / "report.json").read_text())
+    assert removed == {o["train_class"] for o in learner["removed_overlap"]}
+    text = (out / "compare.md").read_text()
+    assert f"Strict split: {len(removed)} meta-train/meta-val classes removed" in text
+    assert "* change_pin ~ pin_change (same words)" in text
+
+
 def test_in_context_learners_are_compared_beside_frozen_minilm(tiny_llama_dir, tmp_path):
     """On a causal LM: `metaicl` beside itself untrained (`icl` with the same scoring),
     `icl` as its own baseline (evaluated once), `frozen` on the shipped MiniLM."""

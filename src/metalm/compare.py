@@ -204,7 +204,9 @@ def compare(
     if trained_in is not None:
         _check_trained_in(configs, Path(trained_in))
     pools = build_pools(config.data, config.eval.full_way_shots)
-    overlap = [o.as_dict() for o in pools_overlap(pools, config.data.classes.name_similarity)]
+    # a strict split has no overlap left: report the classes it removed instead
+    found = pools.removed_overlap or pools_overlap(pools, config.data.classes.name_similarity)
+    overlap = [o.as_dict() for o in found]
     _claim(out, config, entries)
     frozen = _baseline(config, FrozenConfig(), out / "baselines", "frozen", progress)
     rows: list[CompareRow] = []

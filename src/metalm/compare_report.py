@@ -67,9 +67,12 @@ def markdown(report: CompareReport) -> str:
         lines.append(f"* **{label}**: {describe(settings)}")
     lines += ["", "## Class overlap", ""]
     if report.overlap:
+        shared = len({o["test_class"] for o in report.overlap})
         lines.append(
-            f"{len({o['test_class'] for o in report.overlap})} test classes share a "
-            "(near-)name with meta-train/meta-val classes:"
+            f"Strict split: {len({o['train_class'] for o in report.overlap})} meta-train/"
+            f"meta-val classes removed for a (near-)name shared with {shared} test classes:"
+            if report.strict
+            else f"{shared} test classes share a (near-)name with meta-train/meta-val classes:"
         )
         lines += [""] + [
             f"* {o['test_class']} ~ {o['train_class']} ({o['reason']})" for o in report.overlap
