@@ -271,6 +271,9 @@ def test_in_context_learners_are_compared_beside_frozen_minilm(tiny_llama_dir, t
         (tmp_path / "out" / "baselines" / "metaicl" / "config.yaml").read_text()
     )
     assert untrained["learner"]["name"] == "metaicl" and untrained["train"]["steps"] == 0
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "* **icl**: learner `icl`; no meta-training" in text
+    assert "* **metaicl**: learner `metaicl`; 6 steps × meta-batch 1" in text
 
 
 def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path):

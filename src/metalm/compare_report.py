@@ -108,10 +108,13 @@ def describe(settings: dict[str, Any]) -> str:
     if changed:
         parts.append(", ".join(f"{k}={v}" for k, v in changed.items()))
     train, episode = settings["train"], settings["episode"]
-    parts.append(
-        f"{train['steps']} steps × meta-batch {train['meta_batch_size']} at lr {train['lr']:g}, "
-        f"episodes {episode['n_way']}-way {episode['k_shot']}-shot"
-    )
+    if not learner_class(learner["name"]).meta_trainable:
+        parts.append("no meta-training")
+    else:
+        parts.append(
+            f"{train['steps']} steps × meta-batch {train['meta_batch_size']} "
+            f"at lr {train['lr']:g}, episodes {episode['n_way']}-way {episode['k_shot']}-shot"
+        )
     if settings["overrides"]:
         parts.append("overrides: " + " ".join(settings["overrides"]))
     return "; ".join(parts)
