@@ -323,3 +323,21 @@ def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path):
     mean, ci = 100 * own["mean"], 100 * own["ci95"]
     expected = f"anil − baseline:frozen (3-way 1-shot, 5): {mean:+.2f} ± {ci:.2f}"
     assert expected in printed
+
+
+def test_a_fix_is_paired_with_its_original_on_the_same_episodes(compared, tmp_path):
+    """benchmarks/leaderboard_fix_ablation.py on anil against itself: no difference, and
+    its difference to frozen is the one compare reports."""
+    script = Path(__file__).parents[1] / "benchmarks" / "leaderboard_fix_ablation.py"
+    out = tmp_path / "ablation.json"
+    subprocess.run(
+        [sys.executable, str(script), "--fix", str(compared), "anil",
+         "--original", str(compared), "anil", "--out", str(out)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    rows = {(r["head"], r["protocol"]): r for r in json.loads(out.read_text())["rows"]}
+    report = json.loads((compared / "compare.json").read_text())
+    for r in (r for r in report["rows"] if r["label"] == "anil"):
+        row = rows[(r["head"], r["result"]["protocol"])]
+        assert row["fix_minus_original"]["mean"] == 0.0
+        assert row["fix_minus_frozen"]["mean"] == pytest.approx(r["vs_frozen"]["mean"])
