@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
-from metalm.evaluate import mean_ci95
+from metalm.evaluate import MethodResult
+from metalm.report import paired_difference
 
 
 def cell(row: dict, key: str) -> str:
@@ -148,14 +150,28 @@ def readme_table(reports: list[dict], choices: dict[str, dict[str, str]]) -> str
     return "\n".join(lines)
 
 
-def episodes(report: dict, name: str, protocol: str) -> list[float]:
-    """Per-episode accuracies of a learner's own head (`name`), or of an untrained
-    baseline (`baseline:<label>`, e.g. `baseline:frozen`), at `protocol`."""
+def as_result(row: dict) -> MethodResult:
+    """A result as written in compare.json / report.json, back as a `MethodResult`."""
+    names = {f.name for f in fields(MethodResult)}
+    return MethodResult(**{k: v for k, v in row.items() if k in names})
+
+
+def difference(a: dict, b: dict) -> tuple[float, float]:
+    """`a` − `b` paired on the same episodes or texts, as `metalm compare` pairs them."""
+    found = paired_difference(as_result(a), as_result(b))
+    if found is None:
+        raise SystemExit(f"{a['method']} and {b['method']} share no episodes to pair")
+    return found
+
+
+def result_of(report: dict, name: str, protocol: str) -> dict:
+    """A learner's own-head result (`name`), or an untrained baseline's
+    (`baseline:<label>`, e.g. `baseline:frozen`), at `protocol`."""
     if name.startswith("baseline:"):
         results = report["baselines"][name.removeprefix("baseline:")]
     else:
         results = [r["result"] for r in report["rows"] if (r["label"], r["head"]) == (name, "own")]
-    found = [r["per_episode"] for r in results if r["protocol"] == protocol]
+    found = [r for r in results if r["protocol"] == protocol]
     if not found:
         raise SystemExit(f"{name}: no {protocol} result in this report")
     return found[0]
@@ -165,9 +181,10 @@ def paired(report: dict, a: str, b: str) -> str:
     """`a` − `b` per protocol: mean paired difference ± 95% CI over the shared episodes."""
     lines = []
     for protocol in dict.fromkeys(r["result"]["protocol"] for r in report["rows"]):
-        mine, theirs = episodes(report, a, protocol), episodes(report, b, protocol)
-        mean, ci = mean_ci95([x - y for x, y in zip(mine, theirs, strict=True)])
-        lines.append(f"{a} − {b} ({protocol}, {len(mine)}): {100 * mean:+.2f} ± {100 * ci:.2f}")
+        mine, theirs = result_of(report, a, protocol), result_of(report, b, protocol)
+        mean, ci = difference(mine, theirs)
+        units = min(len(mine["per_episode"]), len(theirs["per_episode"]))
+        lines.append(f"{a} − {b} ({protocol}, {units}): {100 * mean:+.2f} ± {100 * ci:.2f}")
     return "\n".join(lines)
 
 

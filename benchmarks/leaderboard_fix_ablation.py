@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metalm.evaluate import mean_ci95
+from leaderboard import difference  # benchmarks/leaderboard.py, beside this script
 
 
 def results(path: Path) -> dict[str, dict]:
@@ -24,7 +24,7 @@ def results(path: Path) -> dict[str, dict]:
 
 
 def paired(a: dict, b: dict) -> dict[str, float]:
-    mean, ci = mean_ci95([x - y for x, y in zip(a["per_episode"], b["per_episode"], strict=True)])
+    mean, ci = difference(a, b)
     return {"mean": mean, "ci95": ci}
 
 

@@ -102,13 +102,14 @@ def _row(row: CompareRow) -> str:
 def describe(settings: dict[str, Any]) -> str:
     """The learner settings that differ from its config's defaults, and the training."""
     learner = settings["learner"]
-    defaults = learner_class(learner["name"]).config_class()
+    cls = learner_class(learner["name"])
+    defaults = cls.config_class()
     changed = {k: v for k, v in learner.items() if k != "name" and getattr(defaults, k, None) != v}
     parts = [f"learner `{learner['name']}`"]
     if changed:
         parts.append(", ".join(f"{k}={v}" for k, v in changed.items()))
     train, episode = settings["train"], settings["episode"]
-    if not learner_class(learner["name"]).meta_trainable:
+    if not cls.meta_trainable:
         parts.append("no meta-training")
     else:
         parts.append(
