@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,6 +213,26 @@ def test_trained_learners_are_tested_again_without_training(compared, tiny_model
     other = [CompareEntry("anil", learner={"inner_steps": 2})]  # another training
     with pytest.raises(MetalmError, match="trained with other settings"):
         compare(config, other, tmp_path / "other", progress=False, trained_in=compared)
+
+
+def test_an_untrained_baseline_is_shared_by_labels_that_differ_in_training(
+    compared, tiny_model_dir, tmp_path
+):
+    """`anil` trained longer under another label: its untrained self is `anil`'s,
+    copied (timings and all), not evaluated again."""
+    out = tmp_path / "cmp"
+    shutil.copytree(compared, out)
+    config, _ = load_compare_config(None, shared(tiny_model_dir, compared.parent / "runs"), [])
+    longer = CompareEntry("anil", label="anil-long", overrides=["train.steps=3"])
+    report = compare(config, [longer], out, progress=False)
+    twin, copy = out / "baselines" / "anil", out / "baselines" / "anil-long"
+    assert (copy / "report.json").read_bytes() == (twin / "report.json").read_bytes()
+    assert yaml.safe_load((copy / "config.yaml").read_text())["run_name"] == "anil-long"
+    assert {row.train_steps for row in report.rows} == {3}
+    other = CompareEntry("anil", label="anil-2", learner={"eval_inner_steps": 2})
+    compare(config, [other], out, progress=False)  # another untrained learner: evaluated
+    own = json.loads((out / "baselines" / "anil-2" / "report.json").read_text())
+    assert own != json.loads((twin / "report.json").read_text())
 
 
 def test_learners_named_on_the_command_line_keep_their_compare_settings(tmp_path):

@@ -405,7 +405,6 @@ def _baseline(
     if done is not None and _read_key(run_dir) == key:
         return done
     shutil.rmtree(run_dir, ignore_errors=True)
-    _say(progress, f"  untrained baseline: {name}")
     untrained = replace(
         config,
         model=model,
@@ -415,9 +414,32 @@ def _baseline(
         train=replace(config.train, steps=0),
         eval=replace(config.eval, baselines=[]),
     )
+    twin = _same_baseline(root, key, untrained)
+    if twin is not None:  # e.g. two labels of one learner that differ only in training
+        _say(progress, f"  untrained baseline: {name} (the same as {twin.name})")
+        shutil.copytree(twin, run_dir)
+        save_config(untrained, run_dir / CONFIG_FILE)
+        return _finished(run_dir) or []
+    _say(progress, f"  untrained baseline: {name}")
     results = run(untrained, progress=progress).results
     (run_dir / "baseline_key.txt").write_text(key)
     return results
+
+
+def _same_baseline(root: Path, key: str, untrained: RunConfig) -> Path | None:
+    """A finished baseline in `root` of the same untrained learner on the same test tasks
+    (another label's), or None: what training alone changes does not matter untrained."""
+
+    def test_side(config: RunConfig) -> dict[str, Any]:
+        blank = replace(config, output_dir="", run_name="", train=RunConfig().train)
+        return json.loads(json.dumps(to_dict(blank)))
+
+    for other in sorted(root.iterdir()) if root.is_dir() else []:
+        if _read_key(other) != key or _finished(other) is None:
+            continue
+        if test_side(load_config(other / CONFIG_FILE)) == test_side(untrained):
+            return other
+    return None
 
 
 def _read_key(run_dir: Path) -> str | None:
