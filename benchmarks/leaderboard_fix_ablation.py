@@ -39,6 +39,8 @@ def main() -> None:
     frozen = results(orig_dir / "baselines" / "frozen" / "report.json")
     rows = []
     for head, name in (("own", "report.json"), ("logreg", "logreg_head.json")):
+        if head == "logreg" and not (fix_dir / "learners" / fix_label / name).exists():
+            continue  # a learner without embeddings (metaicl) has no logreg row
         mine = results(fix_dir / "learners" / fix_label / name)
         theirs = results(orig_dir / "learners" / orig_label / name)
         for protocol, result in mine.items():
