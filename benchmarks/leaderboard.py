@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import fields
 from pathlib import Path
 
 from metalm.evaluate import MethodResult
@@ -150,15 +149,9 @@ def readme_table(reports: list[dict], choices: dict[str, dict[str, str]]) -> str
     return "\n".join(lines)
 
 
-def as_result(row: dict) -> MethodResult:
-    """A result as written in compare.json / report.json, back as a `MethodResult`."""
-    names = {f.name for f in fields(MethodResult)}
-    return MethodResult(**{k: v for k, v in row.items() if k in names})
-
-
 def difference(a: dict, b: dict) -> tuple[float, float]:
     """`a` − `b` paired on the same episodes or texts, as `metalm compare` pairs them."""
-    found = paired_difference(as_result(a), as_result(b))
+    found = paired_difference(MethodResult.from_dict(a), MethodResult.from_dict(b))
     if found is None:
         raise SystemExit(f"{a['method']} and {b['method']} share no episodes to pair")
     return found

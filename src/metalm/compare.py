@@ -22,7 +22,7 @@ import json
 import shutil
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -454,9 +454,8 @@ def _finished(run_dir: Path) -> list[MethodResult] | None:
 def _read_results(path: Path) -> list[MethodResult] | None:
     if not path.exists():
         return None
-    names = {f.name for f in fields(MethodResult)}
     rows = json.loads(path.read_text(encoding="utf-8"))["results"]
-    return [MethodResult(**{k: v for k, v in row.items() if k in names}) for row in rows]
+    return [MethodResult.from_dict(row) for row in rows]
 
 
 def _write_results(path: Path, results: list[MethodResult]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -54,6 +54,13 @@ class MethodResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MethodResult:
+        """A result as written in a report (`as_dict`); other keys, such as a compare
+        row's `vs_frozen`, are left out."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def episode_correct(learner: MetaLearner, episode: Episode) -> np.ndarray:
