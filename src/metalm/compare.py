@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from metalm.checkpoint import load_weights
+from metalm.compare_report import CompareReport, CompareRow
 from metalm.config import (
     RunConfig,
     config_from_data,
@@ -56,8 +57,6 @@ from metalm.rundir import CONFIG_FILE, LOG_FILE, REPORT_JSON, has_checkpoint, tr
 from metalm.tasks import build_pools, pools_overlap
 
 COMPARE_FILE = "compare.yaml"
-REPORT_NAME = "compare"
-HEADS = ("own", "logreg")
 # a learner's own overrides may change how it trains, not what it is tested on
 FIXED_KEYS = ("data.", "eval.", "output_dir", "run_name")
 
@@ -88,61 +87,6 @@ class CompareEntry:
                     "not change data.*, eval.*, output_dir or run_name (every learner is "
                     "tested on the same tasks)"
                 )
-
-
-@dataclass
-class CompareRow:
-    """One learner under one head and one protocol, with its paired differences."""
-
-    label: str
-    head: str  # own | logreg
-    result: MethodResult
-    vs_same_head: tuple[float, float] | None
-    vs_frozen: tuple[float, float] | None
-    meta_train_seconds: float
-    train_steps: int
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("vs_same_head", "vs_frozen")}
-        for key in ("vs_same_head", "vs_frozen"):
-            value = getattr(self, key)
-            out[key] = None if value is None else {"mean": value[0], "ci95": value[1]}
-        return out
-
-
-@dataclass
-class CompareReport:
-    """Every learner's rows, the settings each one ran with, and the class overlap."""
-
-    rows: list[CompareRow]
-    baselines: dict[str, list[MethodResult]]
-    settings: dict[str, dict[str, Any]]
-    overlap: list[dict[str, Any]]
-    strict: bool
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "rows": [row.as_dict() for row in self.rows],
-            "baselines": {k: [asdict(r) for r in v] for k, v in self.baselines.items()},
-            "settings": self.settings,
-            "overlap": self.overlap,
-            "strict": self.strict,
-            "errors": self.errors,
-        }
-
-    def to_markdown(self) -> str:
-        from metalm.compare_report import markdown
-
-        return markdown(self)
-
-    def write(self, out: Path) -> None:
-        from metalm.compare_report import plot
-
-        (out / f"{REPORT_NAME}.json").write_text(json.dumps(self.as_dict(), indent=1))
-        (out / f"{REPORT_NAME}.md").write_text(self.to_markdown() + "\n")
-        if self.rows:
-            plot(self, out / f"{REPORT_NAME}.png")
 
 
 def load_compare_config(

@@ -1,18 +1,70 @@
-"""How a `metalm compare` report reads: Markdown tables per protocol and a plot of
-accuracy against adapt time."""
+"""A `metalm compare` report: its rows and what it holds (`CompareReport`), and how it
+reads: Markdown tables per protocol and a plot of accuracy against adapt time."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from metalm.evaluate import MethodResult
 from metalm.learners import learner_class
 from metalm.report import _pyplot
 
-if TYPE_CHECKING:
-    from metalm.compare import CompareReport, CompareRow
-
+REPORT_NAME = "compare"
 HEAD_NAMES = {"own": "its own", "logreg": "logreg on its encoder"}
+
+
+@dataclass
+class CompareRow:
+    """One learner under one head and one protocol, with its paired differences."""
+
+    label: str
+    head: str  # own | logreg
+    result: MethodResult
+    vs_same_head: tuple[float, float] | None
+    vs_frozen: tuple[float, float] | None
+    meta_train_seconds: float
+    train_steps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("vs_same_head", "vs_frozen")}
+        for key in ("vs_same_head", "vs_frozen"):
+            value = getattr(self, key)
+            out[key] = None if value is None else {"mean": value[0], "ci95": value[1]}
+        return out
+
+
+@dataclass
+class CompareReport:
+    """Every learner's rows, the settings each one ran with, and the class overlap."""
+
+    rows: list[CompareRow]
+    baselines: dict[str, list[MethodResult]]
+    settings: dict[str, dict[str, Any]]
+    overlap: list[dict[str, Any]]
+    strict: bool
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [row.as_dict() for row in self.rows],
+            "baselines": {k: [asdict(r) for r in v] for k, v in self.baselines.items()},
+            "settings": self.settings,
+            "overlap": self.overlap,
+            "strict": self.strict,
+            "errors": self.errors,
+        }
+
+    def to_markdown(self) -> str:
+        return markdown(self)
+
+    def write(self, out: Path) -> None:
+        (out / f"{REPORT_NAME}.json").write_text(json.dumps(self.as_dict(), indent=1))
+        (out / f"{REPORT_NAME}.md").write_text(self.to_markdown() + "\n")
+        if self.rows:
+            plot(self, out / f"{REPORT_NAME}.png")
 
 
 def _delta(value: tuple[float, float] | None) -> str:
