@@ -121,8 +121,17 @@ class FewShotClassifier:
     def is_adapted(self) -> bool:
         return self.state_ is not None
 
-    def adapt(self, texts: Sequence[str], labels: Sequence[Label]) -> FewShotClassifier:
-        """Learn the task from labeled examples (at least 2 classes); returns self."""
+    def adapt(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[Label],
+        unlabeled: Sequence[str] | None = None,
+    ) -> FewShotClassifier:
+        """Learn the task from labeled examples (at least 2 classes); returns self.
+
+        `unlabeled`: texts of the task without labels; the most confident predictions
+        among them join the examples and the head is fitted again (self-training,
+        `frozen`/`protonet` models; `learner.self_train_*` set how many and how much)."""
         texts = check_texts(texts)
         labels = [_label(v, i) for i, v in enumerate(labels)]
         if not texts:
@@ -136,9 +145,16 @@ class FewShotClassifier:
         # learners that draw random numbers while adapting get the same ones every time
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            state = self.learner.adapt_named(
-                texts, [index[v] for v in labels], [str(c) for c in classes]
-            )
+            names = [str(c) for c in classes]
+            if unlabeled:
+                state = self.learner.adapt_unlabeled(
+                    texts,
+                    [index[v] for v in labels],
+                    names,
+                    check_texts(unlabeled, "unlabeled texts"),
+                )
+            else:
+                state = self.learner.adapt_named(texts, [index[v] for v in labels], names)
         self.state_ = {k: v.detach() for k, v in state.items()}
         self._classes = classes
         _trim_token_cache(self.learner)

@@ -99,7 +99,8 @@ class DataConfig:
     from one source, chosen by the sources' `weight`, and each source's classes are
     split into meta-train/val/test on their own. `test` may also pair a `support` and a
     `query` source of your own (the full-way protocol on them, see `EvalSource`).
-    `unlabeled` adds tasks made from texts without labels (see `UnlabeledConfig`); with
+    `unlabeled` adds tasks made from texts without labels (see `UnlabeledConfig`), one
+    source or a list (each with its own weight and tasks); with
     `train: []` they are the only tasks (no meta-val classes; `test` may then be null,
     with no test protocols).
     """
@@ -111,11 +112,11 @@ class DataConfig:
     test: EvalSource | None = field(default_factory=lambda: EvalSource("banking77", "test"))
     classes: ClassesConfig = field(default_factory=ClassesConfig)
     drop_small_classes: bool = False
-    unlabeled: UnlabeledConfig | None = None
+    unlabeled: UnlabeledConfig | list[UnlabeledConfig] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.train, list):
-            if not self.train and self.unlabeled is None:
+            if not self.train and not self.unlabeled_sources:
                 raise MetalmError(
                     "data.train is an empty list; give at least one labeled source, or "
                     "data.unlabeled to meta-train on texts without labels"
@@ -130,6 +131,13 @@ class DataConfig:
     def train_sources(self) -> list[DataSource]:
         """The labeled training sources, as a list."""
         return list(self.train) if isinstance(self.train, list) else [self.train]
+
+    @property
+    def unlabeled_sources(self) -> list[UnlabeledConfig]:
+        """The sources of texts without labels, as a list (each makes its own tasks)."""
+        if self.unlabeled is None:
+            return []
+        return list(self.unlabeled) if isinstance(self.unlabeled, list) else [self.unlabeled]
 
 
 @dataclass

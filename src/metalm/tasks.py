@@ -31,6 +31,7 @@ from metalm.errors import MetalmError
 
 # seeds of the second, third, ... training source: episode i of each source differs
 SOURCE_SEED_STRIDE = 7919
+UNLABELED_SEED_STRIDE = 104729  # the j-th unlabeled source: seed + j * stride (0 for one)
 VAL_SETTINGS = SettingNames("train.val_n_way", "train.val_k_shot", "train.val_q_queries")
 
 
@@ -40,9 +41,9 @@ class TaskPools:
     (unless the test pool comes from another dataset).
 
     `train_parts`/`val_parts` hold each labeled training source's meta-train and meta-val
-    classes (with its weight); `train`/`val` are the first source's. `unlabeled` holds the
-    texts without labels, if any. `removed_overlap`: what a strict split
-    (`data.classes.strict`) took out of meta-training, and why.
+    classes (with its weight); `train`/`val` are the first source's. `unlabeled` holds each
+    source of texts without labels (`data.unlabeled`), with its texts. `removed_overlap`:
+    what a strict split (`data.classes.strict`) took out of meta-training, and why.
     """
 
     split: ClassSplit
@@ -53,8 +54,7 @@ class TaskPools:
     full_way: dict[int, Episode] = field(default_factory=dict)
     train_parts: list[tuple[LabeledTextDataset, float]] = field(default_factory=list)
     val_parts: list[LabeledTextDataset] = field(default_factory=list)
-    unlabeled: list[str] = field(default_factory=list)
-    unlabeled_config: UnlabeledConfig | None = None
+    unlabeled: list[tuple[UnlabeledConfig, list[str]]] = field(default_factory=list)
     removed_overlap: list[ClassOverlap] = field(default_factory=list)
 
     def sampler(self, pool: str, episode: EpisodeConfig, seed: int, drop_small: bool = False):
@@ -95,8 +95,10 @@ class TaskPools:
             for j, (dataset, _) in enumerate(parts)
         ]
         weights = [weight for _, weight in parts]
-        if self.unlabeled_config is not None:
-            extra, extra_weights = unlabeled_samplers(self.unlabeled, self.unlabeled_config, seed)
+        for j, (config, texts) in enumerate(self.unlabeled):
+            extra, extra_weights = unlabeled_samplers(
+                texts, config, seed + UNLABELED_SEED_STRIDE * j
+            )
             samplers += extra
             weights += extra_weights
         return mixture(samplers, weights, seed)
@@ -220,11 +222,12 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
             pool = val_source or dataset
             val_parts.append(pool.subset(part.val, f"{pool.name}[meta-val]"))
     full_way = _full_way(data, test_spec, test_pool, full_way_shots or [], split, cross)
-    unlabeled: list[str] = []
-    if data.unlabeled is not None:
-        unlabeled = load_texts(data.unlabeled)
+    unlabeled = []
+    for source in data.unlabeled_sources:
+        texts = load_texts(source)
         if test_pool is not None:
-            _warn_overlap(unlabeled, test_pool, data.unlabeled)
+            _warn_overlap(texts, test_pool, source)
+        unlabeled.append((source, texts))
     return TaskPools(
         split=split,
         train=train_parts[0][0] if train_parts else None,
@@ -235,7 +238,6 @@ def build_pools(data: DataConfig, full_way_shots: list[int] | None = None) -> Ta
         train_parts=train_parts,
         val_parts=val_parts,
         unlabeled=unlabeled,
-        unlabeled_config=data.unlabeled,
         removed_overlap=overlap,
     )
 

@@ -233,13 +233,17 @@ def test_meta_training_on_labeled_mixture_plus_unlabeled_tasks(tiny_model_dir, t
 
     tickets = tmp_path / "tickets.txt"
     tickets.write_text("\n".join(_texts(10)))
+    emails = tmp_path / "emails.txt"
+    emails.write_text("\n".join(_texts(5)[:24]))
     overrides = tiny_overrides(
         tiny_model_dir,
         tmp_path,
         **{
             "train.steps": 6,
             "data.train": "[clinc150, {source: examples/intents.csv, weight: 0.5}]",
-            "data.unlabeled": f"{{source: {tickets}, clusters: 6, n_way: 4, refresh_every: 3}}",
+            # two sources of texts without labels, each with its own cluster tasks
+            "data.unlabeled": f"[{{source: {tickets}, clusters: 6, n_way: 4, refresh_every: 3}}, "
+            f"{{source: {emails}, clusters: 3, n_way: 3, weight: 0.5}}]",
             "episode.hard_negatives": 0.5,
             "episode.hard_refresh_every": 2,
             "episode.q_queries": 1,
@@ -254,9 +258,10 @@ def test_meta_training_on_labeled_mixture_plus_unlabeled_tasks(tiny_model_dir, t
     from safetensors.torch import load_file
 
     state = load_file(saved)
-    # hard-negative neighbours of both labeled sources, and the cluster assignments
-    assert {"0.neighbours", "1.neighbours", "2.assignments"} <= set(state)
-    assert state["2.assignments"].shape == (60,)
+    # hard-negative neighbours of both labeled sources, and each source's cluster assignments
+    assert {"0.neighbours", "1.neighbours", "2.assignments", "3.assignments"} <= set(state)
+    assert state["2.assignments"].shape == (60,) and state["3.assignments"].shape == (24,)
+    assert set(state["3.assignments"].tolist()) <= {0, 1, 2}
     assert report.find("protonet", "3-way 1-shot") is not None
 
 

@@ -184,6 +184,11 @@ def _add_adapt(sub) -> None:
     adapt.add_argument("--model", required=True, help="model directory or Hugging Face id")
     adapt.add_argument("--support", required=True, help="labeled examples (.csv or .jsonl)")
     adapt.add_argument("--out", required=True, help="the task directory to write")
+    adapt.add_argument(
+        "--unlabeled",
+        metavar="FILE",
+        help="texts of the task without labels (.csv/.jsonl/.txt): self-training on them",
+    )
     adapt.add_argument("--text-column", default="text")
     adapt.add_argument("--label-column", default="label")
     adapt.add_argument("--device", default="auto")

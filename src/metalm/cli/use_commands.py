@@ -43,12 +43,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_adapt(args: argparse.Namespace) -> None:
     from metalm.classifier import FewShotClassifier
-    from metalm.textfiles import read_labeled
+    from metalm.textfiles import read_labeled, read_texts
 
     texts, labels = read_labeled(args.support, args.text_column, args.label_column)
+    unlabeled = read_texts(args.unlabeled, args.text_column) if args.unlabeled else None
     clf = FewShotClassifier.from_pretrained(args.model, device=args.device, quantize=args.quantize)
-    clf.adapt(texts, labels).save_task(args.out)
-    print(f"adapted to {len(clf.classes_)} classes from {len(texts)} examples: task in {args.out}")
+    clf.adapt(texts, labels, unlabeled=unlabeled).save_task(args.out)
+    extra = f" and {len(unlabeled)} unlabeled texts" if unlabeled else ""
+    print(
+        f"adapted to {len(clf.classes_)} classes from {len(texts)} examples{extra}: "
+        f"task in {args.out}"
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

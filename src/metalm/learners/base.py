@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
+from metalm.learners.label_names import LABEL_NAME_MODES, usable_names
 from metalm.models.encoder import TextEncoder
 
 if TYPE_CHECKING:
@@ -26,6 +27,46 @@ class LearnerConfig:
     """Base of every learner's typed config; `name` picks the learner."""
 
     name: str = "protonet"
+
+
+@dataclass
+class LabelNamesConfig(LearnerConfig):
+    """The label-name options of the learners that read embeddings.
+
+    `label_names`: `off`; `example`: each class's name, as words (`card_arrival` →
+    "card arrival"), is one more support example of its class, counting
+    `label_name_weight` examples where the head weighs its examples (`frozen`,
+    `protonet`: centroid and logistic-regression heads, and in `protonet`'s
+    meta-training loss) and one elsewhere; `prior` (`frozen`, `protonet`): the
+    logistic regression's L2 penalty also pulls each class's weights towards the
+    prototype head of its name, `label_name_weight` times as strongly (the centroid
+    head, a Gaussian prior on the class mean, counts the name as `label_name_weight`
+    examples, as `example` does). Names that are ids (`0`, `class_3`: see
+    `metalm.learners.label_names`) switch the option off for that task, with a warning.
+    """
+
+    label_names: str = "off"
+    label_name_weight: float = 1.0
+    weighs_label_names: ClassVar[bool] = False  # the learner honours the weight and `prior`
+
+    def __post_init__(self) -> None:
+        if self.label_names not in LABEL_NAME_MODES:
+            raise MetalmError(
+                f"learner.label_names must be one of {', '.join(LABEL_NAME_MODES)}; "
+                f"got {self.label_names!r}"
+            )
+        if not self.label_name_weight > 0:
+            raise MetalmError(
+                f"learner.label_name_weight must be > 0, got {self.label_name_weight}"
+            )
+        if not self.weighs_label_names and (
+            self.label_names == "prior" or self.label_name_weight != 1.0
+        ):
+            raise MetalmError(
+                f"learner {self.name!r} adds each label name once, as a support example: "
+                "use learner.label_names=example with label_name_weight=1 (`prior` and "
+                "other weights work with frozen and protonet)"
+            )
 
 
 class MetaLearner(nn.Module, ABC):
@@ -54,10 +95,40 @@ class MetaLearner(nn.Module, ABC):
         support_labels: Sequence[int],
         label_names: Sequence[str],
     ) -> TaskState:
-        """`adapt`, given also the name of each label (in-context learners write them in
-        their prompt; the others ignore them)."""
-        del label_names
-        return self.adapt(support_texts, support_labels)
+        """`adapt`, given also the name of each label: in-context learners write them in
+        their prompt; with `learner.label_names=example`, each name (as words) is one
+        more support example of its class; otherwise the names are not read."""
+        names = self.label_texts(label_names, support_labels)
+        if names is None:
+            return self.adapt(support_texts, support_labels)
+        return self.adapt(
+            list(support_texts) + names, list(support_labels) + list(range(len(names)))
+        )
+
+    def adapt_unlabeled(
+        self,
+        support_texts: Sequence[str],
+        support_labels: Sequence[int],
+        label_names: Sequence[str] | None,
+        unlabeled_texts: Sequence[str],
+    ) -> TaskState:
+        """`adapt`, then self-training on texts without labels (`frozen`, `protonet`)."""
+        raise MetalmError(
+            f"learner {self.name!r} does not self-train on unlabeled texts; adapt without "
+            "them, or use a frozen or protonet model"
+        )
+
+    def label_texts(
+        self, label_names: Sequence[str], support_labels: Sequence[int]
+    ) -> list[str] | None:
+        """The label names as texts to embed when `learner.label_names` is on and the
+        names are words (a warning says when they are ids), else None."""
+        if getattr(self.config, "label_names", "off") == "off":
+            return None
+        n_way = max(support_labels, default=-1) + 1
+        if len(label_names) != n_way:
+            raise MetalmError(f"{n_way} classes but {len(label_names)} label names")
+        return usable_names(label_names)
 
     @abstractmethod
     def predict(self, state: TaskState, query_texts: Sequence[str]) -> Tensor:

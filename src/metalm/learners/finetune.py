@@ -11,7 +11,7 @@ from torch import Tensor
 from metalm.errors import MetalmError
 from metalm.learners.base import (
     ENCODER_PREFIX,
-    LearnerConfig,
+    LabelNamesConfig,
     MetaLearner,
     TaskState,
     as_labels,
@@ -26,7 +26,7 @@ from metalm.models.encoder import TextEncoder
 
 
 @dataclass
-class FinetuneConfig(LearnerConfig):
+class FinetuneConfig(LabelNamesConfig):
     """Per-task fine-tuning on the support set, then predict.
 
     Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): `head_steps` AdamW steps
@@ -50,6 +50,7 @@ class FinetuneConfig(LearnerConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.head_init not in ("zero", "prototype"):
             raise MetalmError(
                 f"learner.head_init must be 'zero' or 'prototype', got {self.head_init!r}"

@@ -27,7 +27,7 @@ from metalm.errors import MetalmError
 from metalm.learners.base import (
     ENCODER_PREFIX,
     HEAD_KEYS,
-    LearnerConfig,
+    LabelNamesConfig,
     MetaLearner,
     TaskState,
     as_labels,
@@ -54,7 +54,7 @@ EVAL_HEAD_INITS = (*HEAD_INITS, "logreg")
 
 
 @dataclass
-class GradientConfig(LearnerConfig):
+class GradientConfig(LabelNamesConfig):
     """Shared by the gradient-based learners.
 
     `inner_steps` gradient steps adapt each task during meta-training, and
@@ -80,6 +80,7 @@ class GradientConfig(LearnerConfig):
     vectorize: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.inner_steps < 0 or (
             self.eval_inner_steps is not None and self.eval_inner_steps < 0
         ):

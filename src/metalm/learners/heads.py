@@ -73,12 +73,15 @@ def _per(values: Tensor) -> Tensor:
     return values[:, None, None]
 
 
-def _objective(x1: Tensor, labels: Tensor, weights: Tensor, l2: Tensor) -> Objective:
+def _objective(
+    x1: Tensor, labels: Tensor, weights: Tensor, l2: Tensor, center: Tensor | None = None
+) -> Objective:
     """Loss [P] and gradient [P, N, D] of P weighted logistic regressions.
 
     `x1` [n, D]: features with a trailing 1 (the bias); `weights` [n, P]: each problem's
-    weight on each row (its training rows, 1/count each); `l2` [P]. `theta` [P, N, D]:
-    weights with the bias as the last column (not penalised).
+    weight on each row (its training rows, summing to 1); `l2` [P]. `theta` [P, N, D]:
+    weights with the bias as the last column (not penalised). `center` [P, N, D-1]: the
+    weights the L2 penalty pulls towards (default 0).
     """
     n, dim = x1.shape
     problems = weights.shape[1]
@@ -89,13 +92,13 @@ def _objective(x1: Tensor, labels: Tensor, weights: Tensor, l2: Tensor) -> Objec
         logp = logits.log_softmax(-1)
         target = labels.view(n, 1, 1).expand(n, problems, 1)
         nll = -logp.gather(2, target).squeeze(2)  # [n, P]
-        squared = _dot(theta, theta) - theta[:, :, -1].pow(2).sum(1)
-        loss = (nll * weights).sum(0) + 0.5 * l2 * squared
+        offset = theta[:, :, :-1] if center is None else theta[:, :, :-1] - center
+        loss = (nll * weights).sum(0) + 0.5 * l2 * _dot(offset, offset)
         dlogits = logp.exp_()  # softmax - onehot, weighted: d loss / d logits
         dlogits.scatter_add_(2, target, torch.full_like(target, -1, dtype=dlogits.dtype))
         dlogits.mul_(weights[:, :, None])
         grad = (dlogits.view(n, problems * n_way).T @ x1).view(problems, n_way, dim)
-        grad[:, :, :-1].addcmul_(_per(l2), theta[:, :, :-1])
+        grad[:, :, :-1].addcmul_(_per(l2), offset)
         return loss, grad
 
     return evaluate
@@ -160,10 +163,10 @@ def _lbfgs(objective: Objective, theta: Tensor, max_iter: int, tol: float = LBFG
 
 def _scaled_prototypes(
     x1: Tensor, onehot: Tensor, row_weights: Tensor, weights: Tensor, l2: Tensor
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Each problem's prototype head (from its own training rows) [P, N, D], times the
     temperature τ that minimises its penalised loss along that ray (a few Newton steps
-    on the convex 1-D problem)."""
+    on the convex 1-D problem); and τ [P]."""
     n, dim = x1.shape
     problems, n_way = row_weights.shape[0], onehot.shape[1]
     counts = row_weights @ onehot  # [P, N]
@@ -182,7 +185,7 @@ def _scaled_prototypes(
         slope = ((mean - target) * weights).sum(0) + l2 * tau * norm
         curvature = (variance * weights).sum(0) + l2 * norm
         tau = (tau - slope / curvature.clamp(min=1e-12)).clamp(tau / 4, tau * 4)
-    return theta * _per(tau)
+    return theta * _per(tau), tau
 
 
 def _fit_batched(
@@ -193,22 +196,35 @@ def _fit_batched(
     l2: Tensor,
     max_iter: int,
     tol: float = LBFGS_TOL,
+    prior: Tensor | None = None,
+    prior_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Fit P independent logistic regressions at once (see `_lbfgs`).
 
-    `row_weights` [P, n]: which support rows each problem trains on (0/1);
-    `l2` [P]: each problem's L2 strength. Returns W [P, N, dim] and b [P, N], each
-    started from the (temperature-scaled) prototypes of the rows it trains on.
+    `row_weights` [P, n]: how much each support row counts in each problem (0: left
+    out; a row of weight 2 counts as two copies); `l2` [P]: each problem's L2 strength.
+    Returns W [P, N, dim] and b [P, N], each started from the (temperature-scaled)
+    prototypes of the rows it trains on.
+
+    `prior` [N, dim] (e.g. the embeddings of the class names): the penalty becomes
+    `l2/2·‖W‖² + prior_weight·l2/2·‖W − τ·2·prior‖²`, a Gaussian prior centred on the
+    prototype head of `prior` at the temperature τ of the problem's start.
     """
     x = features.detach().float()
     x1 = torch.cat([x, x.new_ones(len(x), 1)], 1)
     onehot = torch.nn.functional.one_hot(labels, n_way).to(x.dtype)
     row_weights = row_weights.to(x)
-    weights = (row_weights / row_weights.sum(1, keepdim=True).clamp(min=1)).T.contiguous()
+    weights = (row_weights / row_weights.sum(1, keepdim=True).clamp(min=1e-12)).T.contiguous()
     l2 = l2.to(x)
     with torch.no_grad():
-        theta = _scaled_prototypes(x1, onehot, row_weights, weights, l2)
-        theta = _lbfgs(_objective(x1, labels, weights, l2), theta.contiguous(), max_iter, tol)
+        theta, tau = _scaled_prototypes(x1, onehot, row_weights, weights, l2)
+        center = None
+        if prior is not None:  # l2‖W‖² + w·l2‖W − C‖² = (1+w)·l2‖W − w/(1+w)·C‖² + const
+            share = prior_weight / (1 + prior_weight)
+            center = _per(share * tau) * 2 * prior.detach().to(x)[None]
+            l2 = l2 * (1 + prior_weight)
+        objective = _objective(x1, labels, weights, l2, center)
+        theta = _lbfgs(objective, theta.contiguous(), max_iter, tol)
     return theta[:, :, :-1].contiguous(), theta[:, :, -1].contiguous()
 
 
@@ -298,14 +314,30 @@ def fit_logreg(
     grid: Sequence[float] = L2_GRID,
     max_iter: int = FIT_ITER,
     tol: float = LBFGS_TOL,
+    sample_weight: Tensor | None = None,
+    prior: Tensor | None = None,
+    prior_weight: float = 1.0,
 ) -> dict[str, Tensor]:
     """A multinomial logistic regression head `{"head.weight", "head.bias"}` on
     `features`, started from the prototype head; `l2=None` picks it by
     leave-one-shot-out over `grid` (see `choose_l2`). `head.l2` records the strength.
-    L-BFGS stops after `max_iter` steps or when no gradient entry is above `tol`."""
+    L-BFGS stops after `max_iter` steps or when no gradient entry is above `tol`.
+
+    `sample_weight` [n]: how much each row counts (default 1 each); `prior` [N, dim],
+    `prior_weight`: a Gaussian prior on the weights centred on the prototype head of
+    `prior`, e.g. the class names' embeddings (see `_fit_batched`)."""
     if l2 is None:
         l2 = choose_l2(features, labels, n_way, grid)
-    ones = torch.ones(1, len(labels), device=features.device)
+    if sample_weight is None:
+        rows = torch.ones(1, len(labels), device=features.device)
+    else:
+        if sample_weight.shape != labels.shape or not bool((sample_weight >= 0).all()):
+            raise ValueError("sample_weight needs one weight >= 0 per row")
+        rows = sample_weight.detach().float().view(1, -1)
+    if prior is not None and prior.shape != (n_way, features.shape[1]):
+        raise ValueError(f"prior must be [{n_way}, {features.shape[1]}], got {list(prior.shape)}")
     strength = torch.tensor([float(l2)], device=features.device)
-    weight, bias = _fit_batched(features, labels, n_way, ones, strength, max_iter, tol)
+    weight, bias = _fit_batched(
+        features, labels, n_way, rows, strength, max_iter, tol, prior, prior_weight
+    )
     return {"head.weight": weight[0], "head.bias": bias[0], "head.l2": strength}

@@ -20,13 +20,13 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.base import LearnerConfig, MetaLearner
+from metalm.learners.base import LabelNamesConfig, MetaLearner
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass
-class FeatureConfig(LearnerConfig):
+class FeatureConfig(LabelNamesConfig):
     """Options common to the model-based learners.
 
     `train_encoder`: also meta-train the encoder (at `train.lr`); off by default, so the
@@ -41,6 +41,7 @@ class FeatureConfig(LearnerConfig):
     logit_scale: float = 10.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive(meta_lr=self.meta_lr, logit_scale=self.logit_scale)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from metalm.errors import MetalmError
 from metalm.learners.base import (
     ENCODER_PREFIX,
     HEAD_KEYS,
-    LearnerConfig,
+    LabelNamesConfig,
     MetaLearner,
     TaskState,
     as_labels,
@@ -31,6 +32,7 @@ from metalm.learners.base import (
 )
 from metalm.learners.finetune import finetune_encoder
 from metalm.learners.heads import DEFAULT_LOGREG_L2, fit_logreg
+from metalm.learners.label_names import usable_names
 from metalm.models.encoder import TextEncoder
 
 
@@ -51,7 +53,7 @@ LPFT_WEIGHT_DECAY = 0.01
 
 
 @dataclass
-class EmbeddingHeadConfig(LearnerConfig):
+class EmbeddingHeadConfig(LabelNamesConfig):
     """How an embedding learner adapts to a task (`learner.head`):
 
     * `centroid`: nearest class centroid (prototypes) with the learner's `distance`;
@@ -67,13 +69,18 @@ class EmbeddingHeadConfig(LearnerConfig):
     a trained encoder is adapted and applied to a task.
     """
 
+    weighs_label_names: ClassVar[bool] = True
     head: str = "logreg"
     logreg_l2: float = DEFAULT_LOGREG_L2
     lpft_steps: int = 10
     lpft_lr: float = 3e-5
     lpft_head_lr: float = 1e-3
+    self_train_per_class: int = 5
+    self_train_weight: float = 0.5
+    self_train_min_prob: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.head not in HEADS:
             raise MetalmError(f"learner.head must be one of {', '.join(HEADS)}; got {self.head!r}")
         if self.logreg_l2 < 0:
@@ -85,6 +92,14 @@ class EmbeddingHeadConfig(LearnerConfig):
             raise MetalmError(f"learner.lpft_steps must be >= 0, got {self.lpft_steps}")
         if self.lpft_lr < 0 or self.lpft_head_lr < 0:
             raise MetalmError("learner.lpft_lr and learner.lpft_head_lr must be >= 0")
+        if self.self_train_per_class < 1 or not self.self_train_weight > 0:
+            raise MetalmError(
+                "learner.self_train_per_class must be >= 1 and learner.self_train_weight > 0"
+            )
+        if not 0 <= self.self_train_min_prob < 1:
+            raise MetalmError(
+                f"learner.self_train_min_prob must be in [0, 1), got {self.self_train_min_prob}"
+            )
 
 
 @dataclass
@@ -155,12 +170,97 @@ class _CentroidLearner(MetaLearner):
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
 
     def adapt(self, support_texts: Sequence[str], support_labels: Sequence[int]) -> TaskState:
+        return self._adapt(support_texts, support_labels, None)
+
+    def adapt_named(
+        self,
+        support_texts: Sequence[str],
+        support_labels: Sequence[int],
+        label_names: Sequence[str],
+    ) -> TaskState:
+        """`adapt`, with the label names read as `learner.label_names` says."""
+        names = self.label_texts(label_names, support_labels)
+        return self._adapt(support_texts, support_labels, names)
+
+    def adapt_unlabeled(
+        self,
+        support_texts: Sequence[str],
+        support_labels: Sequence[int],
+        label_names: Sequence[str] | None,
+        unlabeled_texts: Sequence[str],
+    ) -> TaskState:
+        """`adapt_named` (or `adapt` without names), then one round of self-training:
+        each class's `self_train_per_class` most confident texts of `unlabeled_texts`
+        (those it is predicted as, with probability >= `self_train_min_prob`) join the
+        support set as examples of weight `self_train_weight`, and the head is fitted
+        again.
+
+        Example:
+            >>> state = learner.adapt_unlabeled(texts, labels, None, queries)
+            >>> learner.predict(state, queries).shape
+            torch.Size([3, 3])
+        """
+        names = None
+        if label_names is not None:
+            names = self.label_texts(label_names, support_labels)
+        state = self._adapt(support_texts, support_labels, names)
+        if not unlabeled_texts:
+            return state
+        cfg = self.config
+        probs = self.predict(state, unlabeled_texts).float().softmax(-1)
+        confidence, guess = probs.max(-1)
+        chosen: list[int] = []
+        for label in range(probs.shape[1]):
+            rows = torch.nonzero((guess == label) & (confidence >= cfg.self_train_min_prob))
+            rows = rows.flatten()
+            best = confidence[rows].argsort(descending=True)[: cfg.self_train_per_class]
+            chosen += rows[best].tolist()
+        if not chosen:
+            return state
+        features = self.encoder.embed([unlabeled_texts[i] for i in chosen])
+        pseudo = (features, guess[chosen].to(features.device), cfg.self_train_weight)
+        return self._adapt(support_texts, support_labels, names, pseudo)
+
+    def _adapt(
+        self,
+        support_texts: Sequence[str],
+        support_labels: Sequence[int],
+        names: list[str] | None,
+        extra: tuple[Tensor, Tensor, float] | None = None,
+    ) -> TaskState:
+        """The task head on the support embeddings, plus the names' embeddings (as
+        `learner.label_names` says) and `extra` rows (embeddings, labels, their weight)."""
         cfg = self.config
         labels, n_way = as_labels(support_labels, self.encoder.device)
         features = self.encoder.embed(support_texts)
+        rows, row_labels = [features], [labels]
+        weights = [torch.ones(len(labels), device=features.device)]
+        prior = None
+        if names is not None:
+            named = self.encoder.embed(names).to(features)
+            if cfg.label_names == "prior" and cfg.head != "centroid":
+                prior = named
+            else:  # the centroid's Gaussian prior on the mean counts as weighted examples
+                rows.append(named)
+                row_labels.append(torch.arange(n_way, device=labels.device))
+                weights.append(torch.full((n_way,), cfg.label_name_weight, device=features.device))
+        if extra is not None:
+            rows.append(extra[0].to(features))
+            row_labels.append(extra[1])
+            weights.append(torch.full((len(extra[1]),), extra[2], device=features.device))
+        x, y = torch.cat(rows), torch.cat(row_labels)
+        weight = torch.cat(weights) if len(rows) > 1 else None
         if cfg.head == "centroid":
-            return {"prototypes": one_hot_means(features, labels, n_way)}
-        state = fit_logreg(features, labels, n_way, l2=cfg.logreg_l2 or None)
+            return {"prototypes": weighted_means(x, y, n_way, weight)}
+        state = fit_logreg(
+            x,
+            y,
+            n_way,
+            l2=cfg.logreg_l2 or None,
+            sample_weight=weight,
+            prior=prior,
+            prior_weight=cfg.label_name_weight,
+        )
         if cfg.head == "lpft":
             head = {k: state[k].clone().requires_grad_() for k in HEAD_KEYS}
             params = finetune_encoder(
@@ -222,20 +322,54 @@ class ProtoNet(_CentroidLearner):
         super().__init__(encoder, config, config.init_scale, config.learn_scale)
 
     def meta_loss(self, episode: Episode) -> Tensor:
-        texts = episode.support_texts + episode.query_texts
+        """The prototype (or ridge) loss of the queries; with `learner.label_names` on,
+        the names of a source that has them (not of cluster tasks: `cluster-3`) join the
+        support set, so that the encoder learns to place a name near its examples."""
+        cfg = self.config
+        names = None
+        if cfg.label_names != "off":
+            names = usable_names(episode.label_names, warn=False)
+        texts = episode.support_texts + episode.query_texts + (names or [])
         embeddings = self.encoder(texts)
-        n_support = len(episode.support_texts)
+        n_support, n_query = len(episode.support_texts), len(episode.query_texts)
         labels = torch.as_tensor(episode.support_labels, device=embeddings.device)
-        support, query = embeddings[:n_support], embeddings[n_support:]
-        if self.config.train_head == "ridge":
+        support = embeddings[:n_support]
+        query = embeddings[n_support : n_support + n_query]
+        weights = None
+        if names:  # each name: one more support example of its class
+            support = torch.cat([support, embeddings[n_support + n_query :]])
+            labels = torch.cat([labels, torch.arange(episode.n_way, device=labels.device)])
+            weights = torch.ones(len(labels), device=labels.device, dtype=support.dtype)
+            weights[n_support:] = cfg.label_name_weight
+        if cfg.train_head == "ridge":
             logits = self.log_scale.exp() * ridge_logits(
-                support, labels, query, episode.n_way, self.config.ridge_lambda
+                support, labels, query, episode.n_way, cfg.ridge_lambda
             )
         else:
-            prototypes = one_hot_means(support, labels, episode.n_way)
+            prototypes = weighted_means(support, labels, episode.n_way, weights)
             logits = prototype_logits(query, prototypes, self.config.distance, self.log_scale.exp())
         targets = torch.as_tensor(episode.query_labels, device=logits.device)
         return nn.functional.cross_entropy(logits, targets)
+
+
+def weighted_means(
+    embeddings: Tensor, labels: Tensor, n_way: int, weights: Tensor | None = None
+) -> Tensor:
+    """Class means [n_way, dim] of `embeddings`, each row counting `weights[i]` (default
+    1): with a class's name as a row of weight w, the posterior mean of the class under
+    a Gaussian prior centred on its name.
+
+    Example:
+        >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 1, 0])
+        >>> weighted_means(x, y, 2, torch.tensor([1.0, 1.0, 3.0]))
+        tensor([[0.2500, 0.7500],
+                [0.0000, 1.0000]])
+    """
+    if weights is None:
+        return one_hot_means(embeddings, labels, n_way)
+    classes = torch.arange(n_way, device=labels.device)
+    onehot = (labels[:, None] == classes).to(embeddings.dtype) * weights[:, None]
+    return (onehot.T @ embeddings) / onehot.sum(0).unsqueeze(1)
 
 
 def ridge_logits(support: Tensor, labels: Tensor, query: Tensor, n_way: int, lam: float) -> Tensor:

@@ -1,0 +1,67 @@
+"""Class names as words the encoder can read, and the check that they mean something.
+
+A task's label names (`card_arrival`, `book_flight`) say what a class is about; the
+embedding learners can use them as one more example of their class
+(`learner.label_names=example`) or as a prior on the class's head
+(`learner.label_names=prior`). Names that are identifiers (`0`, `1`, `class_3`,
+`LABEL_2`, `cluster-7`) carry nothing and would only add noise: `meaningless_names`
+finds them, and the learners then leave the names out of that task.
+
+Example:
+    >>> name_texts(["card_arrival", "Book-Flight"])
+    ['card arrival', 'Book Flight']
+    >>> meaningless_names(["card_arrival", "class_3", "7"])
+    ['class_3', '7']
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+
+from metalm.models.prompting import verbalize
+
+LABEL_NAME_MODES = ("off", "example", "prior")
+# words that name a class without saying anything about it
+GENERIC_WORDS = frozenset(
+    ("class", "classes", "label", "labels", "category", "intent", "cls", "id", "cluster", "text")
+)
+_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters or more, no digits
+
+
+def name_texts(names: Sequence[str]) -> list[str]:
+    """Each label name as words: underscores and hyphens become spaces."""
+    return [verbalize(name) for name in names]
+
+
+def is_meaningless(name: str) -> bool:
+    """True when `name` has no word of two letters or more beyond the generic ones
+    (`class`, `label`, `cluster`, ...): an id such as `0`, `class_3`, `LABEL_2`, `B`."""
+    words = [w.lower() for w in _WORD.findall(verbalize(name))]
+    return not [w for w in words if w not in GENERIC_WORDS]
+
+
+def meaningless_names(names: Sequence[str]) -> list[str]:
+    """The names of `names` that are ids rather than words (see `is_meaningless`)."""
+    return [str(name) for name in names if is_meaningless(str(name))]
+
+
+def usable_names(names: Sequence[str] | None, warn: bool = True) -> list[str] | None:
+    """The names as texts to embed, or None when they cannot help: absent, or any of
+    them meaningless (then a warning says which, unless `warn` is False: meta-training
+    episodes of unlabeled texts are named `cluster-3` by design)."""
+    if not names:
+        return None
+    bad = meaningless_names(names)
+    if bad:
+        if warn:
+            shown = ", ".join(repr(b) for b in bad[:3]) + (", ..." if len(bad) > 3 else "")
+            warnings.warn(
+                f"label names {shown} look like ids, not words: learner.label_names is "
+                "off for this task (name the classes in words, e.g. card_arrival, to use it)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return None
+    return name_texts(names)
