@@ -28,14 +28,14 @@ def episode() -> Episode:
 
 
 @pytest.mark.parametrize(
-    "name", ["0", "12", "class_3", "LABEL_2", "label 7", "cluster-4", "text-9", "B", "c1", ""]
+    "name", ["0", "12", "class_3", "LABEL_2", "label 7", "cluster-4", "unlabeled-9", "B", "w2", ""]
 )
 def test_ids_are_meaningless(name):
     assert is_meaningless(name)
 
 
 @pytest.mark.parametrize(
-    "name", ["card_arrival", "Book-Flight", "pos", "cat", "age_limit", "label_sports", "PIN"]
+    "name", ["card_arrival", "Book-Flight", "pos", "cat", "text", "label_sports", "PIN"]
 )
 def test_words_are_meaningful(name):
     assert not is_meaningless(name)
@@ -49,6 +49,10 @@ def test_usable_names_warn_once_per_call_and_switch_off_on_ids():
         warnings.simplefilter("error")
         assert usable_names(["cluster-1", "cluster-2"], warn=False) is None
     assert meaningless_names(["top_up", "id_3"]) == ["id_3"]
+    # a few ids among words: those names alone are left out, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert usable_names(["w2", "top_up", "text"]) == [None, "top up", "text"]
 
 
 def test_config_checks_say_what_to_fix():
@@ -145,6 +149,25 @@ def test_logreg_modes_change_the_head_and_ids_leave_it_as_off(tiny_encoder, epis
         assert torch.equal(ids["head.weight"], off["head.weight"])
     with pytest.raises(MetalmError, match="4 classes but 3 label names"):
         learner.adapt_named(*args, episode.label_names[:3])
+
+
+def test_a_name_that_is_an_id_is_left_out_alone(tiny_encoder, episode):
+    config = FrozenConfig(head="centroid", label_names="example")
+    names = ["w2", *episode.label_names[1:]]
+    state = FrozenCentroids(tiny_encoder, config).adapt_named(
+        episode.support_texts, episode.support_labels, names
+    )
+    support = tiny_encoder.embed(episode.support_texts)
+    labels = torch.tensor(episode.support_labels)
+    assert torch.allclose(state["prototypes"][0], support[labels == 0].mean(0), atol=1e-6)
+    named = tiny_encoder.embed([names[1].replace("_", " ")])[0]
+    assert torch.allclose(
+        state["prototypes"][1], (support[labels == 1].sum(0) + named) / 3, atol=1e-5
+    )
+    prior = FrozenCentroids(tiny_encoder, FrozenConfig(label_names="prior"))
+    assert torch.isfinite(
+        prior.adapt_named(episode.support_texts, episode.support_labels, names)["head.weight"]
+    ).all()
 
 
 def test_other_learners_add_each_name_as_one_support_example(tiny_encoder, episode):

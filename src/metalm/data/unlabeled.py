@@ -185,7 +185,7 @@ class InstanceTaskSampler:
         support = [word_dropout(t, rng, self.dropout) for t in originals]
         query = [word_dropout(t, rng, self.dropout) for t in originals]
         labels = list(range(self.n_way))
-        return Episode(support, labels, query, list(labels), [f"text-{i}" for i in picked])
+        return Episode(support, labels, query, list(labels), [f"unlabeled-{i}" for i in picked])
 
 
 def kmeans(vectors: torch.Tensor, k: int, seed: int, iterations: int = 25) -> torch.Tensor:
@@ -291,7 +291,7 @@ class NeighbourTaskSampler:
         support = [word_dropout(self.texts[a], rng, self.dropout) for a in anchors]
         query = [word_dropout(self.texts[p], rng, self.dropout) for p in partners]
         labels = list(range(self.n_way))
-        return Episode(support, labels, query, list(labels), [f"text-{a}" for a in anchors])
+        return Episode(support, labels, query, list(labels), [f"unlabeled-{a}" for a in anchors])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.table is None else {"neighbours": self.table.clone()}

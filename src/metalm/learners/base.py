@@ -41,8 +41,9 @@ class LabelNamesConfig(LearnerConfig):
     logistic regression's L2 penalty also pulls each class's weights towards the
     prototype head of its name, `label_name_weight` times as strongly (the centroid
     head, a Gaussian prior on the class mean, counts the name as `label_name_weight`
-    examples, as `example` does). Names that are ids (`0`, `class_3`: see
-    `metalm.learners.label_names`) switch the option off for that task, with a warning.
+    examples, as `example` does). A name that is an id (`0`, `w2`, `class_3`: see
+    `metalm.learners.label_names`) is left out; when most of a task's names are, the
+    option is off for that task, with a warning.
     """
 
     label_names: str = "off"
@@ -101,8 +102,10 @@ class MetaLearner(nn.Module, ABC):
         names = self.label_texts(label_names, support_labels)
         if names is None:
             return self.adapt(support_texts, support_labels)
+        named = [(label, name) for label, name in enumerate(names) if name is not None]
         return self.adapt(
-            list(support_texts) + names, list(support_labels) + list(range(len(names)))
+            list(support_texts) + [name for _, name in named],
+            list(support_labels) + [label for label, _ in named],
         )
 
     def adapt_unlabeled(
@@ -120,9 +123,10 @@ class MetaLearner(nn.Module, ABC):
 
     def label_texts(
         self, label_names: Sequence[str], support_labels: Sequence[int]
-    ) -> list[str] | None:
-        """The label names as texts to embed when `learner.label_names` is on and the
-        names are words (a warning says when they are ids), else None."""
+    ) -> list[str | None] | None:
+        """The label names as texts to embed when `learner.label_names` is on (None for
+        a name that is an id), or None when it is off or most names are ids (with a
+        warning: see `metalm.learners.label_names.usable_names`)."""
         if getattr(self.config, "label_names", "off") == "off":
             return None
         n_way = max(support_labels, default=-1) + 1

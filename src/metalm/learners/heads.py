@@ -52,6 +52,9 @@ SELECT_ITER = 10  # L-BFGS iterations of each selection problem
 FIT_ITER = 100  # L-BFGS iterations of the final fit
 LBFGS_TOL = 1e-4  # a problem stops when no gradient entry is above this
 _HISTORY = 10  # L-BFGS curvature pairs kept per problem
+# rows x classes up to which a fit on an accelerator runs on the CPU instead: L-BFGS on a
+# 5-way 1-shot task is a hundred rounds of tiny kernels, each waiting for the device
+SMALL_FIT = 4096
 
 Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
 
@@ -326,6 +329,21 @@ def fit_logreg(
     `sample_weight` [n]: how much each row counts (default 1 each); `prior` [N, dim],
     `prior_weight`: a Gaussian prior on the weights centred on the prototype head of
     `prior`, e.g. the class names' embeddings (see `_fit_batched`)."""
+    device = features.device
+    if device.type != "cpu" and len(features) * n_way <= SMALL_FIT:
+        state = fit_logreg(
+            features.cpu(),
+            labels.cpu(),
+            n_way,
+            l2,
+            grid,
+            max_iter,
+            tol,
+            sample_weight.cpu() if sample_weight is not None else None,
+            prior.cpu() if prior is not None else None,
+            prior_weight,
+        )
+        return {k: v.to(device) for k, v in state.items()}
     if l2 is None:
         l2 = choose_l2(features, labels, n_way, grid)
     if sample_weight is None:

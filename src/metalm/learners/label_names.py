@@ -5,7 +5,8 @@ embedding learners can use them as one more example of their class
 (`learner.label_names=example`) or as a prior on the class's head
 (`learner.label_names=prior`). Names that are identifiers (`0`, `1`, `class_3`,
 `LABEL_2`, `cluster-7`) carry nothing and would only add noise: `meaningless_names`
-finds them, and the learners then leave the names out of that task.
+finds them; the learners leave those names out (a class's name that is a word is still
+used), and when most of a task's names are ids, all of them.
 
 Example:
     >>> name_texts(["card_arrival", "Book-Flight"])
@@ -25,7 +26,18 @@ from metalm.models.prompting import verbalize
 LABEL_NAME_MODES = ("off", "example", "prior")
 # words that name a class without saying anything about it
 GENERIC_WORDS = frozenset(
-    ("class", "classes", "label", "labels", "category", "intent", "cls", "id", "cluster", "text")
+    (
+        "class",
+        "classes",
+        "label",
+        "labels",
+        "category",
+        "intent",
+        "cls",
+        "id",
+        "cluster",
+        "unlabeled",
+    )
 )
 _WORD = re.compile(r"[^\W\d_]{2,}")  # two letters or more, no digits
 
@@ -47,15 +59,22 @@ def meaningless_names(names: Sequence[str]) -> list[str]:
     return [str(name) for name in names if is_meaningless(str(name))]
 
 
-def usable_names(names: Sequence[str] | None, warn: bool = True) -> list[str] | None:
-    """The names as texts to embed, or None when they cannot help: absent, or any of
-    them meaningless (then a warning says which, unless `warn` is False: meta-training
-    episodes of unlabeled texts are named `cluster-3` by design)."""
+def usable_names(names: Sequence[str] | None, warn: bool = True) -> list[str | None] | None:
+    """Each name as a text to embed, None for a name that is an id; or None for the
+    whole task when there are no names or most of them are ids (then a warning says so,
+    unless `warn` is False: meta-training tasks of unlabeled texts are named `cluster-3`
+    by design).
+
+    Example:
+        >>> usable_names(["card_arrival", "w2", "top_up"])
+        ['card arrival', None, 'top up']
+    """
     if not names:
         return None
-    bad = meaningless_names(names)
-    if bad:
+    ids = [is_meaningless(str(name)) for name in names]
+    if 2 * sum(ids) > len(names):
         if warn:
+            bad = [str(n) for n, i in zip(names, ids, strict=True) if i]
             shown = ", ".join(repr(b) for b in bad[:3]) + (", ..." if len(bad) > 3 else "")
             warnings.warn(
                 f"label names {shown} look like ids, not words: learner.label_names is "
@@ -64,4 +83,4 @@ def usable_names(names: Sequence[str] | None, warn: bool = True) -> list[str] | 
                 stacklevel=3,
             )
         return None
-    return name_texts(names)
+    return [None if i else verbalize(str(n)) for n, i in zip(names, ids, strict=True)]
