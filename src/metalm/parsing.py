@@ -157,11 +157,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except RecursionError:
             raise MetalmError(f"override {key}: value nested too deeply") from None
         if key == "learner.name" and isinstance(data.get("learner"), dict):
-            # switching learner: keep only the keys the new learner knows
+            # switching learner: keep only the keys the new learner knows, and of those
+            # only the ones set away from the old learner's defaults (its own defaults,
+            # e.g. protonet's label_names=example, are not the new learner's)
             known = {f.name for f in dataclasses.fields(learner_class(str(value)).config_class)}
-            data["learner"] = {k: v for k, v in data["learner"].items() if k in known}
+            old_defaults = _learner_defaults(data["learner"].get("name"))
+            data["learner"] = {
+                k: v
+                for k, v in data["learner"].items()
+                if k in known and (k not in old_defaults or old_defaults[k] != v)
+            }
         set_dotted(data, key, value)
     return data
+
+
+def _learner_defaults(name: Any) -> dict[str, Any]:
+    """The default values of learner `name`'s config fields ({} for an unknown name)."""
+    try:
+        config_class = learner_class(str(name)).config_class
+    except MetalmError:
+        return {}
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(config_class)
+        if f.default is not dataclasses.MISSING and f.name != "name"
+    }
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

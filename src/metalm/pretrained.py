@@ -297,17 +297,21 @@ def from_pretrained(
 
 
 def _with_head(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The saved learner config; one of an embedding learner saved before `learner.head`
-    existed adapts as it did then, with the centroid head (whatever today's default)."""
-    from metalm.learners.base import learner_class
+    """The saved learner config; a model saved before an option existed adapts as it
+    did then (whatever today's default): an embedding learner saved before `learner.head`
+    with the centroid head, one saved before `learner.label_names` without the names."""
+    from metalm.learners.base import LabelNamesConfig, learner_class
     from metalm.learners.protonet import EmbeddingHeadConfig
 
     saved = dict(metadata["learner"])
     name = saved.get("name")
-    if isinstance(name, str) and "head" not in saved:
-        config_class = learner_class(name).config_class
-        if issubclass(config_class, EmbeddingHeadConfig):
-            saved["head"] = "centroid"
+    if not isinstance(name, str):
+        return saved
+    config_class = learner_class(name).config_class
+    if "head" not in saved and issubclass(config_class, EmbeddingHeadConfig):
+        saved["head"] = "centroid"
+    if "label_names" not in saved and issubclass(config_class, LabelNamesConfig):
+        saved["label_names"] = "off"
     return saved
 
 

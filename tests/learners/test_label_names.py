@@ -55,6 +55,23 @@ def test_usable_names_warn_once_per_call_and_switch_off_on_ids():
         assert usable_names(["w2", "top_up", "text"]) == [None, "top up", "text"]
 
 
+def test_embedding_heads_read_names_by_default_and_old_models_do_not(tmp_path, tiny_encoder):
+    """`example` is the default of frozen/protonet (chosen on valid); a model saved
+    before the option existed loads without it; the other learners default to off."""
+    import json
+
+    from metalm.pretrained import METADATA, from_pretrained, save_pretrained
+
+    assert FrozenConfig().label_names == ProtoNetConfig().label_names == "example"
+    assert parse_learner_config({"name": "anil"}).label_names == "off"
+    save_pretrained(build_learner(tiny_encoder, FrozenConfig()), tmp_path / "m")
+    assert from_pretrained(tmp_path / "m").config.label_names == "example"
+    metadata = json.loads((tmp_path / "m" / METADATA).read_text())
+    del metadata["learner"]["label_names"]
+    (tmp_path / "m" / METADATA).write_text(json.dumps(metadata))
+    assert from_pretrained(tmp_path / "m").config.label_names == "off"
+
+
 def test_config_checks_say_what_to_fix():
     with pytest.raises(MetalmError, match="label_names must be one of off, example, prior"):
         FrozenConfig(label_names="names")
@@ -68,7 +85,7 @@ def test_config_checks_say_what_to_fix():
 
 
 def test_off_reads_no_names(tiny_encoder, episode):
-    learner = FrozenCentroids(tiny_encoder, FrozenConfig())
+    learner = FrozenCentroids(tiny_encoder, FrozenConfig(label_names="off"))
     named = learner.adapt_named(episode.support_texts, episode.support_labels, episode.label_names)
     plain = learner.adapt(episode.support_texts, episode.support_labels)
     assert torch.equal(named["head.weight"], plain["head.weight"])
@@ -187,7 +204,7 @@ def test_other_learners_add_each_name_as_one_support_example(tiny_encoder, episo
 
 def test_meta_loss_reads_names_of_labeled_sources_only(tiny_encoder, episode):
     torch.manual_seed(0)
-    off = ProtoNet(tiny_encoder, ProtoNetConfig()).eval()
+    off = ProtoNet(tiny_encoder, ProtoNetConfig(label_names="off")).eval()
     on = ProtoNet(tiny_encoder, ProtoNetConfig(label_names="example")).eval()
     assert not torch.allclose(on.meta_loss(episode), off.meta_loss(episode))
     clusters = Episode(
@@ -214,7 +231,9 @@ def test_classifier_uses_and_saves_the_option(tiny_encoder, tmp_path):
     texts = ["my card has not arrived", "where is my card", "top up failed", "top-up declined"]
     labels = ["card_arrival", "card_arrival", "top_up_failed", "top_up_failed"]
     named = clf.adapt(texts, labels).state_["head.weight"]
-    plain = FewShotClassifier(build_learner(tiny_encoder, FrozenConfig()), "m", "f")
+    plain = FewShotClassifier(
+        build_learner(tiny_encoder, FrozenConfig(label_names="off")), "m", "f"
+    )
     assert not torch.allclose(named, plain.adapt(texts, labels).state_["head.weight"])
     with pytest.warns(UserWarning, match="look like ids"):
         clf.unfitted().adapt(texts, [0, 0, 1, 1])
@@ -228,8 +247,8 @@ def test_real_minilm_names_help_one_shot_banking77():
     encoder = TextEncoder.from_config(EncoderConfig())
     episodes = EpisodeSampler(builtin_dataset("banking77", "valid"), 5, 1, 5, seed=0)
     chosen = [episodes.sample(i) for i in range(40)]
-    plain = FrozenCentroids(encoder, FrozenConfig())
-    named = FrozenCentroids(encoder, FrozenConfig(label_names="example"))
+    plain = FrozenCentroids(encoder, FrozenConfig(label_names="off"))
+    named = FrozenCentroids(encoder, FrozenConfig())
     with_names = sum(episode_correct(named, e).mean() for e in chosen) / 40
     without = sum(episode_correct(plain, e).mean() for e in chosen) / 40
     assert with_names > without + 0.02

@@ -78,6 +78,8 @@ class EmbeddingHeadConfig(LabelNamesConfig):
     """
 
     weighs_label_names: ClassVar[bool] = True
+    # names as examples: chosen on the `valid` splits (benchmarks/label_names.py)
+    label_names: str = "example"
     head: str = "logreg"
     logreg_l2: float = DEFAULT_LOGREG_L2
     lpft_steps: int = 10
