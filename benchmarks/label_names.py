@@ -164,7 +164,12 @@ def main() -> None:
     parser.add_argument("--trained-banking77", default=TRAINED["banking77"])
     parser.add_argument("--trained-clinc150", default=TRAINED["clinc150"])
     parser.add_argument("--out", help="default: benchmarks/results/label_names_<split>.json")
+    parser.add_argument("--table", nargs="+", help="print the tables of these JSON files")
     args = parser.parse_args()
+    if args.table:
+        for path in args.table:
+            print(to_markdown(json.loads(Path(path).read_text())["records"]))
+        return
     torch.manual_seed(0)
     records = [rec for target in args.targets for rec in score_target(target, args)]
     table = to_markdown(records)

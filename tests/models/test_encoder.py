@@ -77,6 +77,16 @@ def test_embedding_cache_is_used_and_scoped(tiny_encoder):
     assert tiny_encoder._embedding_cache is None
 
 
+def test_nested_embedding_caches_keep_the_outer_table(tiny_encoder):
+    with tiny_encoder.cached_embeddings(["alpha", "beta"]):
+        tiny_encoder._embedding_cache["alpha"] = torch.full((tiny_encoder.dim,), 7.0)
+        with tiny_encoder.cached_embeddings(["beta", "gamma"]):
+            assert set(tiny_encoder._embedding_cache) == {"alpha", "beta", "gamma"}
+            assert torch.all(tiny_encoder.embed(["alpha", "gamma"])[0] == 7.0)
+        assert set(tiny_encoder._embedding_cache) == {"alpha", "beta"}
+    assert tiny_encoder._embedding_cache is None
+
+
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(MetalmError, match="cannot load encoder"):
         TextEncoder.from_config(EncoderConfig(name_or_path=str(tmp_path / "nope")))

@@ -404,12 +404,14 @@ class TextEncoder(nn.Module):
     def cached_embeddings(self, texts: Sequence[str]) -> Iterator[None]:
         """Within the block, `embed` of any of `texts` reads a table computed once here.
 
-        Only valid while the encoder's weights do not change (evaluation).
+        Only valid while the encoder's weights do not change (evaluation). Inside an
+        outer block, the outer table stays readable and only new texts are embedded.
         """
-        unique = list(dict.fromkeys(texts))
-        vectors = self.embed(unique)
         previous = self._embedding_cache
-        self._embedding_cache = dict(zip(unique, vectors, strict=True))
+        known = previous or {}
+        unique = [t for t in dict.fromkeys(texts) if t not in known]
+        vectors = self.embed(unique) if unique else []
+        self._embedding_cache = {**known, **dict(zip(unique, vectors, strict=True))}
         try:
             yield
         finally:
