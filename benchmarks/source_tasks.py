@@ -59,7 +59,7 @@ BOTH_TEXTS = (
 )
 ROWS: dict[str, list[str]] = {  # TARGET / SOURCE: the target and the labeled source
     "labeled": [],
-    "cluster": [TARGET_TEXTS],
+    "cluster": [TARGET_TEXTS, "learner.label_names=off"],  # names at adapt time only
     "names": [TARGET_TEXTS, "learner.label_names=example"],
     "both-texts": [BOTH_TEXTS, "learner.label_names=example"],
 }
