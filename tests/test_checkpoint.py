@@ -98,3 +98,36 @@ def test_weights_round_trip_and_mismatch(tmp_path: Path):
         load_weights(nn.Sequential(nn.Linear(2, 2)), path)
     with pytest.raises(MetalmError, match="no such weights file"):
         load_weights(net, tmp_path / "missing.safetensors")
+
+
+def test_resume_reads_onto_the_cpu_and_skips_a_cuda_state_without_a_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A checkpoint written on a GPU machine (CUDA RNG state inside) resumes on a CPU-only
+    one: everything is read with map_location="cpu", and the CUDA state is skipped with a
+    warning instead of failing."""
+    import metalm.checkpoint as checkpoint
+    from metalm.rundir import OPTIMIZER_STATE
+
+    net, optimizer, scheduler = toy(seed=0)
+    toy_step(net, optimizer, scheduler)
+    save_checkpoint(tmp_path / "c", net, optimizer, scheduler, {"step": 1})
+    blob = torch.load(tmp_path / "c" / OPTIMIZER_STATE, weights_only=True)
+    blob["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)]  # the old one-per-GPU format
+    torch.save(blob, tmp_path / "c" / OPTIMIZER_STATE)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", spy)
+    monkeypatch.setattr(checkpoint.torch.cuda, "is_available", lambda: False)
+    fresh, fresh_optimizer, fresh_scheduler = toy(seed=1)
+    with pytest.warns(UserWarning, match="CUDA random state but there is no GPU"):
+        assert load_checkpoint(tmp_path / "c", fresh, fresh_optimizer, fresh_scheduler) == {
+            "step": 1
+        }
+    assert calls and all(c.get("map_location") == "cpu" for c in calls)
+    assert_same_tensors(weights_of(fresh), weights_of(net))

@@ -69,6 +69,24 @@ def test_one_named_gpu_is_refused_under_torchrun(monkeypatch: pytest.MonkeyPatch
         distributed.setup("cuda:1", "gloo")
 
 
+def test_the_process_group_waits_train_dist_timeout(monkeypatch: pytest.MonkeyPatch):
+    """Under torchrun the group is joined with `train.dist_timeout` seconds, so that
+    rank 0 may evaluate alone longer than the backend's default before others give up."""
+    import datetime
+
+    from metalm.config import load_config
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda b, **kw: seen.update(kw))
+    config = load_config(None, ["train.dist_timeout=5400", "model.device=cpu"])
+    distributed.setup(config.model.device, "gloo", timeout=config.train.dist_timeout)
+    assert seen["timeout"] == datetime.timedelta(seconds=5400)
+    with pytest.raises(MetalmError, match="dist_timeout must be > 0"):
+        load_config(None, ["train.dist_timeout=0"])
+
+
 def test_one_process_is_untouched():
     assert distributed.world() == World() and World().is_main
     param = torch.nn.Parameter(torch.ones(2))

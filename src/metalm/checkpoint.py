@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+        # this process's own GPU only: another machine or rank may have fewer or others
+        **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
     }
 
     def write(tmp: Path) -> None:
@@ -93,13 +95,36 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the progress state."""
     load_weights(module, directory / LEARNER_WEIGHTS)
-    blob = torch.load(directory / OPTIMIZER_STATE, weights_only=True)
+    # on the CPU first, whatever device wrote it: the optimizer moves its state to the
+    # parameters' device, and RNG states are CPU tensors
+    blob = torch.load(directory / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
-    if "cuda_rng" in blob and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    restore_cuda_rng(blob.get("cuda_rng"), directory)
     return json.loads((directory / PROGRESS_STATE).read_text(encoding="utf-8"))
+
+
+def restore_cuda_rng(state: torch.Tensor | list[torch.Tensor] | None, where: Path) -> None:
+    """Set this process's GPU generator from a checkpoint's CUDA RNG state: one state
+    (this format) or one per GPU of the machine that saved it (older checkpoints: the
+    current device's, if it had one). Skipped, with a warning, without a GPU."""
+    if state is None:
+        return
+    if not torch.cuda.is_available():
+        warnings.warn(
+            f"{where}: the checkpoint holds a CUDA random state but there is no GPU here; "
+            "resuming on the CPU (GPU random draws, e.g. dropout, will differ)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if isinstance(state, list | tuple):
+        index = torch.cuda.current_device()
+        if index >= len(state):
+            return
+        state = state[index]
+    torch.cuda.set_rng_state(state)
 
 
 def load_extra(directory: Path) -> dict[str, torch.Tensor]:

@@ -210,8 +210,13 @@ class TrainConfig:
     # additive: rate += β·g_t·u_{t-1} (β's scale depends on the model's size)
     hypergradient_lr: float = 0.0
     hypergradient_rule: str = "multiplicative"
+    # seconds a rank of a data-parallel run waits for the others (the process group's
+    # timeout): long enough for rank 0 to evaluate alone while the others wait
+    dist_timeout: float = 7200.0
 
     def __post_init__(self) -> None:
+        if not self.dist_timeout > 0:
+            raise MetalmError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.steps < 0:
             raise MetalmError(f"train.steps must be >= 0, got {self.steps}")
         for name in ("meta_batch_size", "eval_every", "checkpoint_every", "val_episodes"):

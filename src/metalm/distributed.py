@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from collections.abc import Sequence
@@ -98,10 +99,12 @@ def pick_backend(device: str = "auto", backend: str = "auto") -> str:
     return backend
 
 
-def setup(device: str = "auto", backend: str | None = None) -> World:
+def setup(device: str = "auto", backend: str | None = None, timeout: float = 7200.0) -> World:
     """Join the process group that torchrun describes in the environment (once); in a
     single process, nothing to do. On CUDA each rank takes `cuda:LOCAL_RANK`, so
-    `model.device` must be `auto` or `cuda`, not one named GPU."""
+    `model.device` must be `auto` or `cuda`, not one named GPU. `timeout`: seconds a
+    collective waits for the other ranks (`train.dist_timeout`; NCCL's own default, 10
+    minutes, is shorter than rank 0's evaluation of a causal LM)."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return world()
     if not dist.is_available():
@@ -121,7 +124,7 @@ def setup(device: str = "auto", backend: str | None = None) -> World:
                 "GPU(s): start at most one process per GPU (--nproc)"
             )
         torch.cuda.set_device(local)
-    dist.init_process_group(chosen)
+    dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout))
     return world()
 
 

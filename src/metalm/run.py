@@ -86,7 +86,8 @@ def run(
         >>> print(report.to_markdown())  # doctest: +ELLIPSIS
         | method | protocol | test data | accuracy % (±95% CI) | ...
     """
-    world = distributed.setup(config.model.device)  # under torchrun: one rank of several
+    # under torchrun: one rank of several
+    world = distributed.setup(config.model.device, timeout=config.train.dist_timeout)
     torch.manual_seed(config.seed)
     learner = build_learner(build_model(config.model), config.learner)
     pools = build_pools(config.data, config.eval.full_way_shots)

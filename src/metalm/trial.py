@@ -35,7 +35,7 @@ def meta_train(
         >>> result.steps, 0.0 <= result.best_val_accuracy <= 1.0
         (2, True)
     """
-    world = distributed.setup(config.model.device)
+    world = distributed.setup(config.model.device, timeout=config.train.dist_timeout)
     torch.manual_seed(config.seed)
     learner = build_learner(build_model(config.model), config.learner)
     pools = build_pools(config.data)

@@ -216,7 +216,7 @@ def _tune_processes(args: argparse.Namespace, base):
         distributed.pick_backend(base.model.device, args.backend or "auto")
     if args.backend:
         os.environ.setdefault(distributed.BACKEND_ENV, args.backend)
-    return distributed.setup(base.model.device)
+    return distributed.setup(base.model.device, timeout=base.train.dist_timeout)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
