@@ -23,6 +23,23 @@ def test_a_local_directory_loads_in_eval_mode_as_float32(tiny_llama_dir):
     assert tokenizer.pad_token_id is not None
 
 
+def test_model_dtype_loads_the_lm_in_half_precision_and_is_checked(tiny_llama_dir):
+    from metalm.models.causal import CausalLM
+    from metalm.models.encoder import EncoderConfig
+
+    config = EncoderConfig(kind="causal", name_or_path=str(tiny_llama_dir), dtype="bfloat16")
+    lm = CausalLM.from_config(config)
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    ids = lm.tokenizer(["hello world"], return_tensors="pt")
+    assert torch.isfinite(lm.model(**ids).logits.float()).all()
+    auto = CausalLM.from_config(EncoderConfig(kind="causal", name_or_path=str(tiny_llama_dir)))
+    assert next(auto.model.parameters()).dtype == torch.float32  # auto on the CPU
+    with pytest.raises(MetalmError, match=r"model\.dtype must be one of"):
+        EncoderConfig(kind="causal", dtype="fp8")
+    with pytest.raises(MetalmError, match="is for causal LMs"):
+        EncoderConfig(dtype="bfloat16")
+
+
 def test_bad_paths_are_clear_errors(tmp_path):
     with pytest.raises(MetalmError, match="no such GGUF file"):
         load_causal_lm(str(tmp_path / "missing.gguf"))

@@ -41,13 +41,30 @@ def default_causal_path() -> str:
     return str(path)
 
 
+def causal_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The floating-point type of a causal LM: `model.dtype`, or for `auto` float32 on
+    the CPU and bfloat16 on a GPU that supports it (float16 on one that does not).
+
+    Example:
+        >>> causal_dtype("auto", torch.device("cpu")), causal_dtype("bfloat16", torch.device("cpu"))
+        (torch.float32, torch.bfloat16)
+    """
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def load_causal_lm(
     name_or_path: str = "",
     device: str = "auto",
     trust_remote_code: bool = False,
     safetensors_only: bool = False,
+    dtype: str = "auto",
 ) -> tuple[nn.Module, object]:
-    """`(model, tokenizer)` in eval mode, float32 on `device`; `name_or_path` empty means
+    """`(model, tokenizer)` in eval mode on `device`, in `causal_dtype(dtype, device)`
+    (float32 on the CPU by default); `name_or_path` empty means
     the shipped SmolLM2-135M-Instruct. A `.gguf` path is read with `gguf_file=` from its
     folder. Remote code runs only with `trust_remote_code=True`; `safetensors_only`
     refuses pickled weight files (saved model directories)."""
@@ -65,7 +82,8 @@ def load_causal_lm(
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+            chosen = causal_dtype(dtype, resolve_device(device))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=chosen, **kwargs)
     except ImportError as err:
         raise MetalmError(f"cannot load {path!r}: {err}; pip install gguf accelerate") from None
     except (OSError, ValueError) as err:
@@ -101,7 +119,11 @@ class CausalLM(nn.Module):
     def from_config(cls, config: EncoderConfig, safetensors_only: bool = False) -> CausalLM:
         """Load the LM named by `config.name_or_path` (see `load_causal_lm`)."""
         model, tokenizer = load_causal_lm(
-            config.name_or_path, config.device, config.trust_remote_code, safetensors_only
+            config.name_or_path,
+            config.device,
+            config.trust_remote_code,
+            safetensors_only,
+            config.dtype,
         )
         return cls(model, tokenizer, config)
 

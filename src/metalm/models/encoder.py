@@ -42,6 +42,7 @@ def default_model_path() -> str:
 
 
 POOLINGS = ("mean", "cls")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def device_type(name: str) -> str:
@@ -64,6 +65,8 @@ class EncoderConfig:
     `kind`: `encoder` (a sentence encoder, above) or `causal` (a causal LM for the
     in-context learners `icl` and `metaicl`; empty `name_or_path` then means the shipped
     SmolLM2-135M-Instruct, and a `.gguf` file works too; see `metalm.models.causal`).
+    `dtype` (causal LMs): `auto` (float32 on the CPU, bfloat16 on a GPU that has it, else
+    float16), `float32`, `bfloat16` or `float16`; sentence encoders stay float32.
     """
 
     kind: str = "encoder"
@@ -76,9 +79,18 @@ class EncoderConfig:
     num_layers: int = 0
     num_heads: int = 0
     device: str = "auto"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         from metalm.models.causal import MODEL_KINDS  # (it imports this module)
+
+        if self.dtype not in DTYPES:
+            raise MetalmError(f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.kind == "encoder" and self.dtype not in ("auto", "float32"):
+            raise MetalmError(
+                f"model.dtype={self.dtype} is for causal LMs (model.kind=causal); sentence "
+                "encoders meta-train in float32: leave model.dtype=auto"
+            )
 
         if self.kind not in MODEL_KINDS:
             raise MetalmError(
