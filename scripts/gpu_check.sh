@@ -48,6 +48,10 @@ MODEL_ARG=()
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 
+# 0. the CUDA path: checkpoints across devices, the causal LM in bf16, CUDA = CPU
+METALM_GPU_MODEL="$MODEL" timeout 120 $PY scripts/gpu_cuda_path.py 2>&1 | tee "$OUT/cuda_path.txt"
+[ "${METALM_GPU_ONLY_PATH:-0}" = 1 ] && exit 0
+
 # 1. smoke: a few meta-training steps of protonet on CUDA, evaluated (the CUDA path)
 timeout 90 $PY -m metalm -q train learner.name=protonet "${MODEL_ARG[@]}" model.device=cuda \
   train.steps=5 train.eval_every=5 train.val_episodes=5 train.tensorboard=false \
