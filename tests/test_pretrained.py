@@ -81,6 +81,11 @@ def test_lora_and_truncated_encoder_reload_with_the_same_structure(tiny_model_di
     np.testing.assert_array_equal(probabilities(loaded, QUERIES), probabilities(learner, QUERIES))
 
 
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -91,6 +96,8 @@ def test_lora_and_truncated_encoder_reload_with_the_same_structure(tiny_model_di
         (lambda d: (d / LEARNER_WEIGHTS).unlink(), "missing learner.safetensors"),
         (lambda d: (d / "encoder" / "model.safetensors").unlink(), "missing encoder files"),
         (lambda d: _edit_metadata(d, learner={"name": "nope"}), "unknown learner"),
+        (lambda d: _truncate(d / "encoder" / "model.safetensors"), "broken or truncated"),
+        (lambda d: _truncate(d / LEARNER_WEIGHTS), "not a valid safetensors file"),
     ],
 )
 def test_broken_model_directories_give_clear_errors(change, message, frozen_dir, tmp_path):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -45,7 +47,13 @@ def save_weights_atomic(module: nn.Module, path: Path) -> None:
 def load_weights(module: nn.Module, path: Path) -> None:
     if not path.exists():
         raise MetalmError(f"{path}: no such weights file")
-    _missing, unexpected = load_model(module, str(path), strict=False)
+    try:
+        _missing, unexpected = load_model(module, str(path), strict=False)
+    except SafetensorError as err:
+        raise MetalmError(
+            f"{path}: broken or truncated weights ({str(err).splitlines()[0]}); resume from "
+            "another checkpoint or train again"
+        ) from None
     if unexpected:
         raise MetalmError(f"{path}: weights do not fit this learner (unexpected {unexpected[:3]})")
 
@@ -97,7 +105,14 @@ def load_checkpoint(
     load_weights(module, directory / LEARNER_WEIGHTS)
     # on the CPU first, whatever device wrote it: the optimizer moves its state to the
     # parameters' device, and RNG states are CPU tensors
-    blob = torch.load(directory / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
+    try:
+        blob = torch.load(directory / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise MetalmError(
+            f"{directory / OPTIMIZER_STATE}: broken or truncated optimizer state "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); resume from "
+            "another checkpoint or train again"
+        ) from None
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])

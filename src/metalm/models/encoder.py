@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from metalm.errors import MetalmError
@@ -278,6 +279,11 @@ class TextEncoder(nn.Module):
                     path, trust_remote_code=config.trust_remote_code
                 )
                 model = load_model(path, config.trust_remote_code, safetensors_only)
+        except SafetensorError as err:
+            raise MetalmError(
+                f"cannot load encoder {path!r}: a weights file there is broken or truncated "
+                f"({str(err).splitlines()[0]}); export or download the model again"
+            ) from None
         except (OSError, ValueError) as err:
             raise MetalmError(
                 f"cannot load encoder {path!r}: {str(err).splitlines()[0]}; "
