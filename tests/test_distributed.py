@@ -87,6 +87,19 @@ def test_the_process_group_waits_train_dist_timeout(monkeypatch: pytest.MonkeyPa
         load_config(None, ["train.dist_timeout=0"])
 
 
+def test_vmapped_meta_batches_with_dropout_are_refused_under_torchrun(
+    tiny_encoder, monkeypatch: pytest.MonkeyPatch
+):
+    from learner_tools import learner_for
+
+    learner = learner_for(tiny_encoder, name="anil", vectorize=True)
+    distributed.check_learner(learner, 5)  # one process: vmap is fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MetalmError, match=r"learner\.vectorize=false under torchrun"):
+        distributed.check_learner(learner, 5)
+    distributed.check_learner(learner_for(tiny_encoder, name="anil"), 5)  # a loop is fine
+
+
 def test_one_process_is_untouched():
     assert distributed.world() == World() and World().is_main
     param = torch.nn.Parameter(torch.ones(2))

@@ -269,6 +269,15 @@ def check_learner(learner: Any, steps: int) -> None:
             f"{what}: there is nothing to split across processes; run it in one process "
             "(without torchrun or --nproc)"
         )
+    config = getattr(learner, "config", None)
+    model = getattr(getattr(learner, "encoder", None), "model", None)
+    vectorized = launched() and getattr(config, "vectorize", False) and model is not None
+    if vectorized and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise MetalmError(
+            "learner.vectorize=true draws the dropout of a whole vmapped meta-batch at "
+            "once, so several processes would not train as one does: set "
+            "learner.vectorize=false under torchrun/--nproc (or use a model without dropout)"
+        )
 
 
 def announce(kind: str, payload: Any = None) -> None:
