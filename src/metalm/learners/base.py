@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.label_names import LABEL_NAME_MODES, usable_names
+from metalm.learners.label_names import LABEL_NAME_MODES, named_classes, usable_names
 from metalm.models.encoder import TextEncoder
 
 if TYPE_CHECKING:
@@ -102,11 +102,8 @@ class MetaLearner(nn.Module, ABC):
         names = self.label_texts(label_names, support_labels)
         if names is None:
             return self.adapt(support_texts, support_labels)
-        named = [(label, name) for label, name in enumerate(names) if name is not None]
-        return self.adapt(
-            list(support_texts) + [name for _, name in named],
-            list(support_labels) + [label for label, _ in named],
-        )
+        classes, texts = named_classes(names)
+        return self.adapt(list(support_texts) + texts, list(support_labels) + classes)
 
     def adapt_unlabeled(
         self,

@@ -84,3 +84,14 @@ def usable_names(names: Sequence[str] | None, warn: bool = True) -> list[str | N
             )
         return None
     return [None if i else verbalize(str(n)) for n, i in zip(names, ids, strict=True)]
+
+
+def named_classes(names: Sequence[str | None] | None) -> tuple[list[int], list[str]]:
+    """The classes that have a usable name (as `usable_names` gives them) and those names.
+
+    Example:
+        >>> named_classes(["card arrival", None, "top up"])
+        ([0, 2], ['card arrival', 'top up'])
+    """
+    pairs = [(label, name) for label, name in enumerate(names or []) if name is not None]
+    return [label for label, _ in pairs], [name for _, name in pairs]

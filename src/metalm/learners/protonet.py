@@ -32,7 +32,7 @@ from metalm.learners.base import (
 )
 from metalm.learners.finetune import finetune_encoder
 from metalm.learners.heads import DEFAULT_LOGREG_L2, fit_logreg
-from metalm.learners.label_names import usable_names
+from metalm.learners.label_names import named_classes, usable_names
 from metalm.learners.lpft import TopBlockInputs, adapt_top_blocks
 from metalm.models.encoder import TextEncoder
 
@@ -267,17 +267,17 @@ class _CentroidLearner(MetaLearner):
         rows, row_labels = [features], [labels]
         weights = [torch.ones(len(labels), device=features.device)]
         prior = None
-        named = [(label, name) for label, name in enumerate(names or []) if name is not None]
-        if named:
-            name_labels = torch.tensor([label for label, _ in named], device=labels.device)
-            embedded = self.encoder.embed([name for _, name in named]).to(features)
+        classes, texts = named_classes(names)
+        if classes:
+            name_labels = torch.tensor(classes, device=labels.device)
+            embedded = self.encoder.embed(texts).to(features)
             if cfg.label_names == "prior" and cfg.head != "centroid":
                 prior = features.new_zeros(n_way, features.shape[1])  # no name: plain L2
                 prior[name_labels] = embedded
             else:  # the centroid's Gaussian prior on the mean counts as weighted examples
                 rows.append(embedded)
                 row_labels.append(name_labels)
-                weights.append(torch.full((len(named),), cfg.label_name_weight).to(features))
+                weights.append(torch.full((len(classes),), cfg.label_name_weight).to(features))
         if extra is not None:
             rows.append(extra[0].to(features))
             row_labels.append(extra[1])
@@ -378,17 +378,17 @@ class ProtoNet(_CentroidLearner):
         names = None
         if cfg.label_names != "off":
             names = usable_names(episode.label_names, warn=False)
-        named = [(label, name) for label, name in enumerate(names or []) if name is not None]
-        texts = episode.support_texts + episode.query_texts + [name for _, name in named]
+        classes, name_texts = named_classes(names)
+        texts = episode.support_texts + episode.query_texts + name_texts
         embeddings = self.encoder(texts)
         n_support, n_query = len(episode.support_texts), len(episode.query_texts)
         labels = torch.as_tensor(episode.support_labels, device=embeddings.device)
         support = embeddings[:n_support]
         query = embeddings[n_support : n_support + n_query]
         weights = None
-        if named:  # each name: one more support example of its class
+        if classes:  # each name: one more support example of its class
             support = torch.cat([support, embeddings[n_support + n_query :]])
-            name_labels = torch.tensor([label for label, _ in named], device=labels.device)
+            name_labels = torch.tensor(classes, device=labels.device)
             labels = torch.cat([labels, name_labels])
             weights = torch.ones(len(labels), device=labels.device, dtype=support.dtype)
             weights[n_support:] = cfg.label_name_weight
