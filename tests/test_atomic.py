@@ -12,7 +12,6 @@ backup) instead of Linux's atomic exchange."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_tools import tree_digest
 
 from metalm.atomic import new_path, old_path, replace_dir
 from metalm.classifier import FewShotClassifier
@@ -148,14 +148,6 @@ class Saver:
         except subprocess.TimeoutExpired:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
-
-
-def tree_digest(directory: Path) -> str:
-    """A hash of every file's relative path and bytes under `directory`."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def load_both(model: Path, task: Path, base: FewShotClassifier) -> tuple[str, str]:

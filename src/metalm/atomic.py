@@ -11,7 +11,8 @@
   save and every loader) renames back.
 
 Writers hold an exclusive `flock` on the parent directory (POSIX), so two processes
-saving beside each other do not mix their files.
+saving beside each other do not mix their files. A write that runs out of room (a full
+disk, a quota, a file-size limit) is a `WriteFailed` error and leaves `target` as it was.
 """
 
 from __future__ import annotations
@@ -20,18 +21,42 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, WriteFailed
 
 NEW_SUFFIX = ".metalm-new"
 OLD_SUFFIX = ".metalm-old"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 use_exchange = sys.platform.startswith("linux")  # tests switch it off to cover the fallback
+_NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+# how writers that do not raise OSError say it (safetensors: "File too large (os error 27)")
+_NO_ROOM_WORDS = re.compile(
+    r"no space left|file too large|quota exceeded|os error (27|28|122)\b", re.IGNORECASE
+)
+
+
+def out_of_room(err: BaseException) -> bool:
+    """Whether `err` says a write ran out of room (disk, quota or file-size limit)."""
+    if isinstance(err, OSError) and err.errno in _NO_ROOM_ERRNOS:
+        return True
+    return isinstance(err, Exception) and bool(_NO_ROOM_WORDS.search(str(err)))
+
+
+def write_failed(target: Path, err: BaseException, kept: bool) -> WriteFailed:
+    """The error for a save of `target` that ran out of room; `kept`: an earlier version
+    is still there, whole."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    before = "the version saved before is intact" if kept else "nothing was saved there"
+    return WriteFailed(
+        f"could not save {target}: {reason} (a full disk, a quota or a file-size limit such "
+        f"as `ulimit -f`); {before}; free some space or raise the limit, then save again"
+    )
 
 
 def new_path(target: Path) -> Path:
@@ -135,7 +160,16 @@ def recover(target: str | Path) -> Path:
 
 def replace_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(directory)` on a fresh directory, then make it `target` atomically,
-    replacing what was there. If `write` raises, `target` is left as it was."""
+    replacing what was there. If `write` raises, `target` is left as it was (a write out
+    of room raises `WriteFailed`).
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "notes"
+        >>> _ = replace_dir(out, lambda d: (d / "a.txt").write_text("hello"))
+        >>> (out / "a.txt").read_text()
+        'hello'
+    """
     target = Path(target)
     if not target.name or target.name == "..":
         raise MetalmError(f"{str(target)!r}: name the directory to write, e.g. out/my-model")
@@ -149,8 +183,10 @@ def replace_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
             write(fresh)
             _usual_permissions(fresh)
             _fsync_tree(fresh)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(fresh, ignore_errors=True)
+            if out_of_room(err):
+                raise write_failed(target, err, kept=target.exists()) from None
             raise
         if not target.exists():
             os.replace(fresh, target)

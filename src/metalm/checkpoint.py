@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -14,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from metalm.atomic import replace_dir
+from metalm.atomic import out_of_room, replace_dir, write_failed
 from metalm.errors import MetalmError
 from metalm.rundir import (
     LEARNER_WEIGHTS,
@@ -38,9 +39,16 @@ def _save_weights(module: nn.Module, path: Path) -> None:
 
 
 def save_weights_atomic(module: nn.Module, path: Path) -> None:
-    """Write `module`'s weights to `path` (safetensors) via a temporary file + rename."""
+    """Write `module`'s weights to `path` (safetensors) via a temporary file + rename; a
+    write out of room (`WriteFailed`) leaves the old file."""
     tmp = path.with_name(path.name + ".tmp")
-    _save_weights(module, tmp)
+    try:
+        _save_weights(module, tmp)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        if out_of_room(err):
+            raise write_failed(path, err, kept=path.exists()) from None
+        raise
     os.replace(tmp, path)
 
 
@@ -85,7 +93,9 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         _save_weights(module, tmp / LEARNER_WEIGHTS)
-        torch.save(blob, tmp / OPTIMIZER_STATE)
+        buffer = io.BytesIO()  # torch's file writer reports a short write without the reason
+        torch.save(blob, buffer)
+        (tmp / OPTIMIZER_STATE).write_bytes(buffer.getbuffer())
         if extra:
             tensors = {k: v.contiguous() for k, v in extra.items()}
             save_file(tensors, str(tmp / SAMPLER_STATE))

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Annotated, Any
 
 from metalm.classifier import FewShotClassifier
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, WriteFailed
 from metalm.serve.limits import Deadline, ServeLimits, TimeLimit
 from metalm.serve.middleware import API_KEY_ENV, BearerAuth, BodySizeLimit
 from metalm.serve.schemas import api_models
@@ -176,12 +176,16 @@ def _add_task_routes(
         "model": m.Detail,
         "description": "the service holds its maximum of tasks or of stored bytes",
     }
+    no_room = {
+        "model": m.Detail,
+        "description": "the tasks directory is out of room (disk, quota or file-size limit)",
+    }
 
     @app.post(
         "/tasks",
         response_model=TaskInfo,
         status_code=status.HTTP_201_CREATED,
-        responses={409: full, **docs.too_large, **docs.too_slow, **docs.bad_body},
+        responses={409: full, 507: no_room, **docs.too_large, **docs.too_slow, **docs.bad_body},
     )
     async def create_task(request: CreateTask) -> TaskInfo:
         texts = [e.text for e in request.examples]
@@ -190,6 +194,8 @@ def _add_task_routes(
             task_id, clf = await run(store.create, texts, labels)
         except (TooManyTasks, StoreFull) as err:
             raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+        except WriteFailed as err:  # nothing kept: the client may try again later
+            raise HTTPException(status.HTTP_507_INSUFFICIENT_STORAGE, str(err)) from None
         return describe(task_id, clf)
 
     @app.get("/tasks", response_model=TaskList)
