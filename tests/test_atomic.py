@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from run_tools import tree_digest
 
-from metalm.atomic import new_path, old_path, replace_dir
+from metalm.atomic import clear_unfinished, new_path, old_path, replace_dir
 from metalm.classifier import FewShotClassifier
 from metalm.pretrained import save_pretrained
 
@@ -244,3 +244,19 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (target / "weights.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_clear_unfinished_deletes_cut_short_saves_and_restores_backups(tmp_path):
+    """What a killed save leaves in a directory: a half-written `.x.metalm-new` (deleted)
+    and, from the fallback swap, a whole `.y.metalm-old` without `y` (put back)."""
+    kept = replace_dir(tmp_path / "kept", lambda d: (d / "a.txt").write_text("kept"))
+    half = new_path(tmp_path / "x")
+    half.mkdir()
+    (half / "a.txt").write_text("half")
+    backup = old_path(tmp_path / "y")
+    backup.mkdir()
+    (backup / "a.txt").write_text("whole")
+    assert clear_unfinished(tmp_path) == [half]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "y"]
+    assert (tmp_path / "y" / "a.txt").read_text() == "whole"
+    assert (kept / "a.txt").read_text() == "kept"

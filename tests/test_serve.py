@@ -8,8 +8,10 @@ graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,10 +25,11 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
-from run_tools import LABELS, OPERATIONS, TEXTS, free_port
+from run_tools import LABELS, OPERATIONS, QUERIES, TEXTS, free_port
 from schemathesis import checks
 
 from metalm import FewShotClassifier, save_pretrained
+from metalm.atomic import NEW_SUFFIX
 from metalm.config import parse_learner_config
 from metalm.learners import build_learner
 from metalm.models.encoder import EncoderConfig, TextEncoder
@@ -282,6 +285,80 @@ def test_too_many_tasks_then_restart_keeps_tasks(model_dir, tmp_path):
             assert http.get("/health").json()["tasks"] == 1
     finally:
         second.stop()
+
+
+def _create_until_gone(
+    url: str, stop: threading.Event, numbers: Iterator[int], created: dict, answered: list
+) -> None:
+    """Create tasks (each with its own texts) until `stop` or the server is gone; record
+    each answer's status in `answered`, and each task answered 201 in `created` (id →
+    examples)."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while not stop.is_set():
+            n = next(numbers)
+            texts = [f"{text} (task {n})" for text in TEXTS]
+            examples = [{"text": t, "label": y} for t, y in zip(texts, LABELS, strict=True)]
+            try:
+                response = http.post("/tasks", json={"examples": examples})
+            except httpx.HTTPError:
+                return  # the server is gone
+            answered.append(response.status_code)
+            if response.status_code == 201:
+                created[response.json()["task_id"]] = examples
+
+
+@pytest.mark.slow
+def test_sigkill_under_load_keeps_every_created_task(model_dir, tmp_path):
+    """Four clients create tasks as fast as they can; the server is killed (SIGKILL) at a
+    random moment, three times over. After the last restart, every task whose creation was
+    answered 201 is listed and classifies exactly as the same task adapted in this process,
+    and no half-written task directory is left behind."""
+    tasks_dir = tmp_path / "tasks"
+    created: dict[str, list[dict]] = {}
+    numbers = itertools.count()
+    rng = random.Random(0)
+    for _round in range(3):
+        server = Server(model_dir, tasks_dir, max_tasks=1000)
+        stop, answered = threading.Event(), []
+        clients = [
+            threading.Thread(
+                target=_create_until_gone, args=(server.url, stop, numbers, created, answered)
+            )
+            for _ in "abcd"
+        ]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 60
+        while len(answered) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.5))
+        server.process.kill()
+        server.process.wait()
+        stop.set()
+        for client in clients:
+            client.join(30)
+        assert len(answered) >= 5 and set(answered) == {201}, server.log.read_text()
+
+    reference = FewShotClassifier.from_pretrained(model_dir, device="cpu")
+    last = Server(model_dir, tasks_dir, max_tasks=1000)
+    try:
+        with httpx.Client(base_url=last.url, timeout=30) as http:
+            listed = {t["task_id"] for t in http.get("/tasks").json()["tasks"]}
+            assert set(created) <= listed, f"lost {len(set(created) - listed)} tasks"
+            for task_id, examples in created.items():
+                body = {"texts": QUERIES[:3]}
+                served = http.post(f"/tasks/{task_id}/classify", json=body).json()
+                own = reference.unfitted().adapt(
+                    [e["text"] for e in examples], [e["label"] for e in examples]
+                )
+                expected = own.predict_proba(QUERIES[:3])
+                got = [p["probabilities"] for p in served["predictions"]]
+                assert served["classes"] == list(own.classes_)
+                assert abs(expected - got).max() < 1e-5, task_id
+    finally:
+        last.stop()
+    assert not [p for p in tasks_dir.iterdir() if p.name.endswith(NEW_SUFFIX)]
+    assert "skipping stored task" not in last.log.read_text()
 
 
 # -- OpenAPI: the document is valid, and the live server keeps to it --------------------

@@ -158,6 +158,19 @@ def recover(target: str | Path) -> Path:
     return target
 
 
+def clear_unfinished(parent: str | Path) -> list[Path]:
+    """Delete what saves into `parent` left half-written when they were killed (their
+    `.<name>.metalm-new` directories) and put back cut-short swaps; the paths deleted."""
+    parent = Path(parent)
+    with _locked(parent):  # a save in progress holds this lock: nothing of it is touched
+        for backup in parent.glob(f".*{OLD_SUFFIX}"):
+            _recover_locked(backup.with_name(backup.name[1 : -len(OLD_SUFFIX)]))
+        unfinished = sorted(p for p in parent.glob(f".*{NEW_SUFFIX}") if p.is_dir())
+        for path in unfinished:
+            shutil.rmtree(path, ignore_errors=True)
+    return unfinished
+
+
 def replace_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(directory)` on a fresh directory, then make it `target` atomically,
     replacing what was there. If `write` raises, `target` is left as it was (a write out

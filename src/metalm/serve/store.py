@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from metalm.atomic import clear_unfinished
 from metalm.classifier import FewShotClassifier
 from metalm.errors import MetalmError
 from metalm.serve.limits import Deadline, ServeLimits
@@ -78,6 +79,8 @@ class TaskStore:
 
     def _reload(self) -> None:
         assert self.directory is not None
+        for path in clear_unfinished(self.directory):
+            log.warning("deleted %s: a task save cut short (never answered 201)", path.name)
         for path in sorted(self.directory.iterdir()):
             if not (path.is_dir() and TASK_ID.match(path.name)):
                 continue
