@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,43 @@ def test_nproc_bad_input_is_a_clear_error(
         assert main(["train", "--nproc", "2", "--backend", "nccl", *overrides]) == 2
         assert "nccl needs CUDA GPUs" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_tune_error_on_rank_0_alone_stops_every_rank(tiny_model_dir: Path, tmp_path: Path):
+    """Under a file-size limit that the tiny model's checkpoint is over, rank 0 (which
+    alone writes checkpoints) fails each trial; the other rank learns it at the same step,
+    both go on to the next trial and, when no trial completed, both exit with the error,
+    long before the process group's timeout."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "learner: {name: protonet}\nsearch:\n  train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+    )
+    # the checkpoint of step 2 fails, before the first validation (step 4)
+    extra = {"train.meta_batch_size": 2, "train.steps": 4, "train.eval_every": 4}
+    extra |= {"train.checkpoint_every": 2, "train.dist_timeout": 90}
+    command = [sys.executable, "-m", "metalm", "-q", "tune", "-c", str(config), "--nproc", "2"]
+    command += ["--trials", "2", "--sampler", "random", "--seed", "0"]
+    command += tiny_overrides(tiny_model_dir, tmp_path / "runs", **extra)
+    limit = 2_000_000  # the checkpoint's weights take ~4 MB; the study's database less
+
+    def file_size_limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    started = time.monotonic()
+    done = subprocess.run(
+        command,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        preexec_fn=file_size_limit,
+    )
+    seconds = time.monotonic() - started
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert seconds < 80, f"took {seconds:.0f} s: a rank waited for the group's timeout"
+    assert done.stderr.count("could not save") >= 2, done.stderr[-3000:]  # both trials
+    assert "no trial of study 'tiny' completed" in done.stderr, done.stderr[-3000:]
+    assert "rank 0 stopped the study" in done.stderr, done.stderr[-3000:]

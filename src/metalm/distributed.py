@@ -26,10 +26,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -65,7 +66,15 @@ class World:
 
 class StoppedByMain(MetalmError):
     """Raised on ranks other than 0 when rank 0 stopped training with an exception (e.g.
-    a pruned trial); rank 0 raises the exception itself."""
+    a pruned trial, a checkpoint it could not save); rank 0 raises the exception itself.
+    Every rank stops at the same point, so the group stays in step."""
+
+    # every rank stops with it at the same point: they can meet before leaving the group
+    all_ranks_know = True
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def launched() -> bool:
@@ -202,6 +211,35 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def on_main(action: Callable[[], T], what: str) -> T | None:
+    """Run `action` on rank 0 alone (what it returns; None on the others) and tell every
+    rank whether it failed: rank 0 re-raises its error, the others raise `StoppedByMain`
+    with its message, so no rank waits in a collective for a rank that has stopped.
+    In one process: `action()`.
+
+    Example:
+        >>> on_main(lambda: 2 + 2, "adding")
+        4
+    """
+    where = world()
+    if not where.distributed:
+        return action()
+    result, error = None, None
+    if where.is_main:
+        try:
+            result = action()
+        except BaseException as err:  # re-raised below, after the others know
+            error = err
+    failed = broadcast_object(None if error is None else _first_line(error))
+    if error is not None:
+        with contextlib.suppress(AttributeError):  # some built-in errors take no attributes
+            error.all_ranks_know = True  # type: ignore[attr-defined]
+        raise error
+    if failed is not None:
+        raise StoppedByMain(f"rank 0 stopped while {what}: {failed}")
+    return result
+
+
 def barrier() -> None:
     """Wait until every rank gets here (no-op in one process)."""
     if dist.is_available() and dist.is_initialized():
@@ -282,16 +320,28 @@ def check_learner(learner: Any, steps: int) -> None:
 
 def announce(kind: str, payload: Any = None) -> None:
     """On rank 0 of a distributed `metalm tune`: tell the other ranks what to run next
-    (`trial`, `run`) or that the study is `done` (see `follow`); a no-op elsewhere."""
+    (`trial`, `run`), that the study is `done`, or that it `failed` (payload: rank 0's
+    error, see `announce_failure`) (see `follow`); a no-op elsewhere."""
     where = world()
     if where.distributed and where.is_main:
         broadcast_object((kind, payload))
 
 
+def announce_failure(err: BaseException) -> None:
+    """On rank 0 of a distributed `metalm tune` that stops with `err`: the other ranks
+    stop with its message (a no-op elsewhere)."""
+    where = world()
+    if where.distributed and where.is_main:
+        broadcast_object(("failed", _first_line(err)))
+        with contextlib.suppress(AttributeError):
+            err.all_ranks_know = True  # type: ignore[attr-defined]
+
+
 def follow(handlers: dict[str, Any]) -> None:
     """On the other ranks: run `handlers[kind](payload)` for each announcement of rank 0
-    until `done`. A `MetalmError` (the same config fails alike on rank 0, or rank 0
-    stopped the trial, e.g. pruned it) moves on to the next announcement.
+    until `done`, or raise `StoppedByMain` when rank 0 announces that it `failed`. A
+    `MetalmError` (the same config fails alike on rank 0, or rank 0 stopped the trial,
+    e.g. pruned it) moves on to the next announcement.
 
     Example:
         >>> follow({"trial": lambda job: meta_train(*job), "run": run})  # doctest: +SKIP
@@ -300,6 +350,8 @@ def follow(handlers: dict[str, Any]) -> None:
         kind, payload = broadcast_object(None)
         if kind == "done":
             return
+        if kind == "failed":
+            raise StoppedByMain(f"rank 0 stopped the study: {payload}")
         try:
             handlers[kind](payload)
         except MetalmError:

@@ -104,9 +104,12 @@ def run(
             "or pick another run_name"
         )
     distributed.barrier()  # every rank has checked before rank 0 writes
-    if world.is_main:
+
+    def write_config() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
+
+    distributed.on_main(write_config, "writing the run's config")  # all stop if it fails
 
     train_summary: dict[str, Any] = {}
     if trainer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -162,15 +163,17 @@ class MetaTrainer:
             raise MetalmError(f"{self.run_dir}: no checkpoint to resume from")
         self.state = load_checkpoint(found, self.learner, self.optimizer, self.scheduler)
         load_sampler_state(self.train_sampler, load_extra(found))
-        if self.world.is_main:
-            self._truncate_log(self.state["step"])
-        return int(self.state["step"])
+        step = int(self.state["step"])
+        distributed.on_main(lambda: self._truncate_log(step), f"truncating {LOG_FILE}")
+        return step
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self.resume() if resume else 0
-        writer = self._tensorboard() if self.world.is_main else None
+        # rank 0's outputs (None on the others); if it cannot open them, every rank stops
+        writer = distributed.on_main(self._tensorboard, "starting TensorBoard")
+        log = distributed.on_main(self._open_log, f"opening {LOG_FILE}")
         bar = tqdm(
             total=cfg.steps,
             initial=start,
@@ -180,7 +183,7 @@ class MetaTrainer:
             dynamic_ncols=True,
         )
         try:
-            with self._log_file() as log:
+            with log if log is not None else contextlib.nullcontext():
                 for step in range(start, cfg.steps):
                     if self.state["stopped_early"]:
                         break
@@ -201,18 +204,19 @@ class MetaTrainer:
                         bar.set_postfix(loss=f"{loss:.3f}", val=f"{record['val_accuracy']:.3f}")
                     else:
                         bar.set_postfix(loss=f"{loss:.3f}")
-                    _write_record(record, log, writer)
-                    if self.world.is_main and (
-                        (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
-                    ):
-                        self._save()
+                    save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+                    # rank 0 logs and saves alone; if that fails, every rank stops here
+                    distributed.on_main(
+                        functools.partial(self._record, record, log, writer, save),
+                        f"logging or saving step {step + 1}",
+                    )
                     bar.update(1)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
-        if self.world.is_main and self.state["stopped_early"] and self.state["step"] < cfg.steps:
-            self._save()
+        if self.state["stopped_early"] and self.state["step"] < cfg.steps:
+            distributed.on_main(self._save, "saving the early-stopped run")
         distributed.barrier()  # rank 0's best weights are written
         best = self.run_dir / BEST_WEIGHTS
         if best.exists():
@@ -239,16 +243,19 @@ class MetaTrainer:
         indices = [step * cfg.meta_batch_size + i for i in share]
         for loss in self._losses(indices):
             if not torch.isfinite(loss):
-                raise MetalmError(
-                    f"the meta-training loss became {loss.item()} at step {step + 1}; "
-                    f"lower train.lr (now {cfg.lr}) or raise train.warmup_steps; the last "
-                    f"good checkpoint is kept in {self.checkpoint_dir}"
-                )
+                total = loss.item()  # the other ranks learn it from the sum below
+                break
             loss.backward()
             total += loss.item()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # sums over the ranks: the global meta-batch's mean loss and its gradient
         total = distributed.all_reduce_gradients(params, total)
+        if not math.isfinite(total):  # on every rank alike
+            raise MetalmError(
+                f"the meta-training loss became {total} at step {step + 1}; "
+                f"lower train.lr (now {cfg.lr}) or raise train.warmup_steps; the last "
+                f"good checkpoint is kept in {self.checkpoint_dir}"
+            )
         norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
@@ -329,9 +336,7 @@ class MetaTrainer:
                 )
         return accuracy
 
-    def _log_file(self):
-        if not self.world.is_main:
-            return contextlib.nullcontext(None)
+    def _open_log(self) -> Any:
         return open(self.run_dir / LOG_FILE, "a", encoding="utf-8")
 
     def _validate(self, step: int) -> float:
@@ -353,6 +358,11 @@ class MetaTrainer:
         for callback in self.on_validation:
             callback(step, accuracy)
         return accuracy
+
+    def _record(self, record: dict[str, Any], log: Any, writer: Any, save: bool) -> None:
+        _write_record(record, log, writer)
+        if save:
+            self._save()
 
     def _save(self) -> None:
         save_checkpoint(

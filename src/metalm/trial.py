@@ -35,7 +35,7 @@ def meta_train(
         >>> result.steps, 0.0 <= result.best_val_accuracy <= 1.0
         (2, True)
     """
-    world = distributed.setup(config.model.device, timeout=config.train.dist_timeout)
+    distributed.setup(config.model.device, timeout=config.train.dist_timeout)
     torch.manual_seed(config.seed)
     learner = build_learner(build_model(config.model), config.learner)
     pools = build_pools(config.data)
@@ -44,9 +44,12 @@ def meta_train(
     run_dir = Path(run_dir)
     sampled = samplers(config, pools)
     trainer = build_trainer(learner, config, sampled, run_dir, progress, on_validation)
-    if world.is_main:
+
+    def write_config() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
+
+    distributed.on_main(write_config, "writing the trial's config")  # all stop if it fails
     if trainer is not None:
         return learner, trainer.fit()
     accuracy = validation_accuracy(learner, sampled[1], config.train.val_episodes)

@@ -53,13 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    succeeded = False
+    meet_peers = False  # every rank ends here alike: meet before leaving the group
     try:
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
-        succeeded = True
+        meet_peers = True
     except MetalmError as err:
         print(f"error{_rank_suffix()}: {err}", file=sys.stderr)
+        meet_peers = getattr(err, "all_ranks_know", False)
         return 2
     except BrokenPipeError:  # the reader stopped early (`metalm predict ... | head`)
         _silence_stdout()
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         if "metalm.distributed" in sys.modules:  # only a training command imports it
-            sys.modules["metalm.distributed"].teardown(wait_for_peers=succeeded)
+            sys.modules["metalm.distributed"].teardown(wait_for_peers=meet_peers)
     return 0
 
 

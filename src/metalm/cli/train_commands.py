@@ -255,8 +255,10 @@ def cmd_tune(args: argparse.Namespace) -> None:
     objectives = args.objectives or ("accuracy,latency" if args.arch else "accuracy")
     try:
         result = tune(base, space, args.trials, study_dir, _tune_options(args, name, objectives))
-    finally:
-        distributed.announce("done")
+    except BaseException as err:
+        distributed.announce_failure(err)  # the other ranks stop with its message
+        raise
+    distributed.announce("done")
     if result.pareto:
         print(f"\nPareto front ({objectives}):")
         for row in result.pareto:
