@@ -130,8 +130,8 @@ def test_every_operation_answers_as_documented(
     @fuzz_settings(count)
     @given(case=operation.as_strategy())
     def check(case: Any) -> None:
-        case.call_and_validate(base_url=server, checks=CHECKS, timeout=60)
-        response = case.call(base_url=server, timeout=60)
+        response = case.call(base_url=server, timeout=60)  # once: this answer is checked
+        case.validate_response(response, checks=CHECKS)
         detail_on_4xx(None, response, case)
 
     check()

@@ -165,3 +165,26 @@ def test_hf_directories_as_support_and_query(tmp_path):
     episode = pools.full_way[2]
     assert len(episode.support_texts) == 4 and len(episode.query_texts) == 4
     assert [episode.label_names[y] for y in episode.query_labels] == ["x", "x", "x", "y"]
+
+
+def test_unlabeled_texts_that_are_test_texts_are_counted_in_a_warning(tmp_path):
+    """Meta-training on unlabeled texts that include test texts warns with how many; a
+    pool that shares none stays silent."""
+    import warnings
+
+    classes = {f"intent{c}": 6 for c in range(10)}
+    rows = tagged_rows(classes, "a")
+    source = write_csv(tmp_path / "all.csv", rows)
+    overrides = [f"data.train.source={source}", "data.classes.fractions=[0.6, 0.2, 0.2]"]
+    config = load_config(None, overrides)
+    test_texts = build_pools(config.data).test.texts
+    shared = sorted(set(test_texts))[:3]
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join([*shared, "a text of no class", "another one"]) + "\n")
+    config = load_config(None, [*overrides, f"data.unlabeled={pool}"])
+    with pytest.warns(UserWarning, match=rf"pool.txt: 3 of the {len(set(test_texts))} test texts"):
+        build_pools(config.data)
+    pool.write_text("a text of no class\nanother one\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_pools(config.data)

@@ -271,6 +271,8 @@ def from_pretrained(
     Example:
         >>> learner = from_pretrained(saved_model)       # e.g. "protonet-minilm"
         >>> state = learner.adapt(["hi", "bye"], [0, 1])
+        >>> learner.predict(state, ["hi there"]).shape
+        torch.Size([1, 2])
     """
     from metalm.config import parse_learner_config
 

@@ -34,9 +34,14 @@ def test_arch_search_returns_pareto_set(tiny_model_dir, tmp_path):
             for o in trials
         )
         assert dominated == (t.number not in front)
-    params = {t.params["model.num_layers"]: t.user_attrs["params"] for t in trials}
-    if len(params) == 2:
-        assert params[1] < params[2]  # fewer layers kept, fewer parameters
+    # fewer layers kept (the other choices alike), fewer parameters
+    by_shape = {
+        (t.params["model.num_layers"], t.params["model.num_heads"]): t.user_attrs["params"]
+        for t in trials
+    }
+    pairs = [(by_shape[1, h], by_shape[2, h]) for h in (1, 2) if {(1, h), (2, h)} <= set(by_shape)]
+    assert pairs, f"seed 0 drew no two trials that differ in layers alone: {sorted(by_shape)}"
+    assert all(one < two for one, two in pairs)
     assert "Pareto front" in (tmp_path / "arch" / "summary.md").read_text()
 
 

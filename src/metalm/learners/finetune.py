@@ -76,6 +76,8 @@ class Finetune(MetaLearner):
     Example:
         >>> learner = Finetune(encoder, FinetuneConfig(head_steps=20, steps=5))
         >>> logits = learner.predict(learner.adapt(texts, labels), queries)
+        >>> logits.shape                                    # a score per query and class
+        torch.Size([3, 3])
     """
 
     meta_trainable = False

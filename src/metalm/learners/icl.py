@@ -243,6 +243,8 @@ class MetaICL(ICL):
     Example:
         >>> learner = MetaICL(lm, MetaICLConfig())
         >>> loss = learner.meta_loss(episode)        # through MetaTrainer
+        >>> loss.ndim, bool(loss > 0)                # one mean cross-entropy
+        (0, True)
     """
 
     meta_trainable = True

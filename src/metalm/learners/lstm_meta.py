@@ -17,6 +17,8 @@ Example:
     >>> learner = LSTMMeta(encoder, LSTMMetaConfig(inner_steps=5, adapter_dim=8))
     >>> learner.meta_loss(episode).backward()     # meta-trains the LSTM and θ_0
     >>> logits = learner.predict(learner.adapt(texts, labels), queries)
+    >>> logits.shape                                # a score per query and class
+    torch.Size([3, 3])
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class MetaLSTMCell(nn.Module):
     Example:
         >>> cell = MetaLSTMCell(20, 0.05, 0.99)
         >>> theta, state = cell(torch.ones(7), torch.tensor(0.5), torch.zeros(7), None)
+        >>> theta.shape
+        torch.Size([7])
     """
 
     def __init__(self, hidden: int, init_input_gate: float, init_forget_gate: float):

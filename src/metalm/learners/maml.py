@@ -71,6 +71,8 @@ class MAML(GradientLearner):
         >>> learner = MAML(encoder, MAMLConfig(adapt="last_n", last_n=1, inner_steps=3))
         >>> learner.meta_loss(episode).backward()          # meta-training
         >>> logits = learner.predict(learner.adapt(texts, labels), queries)
+        >>> logits.shape                                    # a score per query and class
+        torch.Size([3, 3])
     """
 
     first_order = False
@@ -82,6 +84,8 @@ class FOMAML(GradientLearner):
 
     Example:
         >>> learner = FOMAML(encoder, FOMAMLConfig(adapt="all"))
+        >>> learner.predict(learner.adapt(texts, labels), queries).shape
+        torch.Size([3, 3])
     """
 
     first_order = True
@@ -94,6 +98,8 @@ class ANIL(GradientLearner):
 
     Example:
         >>> learner = ANIL(encoder, ANILConfig(inner_steps=10, head_lr=0.5))
+        >>> learner.predict(learner.adapt(texts, labels), queries).shape
+        torch.Size([3, 3])
     """
 
     config: ANILConfig

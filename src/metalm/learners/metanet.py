@@ -11,6 +11,8 @@ Example:
     >>> loss = learner.meta_loss(episode)                 # meta-training
     >>> state = learner.adapt(texts, labels)              # head.weight [N, dim], head.bias [N]
     >>> logits = learner.predict(state, queries)
+    >>> state["head.weight"].shape, logits.shape
+    (torch.Size([3, 32]), torch.Size([3, 3]))
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ meta-network at its own outer rate `meta_lr`.
 
 Example:
     >>> net = mlp(384, 64, 385, layers=2)   # Linear(384, 64), ReLU, Linear(64, 385)
+    >>> [type(layer).__name__ for layer in net], net[-1].out_features
+    (['Linear', 'ReLU', 'Linear'], 385)
 """
 
 from __future__ import annotations

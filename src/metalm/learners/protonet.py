@@ -363,6 +363,8 @@ class ProtoNet(_CentroidLearner):
         >>> learner = ProtoNet(encoder, ProtoNetConfig())
         >>> loss = learner.meta_loss(episode)   # meta-training
         >>> logits = learner.predict(learner.adapt(texts, labels), queries)
+        >>> logits.shape                                    # a score per query and class
+        torch.Size([3, 3])
     """
 
     config: ProtoNetConfig

@@ -62,6 +62,8 @@ class Proximal(GradientLearner):
     Example:
         >>> learner = Proximal(encoder, ProximalConfig(prox_lambda=0.5, implicit=True))
         >>> learner.meta_loss(episode).backward()
+        >>> any(p.grad is not None and bool(p.grad.any()) for p in learner.parameters())
+        True
     """
 
     config: ProximalConfig

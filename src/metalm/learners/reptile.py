@@ -46,6 +46,8 @@ class Reptile(GradientLearner):
     Example:
         >>> learner = Reptile(encoder, ReptileConfig(inner_steps=5))
         >>> learner.meta_loss(episode).backward()   # .grad of each tensor is θ − θ′
+        >>> any(p.grad is not None and bool(p.grad.any()) for p in learner.parameters())
+        True
     """
 
     encodes_support_with_query = True

@@ -4,6 +4,8 @@ float32 on load; that needs the `gguf` package, installed by `scripts/install.sh
 
 Example:
     >>> model, tokenizer = load_causal_lm(tiny_llama)        # a local directory
+    >>> type(model).__name__, model.dtype
+    ('LlamaForCausalLM', torch.float32)
     >>> model, tokenizer = load_causal_lm()  # the shipped SmolLM2-135M  # doctest: +SKIP
     >>> model, tokenizer = load_causal_lm("HuggingFaceTB/SmolLM2-360M-Instruct")  # doctest: +SKIP
     >>> model, tokenizer = load_causal_lm("models/my-lm.Q8_0.gguf")  # doctest: +SKIP
