@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.evaluate import Z95, evaluate_episodes, mean_ci95
+from metalm.evaluate import Z95, critical_value, evaluate_episodes, mean_ci95
 from metalm.learners import (
     FrozenCentroids,
     FrozenConfig,
@@ -22,11 +22,19 @@ def episode():
 
 # -- evaluation ----------------------------------------------------------------------
 def test_mean_ci95_formula():
+    """Student's t interval below 30 values, the normal one from 30 on."""
+    from scipy.stats import t
+
     values = [0.2, 0.4, 0.9, 0.5]
     mean, ci = mean_ci95(values)
     std = torch.tensor(values, dtype=torch.float64).std().item()
     assert mean == pytest.approx(0.5)
-    assert ci == pytest.approx(Z95 * std / 2)
+    assert ci == pytest.approx(t.ppf(0.975, 3) * std / 2)
+    for n in range(2, 30):
+        assert critical_value(n) == pytest.approx(t.ppf(0.975, n - 1), abs=1e-6)
+    values = [i % 7 / 7 for i in range(30)]
+    std = torch.tensor(values, dtype=torch.float64).std().item()
+    assert mean_ci95(values)[1] == pytest.approx(Z95 * std / 30**0.5)
 
 
 def test_evaluation_cached_equals_uncached(tiny_encoder):
