@@ -171,9 +171,7 @@ def to_markdown(rows: list[dict]) -> str:
             delta = f"{100 * (r['accuracy'] - base['accuracy']):+.2f} (1 task)"
         else:
             delta = "-"
-        frozen = (
-            f"{100 * base['accuracy']:.2f} ± {100 * base['ci95'] * widen:.2f}" if base else "-"
-        )
+        frozen = f"{100 * base['accuracy']:.2f} ± {100 * base['ci95'] * widen:.2f}" if base else "-"
         lines.append(
             f"| {r['method']} | {r['protocol']} | "
             f"{100 * r['accuracy']:.2f} ± {100 * r['ci95'] * widen:.2f} | {frozen} | {delta} | "
