@@ -2,7 +2,8 @@
 # The checks and runs that need a GPU, in one script: run it when `status` shows a GPU
 # lent (README, "On a GPU"). Everything it measures goes to $OUT (default gpu-out/).
 #
-#   bash scripts/gpu_check.sh                 # smoke checks + the longest training runs
+#   bash scripts/gpu_check.sh                 # the checks, then the longest training runs
+#   METALM_GPU_SKIP_LONG=1 bash scripts/gpu_check.sh  # the checks only (about 8 minutes)
 #   METALM_GPU_STEPS=1000 bash scripts/gpu_check.sh   # the long run's steps (default 600)
 #
 # The device machine has PyTorch, transformers, safetensors, PyYAML and tqdm but no
@@ -48,17 +49,29 @@ MODEL_ARG=()
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 
-# 0. the CUDA path: checkpoints across devices, the causal LM in bf16, CUDA = CPU
-METALM_GPU_MODEL="$MODEL" timeout 120 $PY scripts/gpu_cuda_path.py 2>&1 | tee "$OUT/cuda_path.txt"
+# 0. the CUDA path: every learner CUDA = CPU, checkpoints across devices, the causal LM
+#    in bf16, protonet on MiniLM CUDA = CPU
+METALM_GPU_MODEL="$MODEL" timeout 180 $PY scripts/gpu_cuda_path.py --out "$OUT/cuda_path.json" \
+  2>&1 | tee "$OUT/cuda_path.txt"
 [ "${METALM_GPU_ONLY_PATH:-0}" = 1 ] && exit 0
 
-# 1. smoke: a few meta-training steps of protonet on CUDA, evaluated (the CUDA path)
-timeout 90 $PY -m metalm -q train learner.name=protonet "${MODEL_ARG[@]}" model.device=cuda \
-  train.steps=5 train.eval_every=5 train.val_episodes=5 train.tensorboard=false \
-  eval.episodes=5 "eval.settings=[{n_way: 5, k_shot: 1}]" eval.full_way_shots=[] \
-  eval.baselines=[] output_dir=/tmp/gpu-runs run_name=smoke 2>&1 | tail -5 | tee "$OUT/smoke.txt"
+# 1. smoke: meta-training on CUDA through the CLI with the NCCL backend asked for
+#    (--nproc 1: one process, so no process group forms; NCCL between ranks needs 2 GPUs),
+#    then a resume of the same run on the CPU from its CUDA checkpoint
+timeout 120 $PY -m metalm -q train --nproc 1 --backend nccl learner.name=protonet \
+  "${MODEL_ARG[@]}" model.device=cuda train.steps=6 train.eval_every=3 train.checkpoint_every=3 \
+  train.val_episodes=5 train.tensorboard=false eval.episodes=5 \
+  "eval.settings=[{n_way: 5, k_shot: 1}]" eval.full_way_shots=[] eval.baselines=[] \
+  output_dir=/tmp/gpu-runs run_name=smoke 2>&1 | tail -5 | tee "$OUT/smoke.txt"
+timeout 120 $PY -m metalm -q train --resume /tmp/gpu-runs/smoke model.device=cpu train.steps=8 \
+  2>&1 | tail -5 | tee "$OUT/smoke_resume_cpu.txt"
 
-# 2. the longest runs (issue 22: more source tasks, 10x longer), both targets at once
+# 2. throughput, GPU beside CPU: encoding and meta-training steps
+timeout 240 $PY scripts/gpu_throughput.py --devices cpu cuda ${MODEL:+--model "$MODEL"} \
+  --out "$OUT/throughput.json" 2>&1 | tail -6 | tee "$OUT/throughput.txt"
+
+# 3. the longest runs (issue 22: more source tasks, 10x longer), both targets at once
+[ "${METALM_GPU_SKIP_LONG:-0}" = 1 ] && exit 0
 for target in banking77 clinc150; do
   timeout 470 $PY benchmarks/source_tasks.py --targets $target --long-steps "$STEPS" --quiet \
     --rows cluster names --episodes "$EPISODES" \

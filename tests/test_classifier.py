@@ -115,6 +115,31 @@ def test_task_save_load_round_trip(frozen_dir, tiny_model_dir, tmp_path):
         FewShotClassifier.load_task(tmp_path)
 
 
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: (d / "task.json").write_text("{oops"), "task.json: not valid JSON"),
+        (lambda d: _cut_in_half(d / "task.json"), "task.json: not valid JSON"),
+        (lambda d: _cut_in_half(d / "task.safetensors"), "task.safetensors: broken or truncated"),
+        (lambda d: (d / "task.safetensors").unlink(), "missing task.safetensors"),
+    ],
+)
+def test_broken_task_directories_are_one_line_errors(change, message, frozen_dir, tmp_path, capsys):
+    """Through the API and through `metalm predict`: one line naming the file."""
+    FewShotClassifier.from_pretrained(frozen_dir).adapt(TEXTS, LABELS).save_task(tmp_path / "t")
+    change(tmp_path / "t")
+    with pytest.raises(MetalmError, match=message):
+        FewShotClassifier.load_task(tmp_path / "t")
+    queries = write_csv(tmp_path / "q.csv", [(q, "x") for q in QUERIES])
+    assert main(["predict", "--task", str(tmp_path / "t"), "--input", str(queries)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
     card = (exported / "README.md").read_text()

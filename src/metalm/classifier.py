@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metalm.atomic import recover, replace_dir
@@ -312,7 +313,13 @@ class FewShotClassifier:
         if not weights.exists():
             raise MetalmError(f"{directory}: missing {TASK_WEIGHTS}")
         clf = base.unfitted()
-        clf.state_ = load_file(str(weights), device=str(base.learner.encoder.device))
+        try:
+            clf.state_ = load_file(str(weights), device=str(base.learner.encoder.device))
+        except SafetensorError as err:
+            raise MetalmError(
+                f"{weights}: broken or truncated ({str(err).splitlines()[0]}); adapt the "
+                "task again (metalm adapt)"
+            ) from None
         clf._classes = list(meta["classes"])
         return clf
 
