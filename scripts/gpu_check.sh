@@ -56,14 +56,15 @@ METALM_GPU_MODEL="$MODEL" timeout 180 $PY scripts/gpu_cuda_path.py --out "$OUT/c
 [ "${METALM_GPU_ONLY_PATH:-0}" = 1 ] && exit 0
 
 # 1. smoke: meta-training on CUDA through the CLI with the NCCL backend asked for
-#    (--nproc 1: one process, so no process group forms; NCCL between ranks needs 2 GPUs),
-#    then a resume of the same run on the CPU from its CUDA checkpoint
+#    (--nproc 1: one process, so no process group forms; NCCL between ranks needs 2 GPUs)
 timeout 120 $PY -m metalm -q train --nproc 1 --backend nccl learner.name=protonet \
-  "${MODEL_ARG[@]}" model.device=cuda train.steps=6 train.eval_every=3 train.checkpoint_every=3 \
+  "${MODEL_ARG[@]}" model.device=auto train.steps=6 train.eval_every=3 train.checkpoint_every=3 \
   train.val_episodes=5 train.tensorboard=false eval.episodes=5 \
   "eval.settings=[{n_way: 5, k_shot: 1}]" eval.full_way_shots=[] eval.baselines=[] \
   output_dir=/tmp/gpu-runs run_name=smoke 2>&1 | tail -5 | tee "$OUT/smoke.txt"
-timeout 120 $PY -m metalm -q train --resume /tmp/gpu-runs/smoke model.device=cpu train.steps=8 \
+# the finished run resumed with the GPU hidden: its CUDA checkpoint loads on the CPU and
+# the run is evaluated there (model.device=auto picks the CPU)
+CUDA_VISIBLE_DEVICES= timeout 120 $PY -m metalm -q train --resume /tmp/gpu-runs/smoke \
   2>&1 | tail -5 | tee "$OUT/smoke_resume_cpu.txt"
 
 # 2. throughput, GPU beside CPU: encoding and meta-training steps
