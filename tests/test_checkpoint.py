@@ -17,6 +17,7 @@ from metalm import atomic
 from metalm.atomic import new_path, old_path
 from metalm.checkpoint import (
     load_checkpoint,
+    load_extra,
     load_weights,
     save_checkpoint,
     save_weights_atomic,
@@ -133,12 +134,16 @@ def test_resume_reads_onto_the_cpu_and_skips_a_cuda_state_without_a_gpu(
     assert_same_tensors(weights_of(fresh), weights_of(net))
 
 
-@pytest.mark.parametrize("name", ["learner.safetensors", "optimizer.pt"])
+@pytest.mark.parametrize(
+    "name", ["learner.safetensors", "optimizer.pt", "state.json", "samplers.safetensors"]
+)
 def test_a_truncated_checkpoint_file_is_a_one_line_error(tmp_path: Path, name: str):
     net, optimizer, scheduler = toy(seed=0)
     toy_step(net, optimizer, scheduler)
-    save_checkpoint(tmp_path / "c", net, optimizer, scheduler, {"step": 1})
+    extra = {"clusters": torch.arange(100)}
+    save_checkpoint(tmp_path / "c", net, optimizer, scheduler, {"step": 1}, extra=extra)
     path = tmp_path / "c" / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(MetalmError, match=f"{name}: broken or truncated"):
         load_checkpoint(tmp_path / "c", *toy(seed=1))
+        load_extra(tmp_path / "c")

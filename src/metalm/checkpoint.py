@@ -127,7 +127,17 @@ def load_checkpoint(
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     restore_cuda_rng(blob.get("cuda_rng"), directory)
-    return json.loads((directory / PROGRESS_STATE).read_text(encoding="utf-8"))
+    path = directory / PROGRESS_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MetalmError(
+            f"{path}: broken or truncated progress state ({err}); resume from another "
+            "checkpoint or train again"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise MetalmError(f"{path}: not a checkpoint's progress state (no 'step')")
+    return state
 
 
 def restore_cuda_rng(state: torch.Tensor | list[torch.Tensor] | None, where: Path) -> None:
@@ -155,4 +165,12 @@ def restore_cuda_rng(state: torch.Tensor | list[torch.Tensor] | None, where: Pat
 def load_extra(directory: Path) -> dict[str, torch.Tensor]:
     """The task samplers' tensors saved with a checkpoint (empty if there are none)."""
     path = directory / SAMPLER_STATE
-    return load_file(str(path)) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise MetalmError(
+            f"{path}: broken or truncated sampler state ({str(err).splitlines()[0]}); "
+            "resume from another checkpoint or train again"
+        ) from None
