@@ -98,11 +98,14 @@ class FewShotClassifier:
         device: str = "auto",
         batch_size: int = 64,
         quantize: str = "none",
+        backend: str = "torch",
     ) -> FewShotClassifier:
         """Load a directory made by `save_pretrained` / `metalm export` (or a Hub id);
-        `quantize="int8"`: a faster CPU encoder at a small accuracy cost (BENCHMARKS.md)."""
+        `quantize="int8"`: a faster CPU encoder at a small accuracy cost (BENCHMARKS.md);
+        `backend="onnx"`: the encoder on ONNX Runtime (exported once, into the model
+        directory's `onnx/`)."""
         directory = resolve_pretrained(name_or_path)
-        learner = from_pretrained(directory, device=device, quantize=quantize)
+        learner = from_pretrained(directory, device=device, quantize=quantize, backend=backend)
         return cls(learner, str(directory.resolve()), fingerprint(directory), batch_size)
 
     def unfitted(self) -> FewShotClassifier:
@@ -288,6 +291,7 @@ class FewShotClassifier:
         model: FewShotClassifier | str | Path | None = None,
         device: str = "auto",
         quantize: str = "none",
+        backend: str = "torch",
     ) -> FewShotClassifier:
         """An adapted classifier from `save_task`'s directory, over `model` (a loaded
         classifier to share, or a model directory; default: the path the task recorded).
@@ -301,7 +305,7 @@ class FewShotClassifier:
         base = (
             model
             if isinstance(model, FewShotClassifier)
-            else cls.from_pretrained(model, device, quantize=quantize)
+            else cls.from_pretrained(model, device, quantize=quantize, backend=backend)
         )
         recorded = meta.get("model_fingerprint")
         if recorded and base.model_fingerprint and recorded != base.model_fingerprint:

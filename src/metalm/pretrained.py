@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from metalm.models.encoder import (
 )
 
 FORMAT_VERSION = 1
+ONNX_DIR = "onnx"  # an ONNX Runtime export of the encoder (from_pretrained(backend="onnx"))
 METADATA = "metalm.json"
 LEARNER_WEIGHTS = "learner.safetensors"
 ENCODER_DIR = "encoder"
@@ -262,11 +264,17 @@ def _load_encoder(directory: Path, settings: dict[str, Any], device: str) -> Tex
 
 
 def from_pretrained(
-    name_or_path: str | Path, device: str = "auto", quantize: str = "none"
+    name_or_path: str | Path,
+    device: str = "auto",
+    quantize: str = "none",
+    backend: str = "torch",
+    onnx_folder: str | Path | None = None,
 ) -> MetaLearner:
     """The learner saved by `save_pretrained`, from a local directory or a Hub id;
     in eval mode, ready for `adapt` / `predict` (`quantize="int8"`: a faster CPU encoder,
-    see `EncoderConfig.quantize`).
+    see `EncoderConfig.quantize`). `backend="onnx"`: the encoder runs on ONNX Runtime
+    at inference (`metalm.models.onnx_runtime`), exported once to `onnx_folder`
+    (default: `onnx/` in the model directory, else metalm's cache folder).
 
     Example:
         >>> learner = from_pretrained(saved_model)       # e.g. "protonet-minilm"
@@ -294,8 +302,24 @@ def from_pretrained(
     lost = [k for k in missing if k in own]
     if lost:
         raise MetalmError(f"{weights}: missing the learner's tensors {lost[:3]}")
-    encoder.quantize(quantize)  # after the weights are in: int8 modules hold no fp32 copy
+    if backend == "onnx":
+        folder = Path(onnx_folder) if onnx_folder else onnx_cache_folder(directory)
+        encoder.use_onnx(folder, quantize, stamp=fingerprint(directory))
+    elif backend == "torch":
+        encoder.quantize(quantize)  # after the weights are in: int8 modules hold no fp32 copy
+    else:
+        raise MetalmError(f"backend must be one of torch, onnx; got {backend!r}")
     return learner.eval()
+
+
+def onnx_cache_folder(directory: Path) -> Path:
+    """Where a model directory's ONNX export goes: `onnx/` inside it when it is writable,
+    else a folder of metalm's cache (`$METALM_CACHE`, default `~/.cache/metalm`) named
+    after the directory's fingerprint."""
+    if os.access(directory, os.W_OK):
+        return directory / ONNX_DIR
+    root = Path(os.environ.get("METALM_CACHE", Path.home() / ".cache" / "metalm"))
+    return root / "onnx" / fingerprint(directory)
 
 
 def _with_head(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -58,12 +58,19 @@ def _add_nproc(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _add_quantize(parser: argparse.ArgumentParser) -> None:
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize",
         choices=("none", "int8"),  # metalm.models.encoder.QUANTIZE_CHOICES
         default="none",
         help="int8: a faster CPU encoder at a small accuracy cost (see BENCHMARKS.md)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),  # metalm.models.onnx_runtime.BACKENDS
+        default="torch",
+        help="onnx: the encoder on ONNX Runtime (exported once into the model's onnx/ "
+        "folder; needs metalm[onnx])",
     )
 
 
@@ -192,7 +199,7 @@ def _add_adapt(sub) -> None:
     adapt.add_argument("--text-column", default="text")
     adapt.add_argument("--label-column", default="label")
     adapt.add_argument("--device", default="auto")
-    _add_quantize(adapt)
+    _add_inference_options(adapt)
     adapt.set_defaults(func=cmd_adapt)
 
 
@@ -205,7 +212,7 @@ def _add_predict(sub) -> None:
     predict.add_argument("--text-column", default="text")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--device", default="auto")
-    _add_quantize(predict)
+    _add_inference_options(predict)
     predict.set_defaults(func=cmd_predict)
 
 
@@ -220,7 +227,7 @@ def _add_score(sub) -> None:
     score.add_argument("--top", type=int, default=10, help="confused pairs to list")
     score.add_argument("--batch-size", type=int, default=64)
     score.add_argument("--device", default="auto")
-    _add_quantize(score)
+    _add_inference_options(score)
     score.set_defaults(func=cmd_score)
 
 
@@ -242,7 +249,7 @@ def _add_serve(sub) -> None:
         help="on SIGTERM/SIGINT, seconds to let requests in flight finish (default 30)",
     )
     serve.add_argument("--device", default="auto")
-    _add_quantize(serve)
+    _add_inference_options(serve)
     serve.set_defaults(func=cmd_serve)
 
 

@@ -47,7 +47,9 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
     texts, labels = read_labeled(args.support, args.text_column, args.label_column)
     unlabeled = read_texts(args.unlabeled, args.text_column) if args.unlabeled else None
-    clf = FewShotClassifier.from_pretrained(args.model, device=args.device, quantize=args.quantize)
+    clf = FewShotClassifier.from_pretrained(
+        args.model, device=args.device, quantize=args.quantize, backend=args.backend
+    )
     clf.adapt(texts, labels, unlabeled=unlabeled).save_task(args.out)
     extra = f" and {len(unlabeled)} unlabeled texts" if unlabeled else ""
     print(
@@ -61,7 +63,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from metalm.textfiles import read_texts, write_predictions
 
     clf = FewShotClassifier.load_task(
-        args.task, model=args.model, device=args.device, quantize=args.quantize
+        args.task,
+        model=args.model,
+        device=args.device,
+        quantize=args.quantize,
+        backend=args.backend,
     )
     clf.batch_size = args.batch_size
     count = write_predictions(clf, read_texts(args.input, args.text_column), args.output)
@@ -75,7 +81,11 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     texts, labels = read_labeled(args.input, args.text_column, args.label_column)
     clf = FewShotClassifier.load_task(
-        args.task, model=args.model, device=args.device, quantize=args.quantize
+        args.task,
+        model=args.model,
+        device=args.device,
+        quantize=args.quantize,
+        backend=args.backend,
     )
     clf.batch_size = args.batch_size
     result = clf.score(texts, labels, top_pairs=args.top)
@@ -114,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         limits,
         device=args.device,
         quantize=args.quantize,
+        backend=args.backend,
         api_key=api_key,
         shutdown_timeout=args.shutdown_timeout,
     )

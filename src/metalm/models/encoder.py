@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -265,6 +266,7 @@ class TextEncoder(nn.Module):
         self._token_cache: dict[str, list[int]] = {}
         self._embedding_cache: dict[str, Tensor] | None = None
         self._quantized = False
+        self._onnx: Any = None  # an OnnxTransformer once `use_onnx` is called
 
     @classmethod
     def from_config(cls, config: EncoderConfig, safetensors_only: bool = False) -> TextEncoder:
@@ -307,6 +309,29 @@ class TextEncoder(nn.Module):
             raise MetalmError("quantize=int8 runs on CPU only; load the model with device='cpu'")
         self.model = quantize_int8(self.model.eval())
         self._quantized = True
+
+    def use_onnx(self, folder: str | Path, quantize: str = "none", stamp: str = "") -> None:
+        """Encode without gradients on ONNX Runtime (`metalm.models.onnx_runtime`): the
+        transformer is exported to `folder` once (and quantized for `quantize="int8"`),
+        and re-exported when `stamp` (the weights' fingerprint) changes. Forward passes
+        with gradients or replaced weights (meta-training, fine-tuning learners) stay in
+        PyTorch."""
+        from metalm.models import onnx_runtime
+
+        if quantize not in QUANTIZE_CHOICES:
+            raise MetalmError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+        if self.quantized:
+            raise MetalmError("this encoder is int8 in PyTorch already; load it without quantize")
+        if self.device.type != "cpu":
+            raise MetalmError("the onnx backend runs on the CPU: load the model with device='cpu'")
+        onnx_runtime.require_onnxruntime()
+        path = onnx_runtime.prepare(self.model, Path(folder), quantize, stamp)
+        self._onnx = onnx_runtime.OnnxTransformer(path)
+
+    @property
+    def backend(self) -> str:
+        """`onnx` once `use_onnx` was called, else `torch`."""
+        return "torch" if self._onnx is None else "onnx"
 
     @property
     def quantized(self) -> bool:
@@ -384,6 +409,8 @@ class TextEncoder(nn.Module):
         if params:
             hidden = torch.func.functional_call(self.model, params, args=(), kwargs=batch)
             hidden = hidden.last_hidden_state
+        elif self._onnx is not None and not torch.is_grad_enabled():
+            hidden = self._onnx(batch["input_ids"], batch["attention_mask"])
         else:
             hidden = self.model(**batch).last_hidden_state
         return self.pool(hidden, batch["attention_mask"])

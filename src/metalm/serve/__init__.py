@@ -64,6 +64,7 @@ def serve(
     api_key: str | None = None,
     shutdown_timeout: float = 30.0,
     quantize: str = "none",
+    backend: str = "torch",
 ) -> None:
     """Load `model` and serve it with uvicorn until SIGTERM/SIGINT, which stop new
     connections and let requests in flight finish (for up to `shutdown_timeout` s).
@@ -78,7 +79,7 @@ def serve(
     # under the handler it found: this one, so that the stop ends with exit status 0
     signal.signal(signal.SIGTERM, _exit_quietly)
     try:
-        app = create_app(model, tasks_dir, limits, device, api_key, quantize)
+        app = create_app(model, tasks_dir, limits, device, api_key, quantize, backend)
         auth = ", bearer-token auth" if api_key else ""
         print(f"metalm serve: {model} on http://{host}:{port} (docs at /docs{auth})", flush=True)
         uvicorn.run(

@@ -41,10 +41,12 @@ def create_app(
     device: str = "auto",
     api_key: str | None = None,
     quantize: str = "none",
+    backend: str = "torch",
 ):
     """The FastAPI application serving `model` (a model directory, Hub id or a loaded
     classifier); see the module docstring for the endpoints. With `api_key`, requests
-    need `Authorization: Bearer <api_key>`."""
+    need `Authorization: Bearer <api_key>`; `backend="onnx"`: the encoder on ONNX
+    Runtime."""
     fastapi, _ = _require_fastapi()
     limits = limits or ServeLimits()
     if api_key is not None and not api_key.strip():
@@ -52,7 +54,9 @@ def create_app(
     base = (
         model
         if isinstance(model, FewShotClassifier)
-        else FewShotClassifier.from_pretrained(model, device=device, quantize=quantize)
+        else FewShotClassifier.from_pretrained(
+            model, device=device, quantize=quantize, backend=backend
+        )
     )
     store = TaskStore(base, tasks_dir, limits.max_tasks, limits.max_store_bytes)
     worker, on_model_thread = _model_thread(limits.request_timeout)

@@ -1,0 +1,145 @@
+"""The sentence encoder on ONNX Runtime, for inference (adapt, predict, score, serve).
+
+The transformer is exported once to ONNX (`encoder.onnx`: input ids and attention mask
+in, last hidden states out, batch and length dynamic) and, for `quantize="int8"`,
+quantized dynamically by ONNX Runtime (`encoder.int8.onnx`: int8 per-channel weights,
+activations quantized on the fly). Both are cached in a folder (by default `onnx/` in
+the model directory) with the fingerprint of the weights they came from, and exported
+again when the weights change. Tokenizing and pooling stay metalm's own, so the
+embeddings are those of the PyTorch encoder (within 1e-4 in float32). Meta-training,
+and learners that fine-tune while they adapt, run in PyTorch.
+
+Example:
+    >>> encoder.use_onnx("onnx")          # a TextEncoder; exported once, then cached
+    >>> encoder.backend, encoder.embed(["hello world"]).shape
+    ('onnx', torch.Size([1, 32]))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metalm.atomic import replace_dir
+from metalm.errors import MetalmError
+
+FP32_FILE = "encoder.onnx"
+INT8_FILE = "encoder.int8.onnx"
+SOURCE_FILE = "source.json"
+BACKENDS = ("torch", "onnx")
+
+
+def require_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MetalmError(
+            "the onnx backend needs ONNX Runtime: pip install 'metalm[onnx]' "
+            "(or leave the backend at torch)"
+        ) from None
+    return onnxruntime
+
+
+class _LastHiddenState(nn.Module):
+    """The transformer as ONNX sees it: ids and mask in, last hidden states out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def export_onnx(model: nn.Module, path: Path) -> None:
+    """`model`'s forward to `path` (one self-contained file; batch and length dynamic)."""
+    import warnings
+
+    ids = torch.ones(2, 8, dtype=torch.long, device=next(model.parameters()).device)
+    axes = {0: "batch", 1: "tokens"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer notes on shape-dependent Python branches
+        torch.onnx.export(
+            _LastHiddenState(model.eval()),
+            (ids, torch.ones_like(ids)),
+            str(path),
+            dynamo=False,  # one file, and the dynamic axes as given
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+            opset_version=17,
+        )
+
+
+def quantize_onnx(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization of `source` (int8 per-channel weights) to `target`."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def prepare(model: nn.Module, folder: Path, quantize: str, stamp: str) -> Path:
+    """The ONNX file to run for `quantize` (`none` or `int8`), exported into `folder`
+    unless it is there already from the same weights (`stamp`)."""
+    folder = Path(folder)
+    name = INT8_FILE if quantize == "int8" else FP32_FILE
+    source = folder / SOURCE_FILE
+    try:
+        known = json.loads(source.read_text(encoding="utf-8")).get("stamp")
+    except (OSError, ValueError):
+        known = None
+    if known == stamp and (folder / name).exists():
+        return folder / name
+    keep = known == stamp  # the other variant of the same weights stays
+
+    def write(tmp: Path) -> None:
+        for other in (FP32_FILE, INT8_FILE):
+            if keep and (folder / other).exists():
+                shutil.copyfile(folder / other, tmp / other)
+        if not (tmp / FP32_FILE).exists():
+            export_onnx(model, tmp / FP32_FILE)
+        if quantize == "int8" and not (tmp / INT8_FILE).exists():
+            quantize_onnx(tmp / FP32_FILE, tmp / INT8_FILE)
+        (tmp / SOURCE_FILE).write_text(json.dumps({"stamp": stamp}), encoding="utf-8")
+
+    replace_dir(folder, write)
+    return folder / name
+
+
+class OnnxTransformer:
+    """An ONNX Runtime session of an exported encoder: all graph optimizations, the
+    intra-op threads of this process's torch (the machine's cores by default)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        ort = require_onnxruntime()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads() or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime's own error types
+            raise MetalmError(
+                f"{path}: ONNX Runtime cannot load it ({str(err).splitlines()[0]}); delete "
+                "the folder to export it again"
+            ) from None
+        self.path = Path(path)
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        feeds = {
+            "input_ids": input_ids.cpu().numpy(),
+            "attention_mask": attention_mask.cpu().numpy(),
+        }
+        (hidden,) = self.session.run(["last_hidden_state"], feeds)
+        return torch.from_numpy(hidden)

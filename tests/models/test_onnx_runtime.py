@@ -1,0 +1,128 @@
+"""`metalm.models.onnx_runtime`: the encoder on ONNX Runtime gives PyTorch's embeddings
+(within 1e-4), is exported once and again only when the weights change, and reaches
+users through `from_pretrained(backend="onnx")` and `--backend onnx`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from run_tools import LABELS, QUERIES, TEXTS, write_csv
+
+from metalm import FewShotClassifier
+from metalm.cli import main
+from metalm.errors import MetalmError
+from metalm.models import onnx_runtime
+from metalm.models.encoder import EncoderConfig, TextEncoder
+
+pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'metalm[onnx]'")
+
+
+def _encoder(model_dir: Path) -> TextEncoder:
+    return TextEncoder.from_config(EncoderConfig(name_or_path=str(model_dir), device="cpu"))
+
+
+def test_onnx_embeddings_equal_pytorch_and_the_export_is_cached(tiny_model_dir, tmp_path):
+    torch_encoder, onnx_encoder = _encoder(tiny_model_dir), _encoder(tiny_model_dir)
+    onnx_encoder.use_onnx(tmp_path / "onnx", stamp="weights-1")
+    assert onnx_encoder.backend == "onnx" and torch_encoder.backend == "torch"
+    texts = [*TEXTS, *QUERIES, "a much longer text " * 10]
+    gap = (onnx_encoder.embed(texts) - torch_encoder.embed(texts)).abs().max()
+    assert float(gap) < 1e-4
+    exported = tmp_path / "onnx" / onnx_runtime.FP32_FILE
+    made = exported.stat().st_mtime_ns
+    _encoder(tiny_model_dir).use_onnx(tmp_path / "onnx", stamp="weights-1")
+    assert exported.stat().st_mtime_ns == made, "exported again for the same weights"
+    _encoder(tiny_model_dir).use_onnx(tmp_path / "onnx", stamp="weights-2")
+    assert exported.stat().st_mtime_ns != made, "not exported again for other weights"
+    # gradients and replaced weights stay in PyTorch (meta-training, fine-tuning learners)
+    assert onnx_encoder(["hello"]).requires_grad
+
+
+def test_int8_is_a_second_file_close_to_float32(tiny_model_dir, tmp_path):
+    fp32, int8 = _encoder(tiny_model_dir), _encoder(tiny_model_dir)
+    fp32.use_onnx(tmp_path / "onnx", stamp="w")
+    int8.use_onnx(tmp_path / "onnx", "int8", stamp="w")
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        "encoder.int8.onnx",
+        "encoder.onnx",
+        "source.json",
+    ]
+    a, b = fp32.embed(TEXTS), int8.embed(TEXTS)
+    assert 0 < float((a - b).abs().max()) < 0.2
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.95
+
+
+def test_bad_uses_are_metalm_errors(tiny_model_dir, tmp_path, monkeypatch):
+    encoder = _encoder(tiny_model_dir)
+    with pytest.raises(MetalmError, match="quantize must be one of"):
+        encoder.use_onnx(tmp_path / "o", "int4")
+    encoder.quantize("int8")
+    with pytest.raises(MetalmError, match="int8 in PyTorch already"):
+        encoder.use_onnx(tmp_path / "o")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MetalmError, match=r"pip install 'metalm\[onnx\]'"):
+        _encoder(tiny_model_dir).use_onnx(tmp_path / "o")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.onnx").write_bytes(b"not onnx")
+    monkeypatch.undo()
+    with pytest.raises(MetalmError, match="ONNX Runtime cannot load it"):
+        onnx_runtime.OnnxTransformer(tmp_path / "broken" / "x.onnx")
+
+
+def test_from_pretrained_onnx_predicts_as_torch(frozen_dir, tmp_path, monkeypatch):
+    model = Path(shutil.copytree(frozen_dir, tmp_path / "model"))
+    torch_clf = FewShotClassifier.from_pretrained(model, device="cpu").adapt(TEXTS, LABELS)
+    onnx_clf = FewShotClassifier.from_pretrained(model, device="cpu", backend="onnx")
+    onnx_clf.adapt(TEXTS, LABELS)
+    assert (model / "onnx" / onnx_runtime.FP32_FILE).exists()
+    # the same labels; probabilities as close as the logistic-regression head's fit
+    # tolerance lets them be (it stops where 1e-7 changes of its inputs take it)
+    assert list(onnx_clf.predict(QUERIES)) == list(torch_clf.predict(QUERIES))
+    np.testing.assert_allclose(
+        onnx_clf.predict_proba(QUERIES), torch_clf.predict_proba(QUERIES), atol=5e-3
+    )
+    assert onnx_clf.model_fingerprint == torch_clf.model_fingerprint  # onnx/ is not weights
+    with pytest.raises(MetalmError, match="backend must be one of torch, onnx"):
+        FewShotClassifier.from_pretrained(model, device="cpu", backend="tensorrt")
+    # a model directory this user cannot write to: the export goes to metalm's cache
+    monkeypatch.setenv("METALM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    FewShotClassifier.from_pretrained(frozen_dir, device="cpu", backend="onnx")
+    assert list((tmp_path / "cache" / "onnx").glob(f"*/{onnx_runtime.FP32_FILE}"))
+
+
+def test_cli_adapt_predict_with_the_onnx_backend(frozen_dir, tmp_path, capsys):
+    model = Path(shutil.copytree(frozen_dir, tmp_path / "model"))
+    support = write_csv(tmp_path / "support.csv", list(zip(TEXTS, LABELS, strict=True)))
+    queries = write_csv(tmp_path / "queries.csv", [(q, "x") for q in QUERIES])
+    outputs = {}
+    for backend in ("torch", "onnx"):
+        task = tmp_path / f"task-{backend}"
+        args = ["adapt", "--model", str(model), "--support", str(support), "--out", str(task)]
+        assert main([*args, "--backend", backend]) == 0
+        capsys.readouterr()
+        args = ["predict", "--task", str(task), "--input", str(queries), "--backend", backend]
+        assert main(args) == 0
+        outputs[backend] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in outputs["onnx"]] == [r["label"] for r in outputs["torch"]]
+    assert len(outputs["onnx"]) == len(QUERIES)
+
+
+@pytest.mark.slow
+def test_real_minilm_on_onnx_runtime(tmp_path):
+    """The shipped MiniLM: ONNX Runtime's embeddings equal PyTorch's within 1e-4."""
+    from metalm.data import builtin_dataset
+
+    texts = builtin_dataset("banking77", "test").texts[:64]
+    torch_encoder = TextEncoder.from_config(EncoderConfig(device="cpu"))
+    onnx_encoder = TextEncoder.from_config(EncoderConfig(device="cpu"))
+    onnx_encoder.use_onnx(tmp_path / "onnx", stamp="minilm")
+    gap = (onnx_encoder.embed(texts) - torch_encoder.embed(texts)).abs().max()
+    assert float(gap) < 1e-4
