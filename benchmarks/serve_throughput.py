@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=0, help="test texts (0: all 3,080)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--server-args", default="", help="more `metalm serve` options")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     parser.add_argument("--note", default="", help="free text kept in the JSON")
     parser.add_argument("--out", default="benchmarks/results/serve_throughput.json")
     args = parser.parse_args()
@@ -67,9 +68,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = save_pretrained(learner, Path(tmp) / "model")
         del learner
-        clf = FewShotClassifier.from_pretrained(model)
+        clf = FewShotClassifier.from_pretrained(model, backend=args.backend)
         port = free_port()
-        server = start_server(model, port, str(threads), extra=args.server_args.split())
+        extra = [*args.server_args.split(), "--backend", args.backend]
+        server = start_server(model, port, str(threads), extra=extra)
         url = f"http://127.0.0.1:{port}"
         try:
             with httpx.Client(base_url=url, timeout=600) as http:
@@ -119,6 +121,7 @@ def main() -> None:
     result = {
         "benchmark": "serve_throughput",
         "learner": args.learner,
+        "backend": args.backend,
         "meta_trained": False,
         "task": "banking77 train_5 (77-way 5-shot, 385 examples)",
         "texts": len(texts),

@@ -182,7 +182,16 @@ def _add_export(sub) -> None:
     export.add_argument(
         "--learner", help="frozen, protonet, ...: untrained, over the shipped encoder"
     )
-    export.add_argument("--out", required=True, help="the model directory to write")
+    export.add_argument(
+        "--model", metavar="MODEL_DIR", help="a metalm model directory, to write in --format"
+    )
+    export.add_argument(
+        "--format",
+        choices=("metalm", "sentence-transformers"),  # metalm.exports.FORMATS
+        default="metalm",
+        help="sentence-transformers: the encoder as a folder SentenceTransformer(dir) loads",
+    )
+    export.add_argument("--out", required=True, help="the directory to write")
     export.set_defaults(func=cmd_export)
 
 

@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from metalm.errors import MetalmError
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    import tempfile
+
+    if args.format == "metalm":
+        if args.model is not None:
+            raise MetalmError("--model converts a model directory: give --format too")
+        _export_metalm(args, args.out)
+        return
+    from metalm.exports import to_sentence_transformers
+
+    if args.model is not None:
+        if args.run is not None or args.learner is not None or args.items:
+            raise MetalmError("--model exports that model as it is: drop --run/--learner/overrides")
+        out = to_sentence_transformers(args.model, args.out)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:  # the metalm model first, then its encoder
+            out = to_sentence_transformers(_export_metalm(args, Path(tmp) / "model"), args.out)
+    print(
+        f"exported the encoder to {out} as a sentence-transformers folder; load it with "
+        f'SentenceTransformer("{out}")'
+    )
+
+
+def _export_metalm(args: argparse.Namespace, out: str | Path) -> Path:
     from metalm.pretrained import export_untrained
     from metalm.runs import export_run
 
+    quiet = args.format != "metalm"  # only the last step of the export speaks
     run_dir, items = args.run, list(args.items)
     if run_dir is None and args.learner is None and len(items) == 1 and "=" not in items[0]:
         run_dir, items = items[0], []  # the older form: metalm export RUN_DIR --out DIR
@@ -20,9 +45,11 @@ def cmd_export(args: argparse.Namespace) -> None:
                 "export --run RUN_DIR takes the run's learner and weights as they are; "
                 "drop --learner and key=value overrides (or drop --run to export untrained)"
             )
-        out = export_run(run_dir, args.out)
-        print(f"exported {run_dir} to {out}: metalm.json, learner.safetensors, encoder/, README.md")
-        return
+        out = export_run(run_dir, out)
+        if not quiet:
+            files = "metalm.json, learner.safetensors, encoder/, README.md"
+            print(f"exported {run_dir} to {out}: {files}")
+        return out
     if args.learner is None and not items:
         raise MetalmError(
             "say what to export: --run RUN_DIR (a trained run) or --learner NAME "
@@ -34,11 +61,13 @@ def cmd_export(args: argparse.Namespace) -> None:
             f"{bad[0]!r}: overrides look like key.sub=value (model.*, learner.*); "
             "a run directory goes after --run"
         )
-    out = export_untrained(args.out, args.learner or "frozen", items)
-    print(
-        f"exported an untrained {args.learner or 'frozen'} model to {out}; next: "
-        f"metalm adapt --model {out} --support support.csv --out TASK_DIR"
-    )
+    out = export_untrained(out, args.learner or "frozen", items)
+    if not quiet:
+        print(
+            f"exported an untrained {args.learner or 'frozen'} model to {out}; next: "
+            f"metalm adapt --model {out} --support support.csv --out TASK_DIR"
+        )
+    return out
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
