@@ -127,8 +127,7 @@ class OnnxTransformer:
         options.intra_op_num_threads = threads or torch.get_num_threads() or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         # no busy-waiting between runs: torch's own threads share these cores (the head's
-        # fit, pooling), and a spinning pool slows them and itself (measured: 1,159 vs
-        # 1,084 texts/s alone, int8, 2 threads)
+        # fit, pooling); benchmarks/onnx_spinning.py measures it
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
