@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from metalm.config import RunConfig, SettingConfig
 from metalm.data.episodes import Episode, EpisodeSampler, SettingNames
 from metalm.errors import MetalmError
@@ -98,17 +101,35 @@ def evaluate_with_baselines(
     learner: MetaLearner, config: RunConfig, pools: TaskPools, progress: bool = True
 ) -> list[MethodResult]:
     """The learner, then each baseline on a fresh pretrained encoder, on the same tasks;
-    each is reported under its `method_label` (`frozen`, `frozen/logreg`, ...)."""
-    results = evaluate_learner(learner, method_label(config.learner), config, pools, progress)
-    fresh: dict[str, object] = {}
-    for baseline in baselines(config):
-        kind = learner_class(baseline.name).model_kind
-        if kind not in fresh:
-            fresh[kind] = build_model(baseline_model(config, kind))
-        results += evaluate_learner(
-            build_learner(fresh[kind], baseline), method_label(baseline), config, pools, progress
-        )
+    each is reported under its `method_label` (`frozen`, `frozen/logreg`, ...). With
+    `model.backend=onnx`, sentence encoders run on ONNX Runtime here (exported from
+    their current weights into a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="metalm-onnx-") as tmp:
+        _inference_backend(learner.encoder, config, Path(tmp) / "learner")
+        results = evaluate_learner(learner, method_label(config.learner), config, pools, progress)
+        fresh: dict[str, object] = {}
+        for baseline in baselines(config):
+            kind = learner_class(baseline.name).model_kind
+            if kind not in fresh:
+                fresh[kind] = build_model(baseline_model(config, kind))
+                _inference_backend(fresh[kind], config, Path(tmp) / f"baseline-{kind}")
+            results += evaluate_learner(
+                build_learner(fresh[kind], baseline),
+                method_label(baseline),
+                config,
+                pools,
+                progress,
+            )
     return results
+
+
+def _inference_backend(model: object, config: RunConfig, folder: Path) -> None:
+    """Put a sentence encoder on ONNX Runtime when `model.backend=onnx`."""
+    from metalm.models.encoder import TextEncoder
+    from metalm.models.onnx_runtime import weights_stamp
+
+    if config.model.backend == "onnx" and isinstance(model, TextEncoder):
+        model.use_onnx(folder, stamp=weights_stamp(model.model))
 
 
 def baseline_model(config: RunConfig, kind: str) -> EncoderConfig:

@@ -126,3 +126,24 @@ def test_real_minilm_on_onnx_runtime(tmp_path):
     onnx_encoder.use_onnx(tmp_path / "onnx", stamp="minilm")
     gap = (onnx_encoder.embed(texts) - torch_encoder.embed(texts)).abs().max()
     assert float(gap) < 1e-4
+
+
+def test_a_run_evaluates_on_onnx_runtime_as_on_pytorch(tiny_model_dir, tmp_path):
+    """`model.backend=onnx`: the run's evaluation (learner and baseline) on ONNX Runtime
+    gives the accuracies of the same run on PyTorch."""
+    from conftest import tiny_overrides
+
+    from metalm import load_config, run
+
+    reports = {}
+    for backend in ("torch", "onnx"):
+        overrides = tiny_overrides(tiny_model_dir, tmp_path / backend, **{"train.steps": 2})
+        overrides += [f"model.backend={backend}", "model.device=cpu", "learner.head=centroid"]
+        overrides += ["eval.baselines=[{name: frozen}]"]
+        report = run(load_config(None, overrides), progress=False)
+        reports[backend] = {(r.method, r.protocol): r.accuracy for r in report.results}
+    assert reports["onnx"].keys() == reports["torch"].keys() and len(reports["onnx"]) >= 2
+    for key, accuracy in reports["torch"].items():
+        assert reports["onnx"][key] == pytest.approx(accuracy, abs=1e-9), key
+    with pytest.raises(MetalmError, match="model.backend must be torch or onnx"):
+        load_config(None, ["model.backend=tensorrt"])

@@ -69,6 +69,8 @@ class EncoderConfig:
     SmolLM2-135M-Instruct, and a `.gguf` file works too; see `metalm.models.causal`).
     `dtype` (causal LMs): `auto` (float32 on the CPU, bfloat16 on a GPU that has it, else
     float16), `float32`, `bfloat16` or `float16`; sentence encoders stay float32.
+    `backend`: `torch`, or `onnx` to evaluate a sentence encoder on ONNX Runtime (after
+    meta-training, which stays in PyTorch; CPU only; see `metalm.models.onnx_runtime`).
     """
 
     kind: str = "encoder"
@@ -82,6 +84,7 @@ class EncoderConfig:
     num_heads: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         from metalm.models.causal import MODEL_KINDS  # (it imports this module)
@@ -108,6 +111,10 @@ class EncoderConfig:
                 raise MetalmError(f"model.{name} must be >= 0 (0: all), got {getattr(self, name)}")
         if self.device != "auto":
             device_type(self.device)  # whether CUDA is there is checked when loading
+        if self.backend not in ("torch", "onnx"):  # metalm.models.onnx_runtime.BACKENDS
+            raise MetalmError(f"model.backend must be torch or onnx; got {self.backend!r}")
+        if self.backend == "onnx" and self.kind != "encoder":
+            raise MetalmError("model.backend=onnx is for sentence encoders (model.kind=encoder)")
 
 
 QUANTIZE_CHOICES = ("none", "int8")

@@ -115,6 +115,17 @@ def prepare(model: nn.Module, folder: Path, quantize: str, stamp: str) -> Path:
     return folder / name
 
 
+def weights_stamp(model: nn.Module) -> str:
+    """A short hash of `model`'s weights: the stamp of an export made from memory."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
 class OnnxTransformer:
     """An ONNX Runtime session of an exported encoder: all graph optimizations, the
     intra-op threads of this process's torch (the machine's cores by default), no
