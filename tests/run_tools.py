@@ -187,6 +187,7 @@ OPERATIONS = [
     ("/tasks/{task_id}", "GET"),
     ("/tasks/{task_id}", "DELETE"),
     ("/tasks/{task_id}/classify", "POST"),
+    ("/tasks/{task_id}/score", "POST"),
 ]
 
 

@@ -104,6 +104,7 @@ def document(server: str) -> dict[str, Any]:
     links = {
         "GetTask": {"operationId": paths["/tasks/{task_id}"]["get"]["operationId"]},
         "Classify": {"operationId": paths["/tasks/{task_id}/classify"]["post"]["operationId"]},
+        "Score": {"operationId": paths["/tasks/{task_id}/score"]["post"]["operationId"]},
         "DeleteTask": {"operationId": paths["/tasks/{task_id}"]["delete"]["operationId"]},
     }
     for link in links.values():

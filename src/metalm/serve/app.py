@@ -6,6 +6,7 @@ every model call, the routes (one function per group) and the middleware.
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -79,6 +80,8 @@ def create_app(
     _add_health_route(app, m, base, store, limits)
     _add_task_routes(app, m, docs, store, on_model_thread)
     _add_classify_route(app, m, docs, store, on_model_thread)
+    _add_score_route(app, m, docs, store, on_model_thread)
+    _add_page_routes(app)
     _add_error_handler(app)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     if api_key:
@@ -249,6 +252,61 @@ def _add_classify_route(
             ],
         }
         return Response(json.dumps(body).encode(), media_type="application/json")
+
+
+def _add_score_route(
+    app: Any, m: SimpleNamespace, docs: SimpleNamespace, store: TaskStore, run: ModelCall
+) -> None:
+    """POST /tasks/{id}/score: accuracy, macro-F1 and the confusion matrix of labeled texts."""
+    from metalm.scoring import score_predictions
+
+    TaskIdParam = _task_id_param()
+    ScoreRequest, ScoreResponse = m.ScoreRequest, m.ScoreResponse
+
+    @app.post(
+        "/tasks/{task_id}/score",
+        response_model=ScoreResponse,
+        responses={**docs.not_found, **docs.too_large, **docs.too_slow, **docs.bad_body},
+    )
+    async def score(task_id: TaskIdParam, request: ScoreRequest) -> ScoreResponse:
+        clf = _found(store, task_id)
+        texts = [e.text for e in request.examples]
+        probs = await run(store.classify, clf, texts)
+        predicted = [clf.classes_[i] for i in probs.argmax(axis=1).tolist()]
+        labels = [e.label for e in request.examples]
+        result = score_predictions(labels, predicted, classes=clf.classes_, top_pairs=0)
+        return ScoreResponse(
+            task_id=task_id,
+            classes=result.classes,
+            n_texts=result.n_texts,
+            accuracy=result.accuracy,
+            accuracy_ci95=0.0 if math.isnan(result.accuracy_ci95) else result.accuracy_ci95,
+            macro_f1=result.macro_f1,
+            confusion=result.confusion,
+        )
+
+
+PAGE_FILES = {"/": "index.html", "/ui/app.js": "app.js", "/ui/style.css": "style.css"}
+PAGE_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+def _add_page_routes(app: Any) -> None:
+    """GET / (a page to try a task: create, classify, score, delete) and its script and
+    style sheet, shipped in the package (`metalm/serve/static/`); public, like /docs: the
+    page asks for the API key and sends it with its own requests."""
+    from importlib.resources import files
+
+    from fastapi.responses import Response
+
+    static = files("metalm.serve") / "static"
+    for route, name in PAGE_FILES.items():
+        body = (static / name).read_bytes()
+        media = PAGE_TYPES[name[name.rindex(".") :]] + "; charset=utf-8"
+
+        def page(body: bytes = body, media: str = media) -> Response:
+            return Response(body, media_type=media, headers={"Cache-Control": "no-cache"})
+
+        app.get(route, include_in_schema=False)(page)
 
 
 def _add_error_handler(app: Any) -> None:

@@ -9,7 +9,10 @@ import json
 from typing import Any
 
 API_KEY_ENV = "METALM_API_KEY"
-OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset(
+    {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    | {"/", "/ui/app.js", "/ui/style.css"}  # the page; it sends the key with its requests
+)
 
 
 class BodySizeLimit:

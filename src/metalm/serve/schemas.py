@@ -59,11 +59,22 @@ def _request_models(limits: ServeLimits, Text: Any, Label: Any) -> dict[str, typ
         model_config = ConfigDict(extra="forbid")
         texts: list[Text] = Field(min_length=1, max_length=limits.max_batch_texts)
 
-    return {"CreateTask": CreateTask, "ClassifyRequest": ClassifyRequest}
+    class ScoreRequest(BaseModel):
+        """Labeled texts to score a task on (its labels only)."""
+
+        model_config = ConfigDict(extra="forbid")
+        examples: list[Example] = Field(min_length=1, max_length=limits.max_batch_texts)
+
+    return {
+        "CreateTask": CreateTask,
+        "ClassifyRequest": ClassifyRequest,
+        "ScoreRequest": ScoreRequest,
+    }
 
 
 def _response_models(Label: Any) -> dict[str, type]:
-    """The answers: TaskInfo, Prediction, ClassifyResponse, TaskList, Health, Detail."""
+    """The answers: TaskInfo, Prediction, ClassifyResponse, TaskList, ScoreResponse,
+    Health, Detail."""
     from pydantic import BaseModel, Field
 
     class TaskInfo(BaseModel):
@@ -85,6 +96,17 @@ def _response_models(Label: Any) -> dict[str, type]:
     class TaskList(BaseModel):
         tasks: list[TaskInfo]
 
+    class ScoreResponse(BaseModel):
+        task_id: str
+        classes: list[Label]
+        n_texts: int
+        accuracy: float
+        accuracy_ci95: float
+        macro_f1: float
+        confusion: list[list[int]] = Field(
+            description="confusion[i][j]: texts of classes[i] predicted as classes[j]"
+        )
+
     class Health(BaseModel):
         status: str
         learner: str
@@ -102,6 +124,7 @@ def _response_models(Label: Any) -> dict[str, type]:
         "Prediction": Prediction,
         "ClassifyResponse": ClassifyResponse,
         "TaskList": TaskList,
+        "ScoreResponse": ScoreResponse,
         "Health": Health,
         "Detail": Detail,
     }
