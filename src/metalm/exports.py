@@ -20,7 +20,22 @@ from pathlib import Path
 from metalm.atomic import replace_dir
 from metalm.errors import MetalmError
 
-FORMATS = ("metalm", "sentence-transformers")
+FORMATS = ("metalm", "onnx", "sentence-transformers")
+
+
+def add_onnx(model: str | Path) -> Path:
+    """Export the encoder of metalm model directory `model` for ONNX Runtime into its
+    `onnx/` folder (float32 and dynamic int8), so that `--backend onnx` finds both there
+    and exports nothing when it loads; returns the folder."""
+    from metalm.models.onnx_runtime import prepare
+    from metalm.pretrained import ONNX_DIR, fingerprint, from_pretrained
+
+    directory = Path(model)
+    learner = from_pretrained(directory, device="cpu")
+    stamp = fingerprint(directory)
+    prepare(learner.encoder.model, directory / ONNX_DIR, "none", stamp)
+    prepare(learner.encoder.model, directory / ONNX_DIR, "int8", stamp)
+    return directory / ONNX_DIR
 
 
 def _modules(normalize: bool) -> list[dict]:

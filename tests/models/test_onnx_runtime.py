@@ -147,3 +147,19 @@ def test_a_run_evaluates_on_onnx_runtime_as_on_pytorch(tiny_model_dir, tmp_path)
         assert reports["onnx"][key] == pytest.approx(accuracy, abs=1e-9), key
     with pytest.raises(MetalmError, match=r"model\.backend must be torch or onnx"):
         load_config(None, ["model.backend=tensorrt"])
+
+
+def test_export_format_onnx_writes_both_files_that_the_backend_then_reads(
+    tiny_model_dir, tmp_path, capsys
+):
+    out = tmp_path / "model"
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    assert main([*args, "--format", "onnx", "--out", str(out)]) == 0
+    assert "--backend onnx" in capsys.readouterr().out
+    files = {p.name: p.stat().st_mtime_ns for p in (out / "onnx").iterdir()}
+    assert {onnx_runtime.FP32_FILE, onnx_runtime.INT8_FILE} <= set(files)
+    for quantize in ("none", "int8"):  # found, not exported again
+        FewShotClassifier.from_pretrained(out, device="cpu", backend="onnx", quantize=quantize)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "onnx").iterdir()} == files
+    assert main(["export", "--model", str(out), "--format", "onnx", "--out", "x"]) == 2
+    assert "writes a new model directory" in capsys.readouterr().err

@@ -187,9 +187,11 @@ def _add_export(sub) -> None:
     )
     export.add_argument(
         "--format",
-        choices=("metalm", "sentence-transformers"),  # metalm.exports.FORMATS
+        choices=("metalm", "onnx", "sentence-transformers"),  # metalm.exports.FORMATS
         default="metalm",
-        help="sentence-transformers: the encoder as a folder SentenceTransformer(dir) loads",
+        help="onnx: a metalm model directory with its encoder exported for ONNX Runtime "
+        "(onnx/, fp32 and int8); sentence-transformers: the encoder as a folder "
+        "SentenceTransformer(dir) loads",
     )
     export.add_argument("--out", required=True, help="the directory to write")
     export.set_defaults(func=cmd_export)

@@ -16,7 +16,21 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise MetalmError("--model converts a model directory: give --format too")
         _export_metalm(args, args.out)
         return
-    from metalm.exports import to_sentence_transformers
+    from metalm.exports import add_onnx, to_sentence_transformers
+
+    if args.format == "onnx":
+        if args.model is not None:
+            raise MetalmError(
+                "--format onnx writes a new model directory: use --run or --learner "
+                "(or load MODEL_DIR once with --backend onnx, which exports into it)"
+            )
+        folder = add_onnx(_export_metalm(args, args.out))
+        print(
+            f"exported {args.out} with its encoder for ONNX Runtime in {folder} (float32 and "
+            f"int8); use it with --backend onnx, e.g. metalm adapt --model {args.out} "
+            "--backend onnx --support support.csv --out TASK_DIR"
+        )
+        return
 
     if args.model is not None:
         if args.run is not None or args.learner is not None or args.items:
