@@ -19,8 +19,8 @@ response models), `middleware` (body size, API key), `limits` (ServeLimits, Dead
 
 Example:
     >>> app = create_app(saved_model, tasks_dir="tasks")    # e.g. "protonet-minilm"
-    >>> sorted(route.path for route in app.routes if route.path.startswith("/tasks"))
-    ['/tasks', '/tasks', '/tasks/{task_id}', '/tasks/{task_id}', '/tasks/{task_id}/classify']
+    >>> sorted({route.path for route in app.routes if route.path.startswith("/tasks/")})
+    ['/tasks/{task_id}', '/tasks/{task_id}/classify', '/tasks/{task_id}/score']
     >>> serve("protonet-minilm", port=8000)  # or: metalm serve --model ...  # doctest: +SKIP
 """
 
