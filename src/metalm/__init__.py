@@ -8,18 +8,26 @@ Example:
     [('protonet', '3-way 1-shot')]
 """
 
-from metalm.classifier import FewShotClassifier
-from metalm.config import RunConfig, load_config
-from metalm.data import DataSource, Episode, EpisodeSampler, LabeledTextDataset
 from metalm.errors import MetalmError
-from metalm.evaluate import MethodResult
-from metalm.learners import LEARNERS, LearnerConfig, MetaLearner, build_learner
-from metalm.models import EncoderConfig, TextEncoder
-from metalm.pretrained import from_pretrained, save_pretrained
-from metalm.report import EvalReport
-from metalm.run import run
-from metalm.runs import evaluate_run, resume_run
-from metalm.trainer import MetaTrainer
+
+try:
+    import torch as _torch
+except ImportError:  # an install for inference on ONNX Runtime only: metalm.onnx_predict
+    pass
+else:
+    from metalm.classifier import FewShotClassifier
+    from metalm.config import RunConfig, load_config
+    from metalm.data import DataSource, Episode, EpisodeSampler, LabeledTextDataset
+    from metalm.evaluate import MethodResult
+    from metalm.learners import LEARNERS, LearnerConfig, MetaLearner, build_learner
+    from metalm.models import EncoderConfig, TextEncoder
+    from metalm.pretrained import from_pretrained, save_pretrained
+    from metalm.report import EvalReport
+    from metalm.run import run
+    from metalm.runs import evaluate_run, resume_run
+    from metalm.trainer import MetaTrainer
+
+    del _torch
 
 __all__ = [
     "LEARNERS",

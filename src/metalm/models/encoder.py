@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from metalm.batching import FORWARD_TOKENS, length_groups
 from metalm.errors import MetalmError
 
 
@@ -130,28 +131,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice; still supported
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8)
-
-
-FORWARD_TOKENS = 1024
-"""`TextEncoder.forward` pads at most about this many tokens per group of texts."""
-
-
-def length_groups(counts: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices of texts grouped by token count (shortest first), each group padded to its
-    longest at most `max_tokens` tokens (a group holds at least one text).
-
-    Example:
-        >>> length_groups([30, 5, 6, 31], 40)
-        [[1, 2], [0], [3]]
-    """
-    order = sorted(range(len(counts)), key=counts.__getitem__)
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * counts[i] <= max_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def resolve_device(name: str) -> torch.device:

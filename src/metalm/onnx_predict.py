@@ -1,0 +1,184 @@
+"""Predict with an adapted task on ONNX Runtime, without PyTorch: tokenizers, ONNX
+Runtime, safetensors and numpy only (this module imports no torch, and nothing that does).
+
+For tasks whose state is a head on the encoder's embeddings (prototypes, or a linear /
+logistic-regression head: `frozen`, `protonet`, and `anil`-style heads without adapted
+encoder tensors), over a model directory whose encoder was exported for ONNX Runtime
+(`metalm export --format onnx`, or once loaded with `--backend onnx`). Probabilities
+equal `FewShotClassifier.predict_proba` on the ONNX backend (within float rounding).
+
+Example (in a process without torch; tests/test_onnx_predict.py runs it so):
+
+    predictor = OnnxTaskPredictor("tasks/intents")    # a task adapted with metalm
+    predictor.predict(["my card has not arrived"])     # ['card_arrival']
+
+or `python -m metalm.onnx_predict --task tasks/intents --input texts.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metalm.batching import FORWARD_TOKENS, length_groups
+from metalm.errors import MetalmError
+
+TASK_INFO, TASK_WEIGHTS = "task.json", "task.safetensors"  # as metalm.classifier writes them
+METADATA, LEARNER_WEIGHTS, ENCODER_DIR = "metalm.json", "learner.safetensors", "encoder"
+ONNX_FILES = {"none": "onnx/encoder.onnx", "int8": "onnx/encoder.int8.onnx"}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise MetalmError(f"{path}: cannot read it ({err})") from None
+
+
+class OnnxTaskPredictor:
+    """An adapted task (`save_task`'s directory) that predicts on ONNX Runtime."""
+
+    def __init__(
+        self,
+        task: str | Path,
+        model: str | Path | None = None,
+        quantize: str = "none",
+        batch_size: int = 64,
+    ):
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MetalmError("predicting without torch needs onnxruntime") from None
+        task = Path(task)
+        info = _json(task / TASK_INFO)
+        model = Path(model or info.get("model") or "")
+        if quantize not in ONNX_FILES:
+            raise MetalmError(f"quantize must be one of {sorted(ONNX_FILES)}, got {quantize!r}")
+        meta = _json(model / METADATA)
+        self.classes: list[Any] = list(info["classes"])
+        self.encoder = meta["encoder"]
+        self.state = load_file(str(task / TASK_WEIGHTS))
+        if any(name.startswith("encoder.") for name in self.state):
+            raise MetalmError(
+                f"{task}: this task adapted encoder tensors ({meta['learner']['name']}); "
+                "predict with PyTorch (metalm predict without --no-torch)"
+            )
+        own = load_file(str(model / LEARNER_WEIGHTS))
+        self.scale = float(np.exp(own["log_scale"])) if "log_scale" in own else 1.0
+        self.distance = meta["learner"].get("distance", "euclidean")
+        onnx_file = model / ONNX_FILES[quantize]
+        if not onnx_file.exists():
+            raise MetalmError(
+                f"{onnx_file}: not there; write it with `metalm export --format onnx` or load "
+                "the model once with --backend onnx"
+            )
+        self.tokenizer = Tokenizer.from_file(str(model / ENCODER_DIR / "tokenizer.json"))
+        self.tokenizer.enable_truncation(int(self.encoder["max_length"]))
+        self.tokenizer.no_padding()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = os.cpu_count() or 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(onnx_file), options, providers=["CPUExecutionProvider"]
+        )
+        self.batch_size = batch_size
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Pooled embeddings [len(texts), dim], grouped as the PyTorch encoder groups them
+        (batches in token-count order, each split by `length_groups`): dynamic int8 takes
+        its activation ranges per group, so the grouping matters there."""
+        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.empty((len(ids), int(self.encoder["dim"])), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for group in length_groups([len(ids[i]) for i in batch], FORWARD_TOKENS):
+                rows = [batch[g] for g in group]
+                out[rows] = self._run([ids[i] for i in rows])
+        return out
+
+    def _run(self, rows: list[list[int]]) -> np.ndarray:
+        width = max(len(r) for r in rows)
+        input_ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for r, row in enumerate(rows):
+            input_ids[r, : len(row)], mask[r, : len(row)] = row, 1
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        (hidden,) = self.session.run(["last_hidden_state"], feeds)
+        return self._pool(hidden, mask)
+
+    def _pool(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.encoder.get("pooling") == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask[..., None].astype(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+        if self.encoder.get("normalize", True):
+            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return pooled
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """The task head's logits, as the learner's `predict` computes them."""
+        query = self.embed(texts)
+        if "prototypes" in self.state:
+            prototypes = self.state["prototypes"].astype(np.float32)
+            if self.distance == "euclidean":
+                squared = ((query[:, None, :] - prototypes[None]) ** 2).sum(-1)
+                return -squared * self.scale
+            unit = prototypes / np.linalg.norm(prototypes, axis=-1, keepdims=True)
+            query = query / np.linalg.norm(query, axis=-1, keepdims=True)
+            return query @ unit.T * self.scale
+        if "head.weight" in self.state:
+            weight, bias = self.state["head.weight"], self.state["head.bias"]
+            return query @ weight.T.astype(np.float32) + bias.astype(np.float32)
+        raise MetalmError(f"a task state with {sorted(self.state)[:3]}: predict with PyTorch")
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        logits = self.logits(texts)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict(self, texts: Sequence[str]) -> list[Any]:
+        return [self.classes[i] for i in self.predict_proba(texts).argmax(axis=1)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m metalm.onnx_predict --task TASK_DIR [--input FILE] [--quantize int8]`:
+    one text per line in (stdin by default), one JSON line out per text (label,
+    probability), without importing torch."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m metalm.onnx_predict", description=main.__doc__)
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--model", help="the model directory (default: the task's)")
+    parser.add_argument("--input", help="a text file, one text per line (default: stdin)")
+    parser.add_argument("--quantize", choices=sorted(ONNX_FILES), default="none")
+    args = parser.parse_args(argv)
+    try:
+        predictor = OnnxTaskPredictor(args.task, args.model, args.quantize)
+        raw = Path(args.input).read_text(encoding="utf-8") if args.input else sys.stdin.read()
+        texts = [line for line in raw.splitlines() if line.strip()]
+        probabilities = predictor.predict_proba(texts) if texts else np.zeros((0, 0))
+    except (MetalmError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for text, row in zip(texts, probabilities, strict=True):
+        best = int(row.argmax())
+        label = predictor.classes[best]
+        print(json.dumps({"text": text, "label": label, "probability": round(float(row[best]), 6)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
