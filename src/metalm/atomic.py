@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from metalm.errors import MetalmError, WriteFailed
+from metalm.errors import MetalmError, WriteFailed, first_line
 
 NEW_SUFFIX = ".metalm-new"
 OLD_SUFFIX = ".metalm-old"
@@ -51,7 +51,7 @@ def out_of_room(err: BaseException) -> bool:
 def write_failed(target: Path, err: BaseException, kept: bool) -> WriteFailed:
     """The error for a save of `target` that ran out of room; `kept`: an earlier version
     is still there, whole."""
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    reason = first_line(err)
     before = "the version saved before is intact" if kept else "nothing was saved there"
     return WriteFailed(
         f"could not save {target}: {reason} (a full disk, a quota or a file-size limit such "

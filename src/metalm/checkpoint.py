@@ -16,7 +16,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from metalm.atomic import out_of_room, replace_dir, write_failed
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.rundir import (
     LEARNER_WEIGHTS,
     OPTIMIZER_STATE,
@@ -59,7 +59,7 @@ def load_weights(module: nn.Module, path: Path) -> None:
         _missing, unexpected = load_model(module, str(path), strict=False)
     except SafetensorError as err:
         raise MetalmError(
-            f"{path}: broken or truncated weights ({str(err).splitlines()[0]}); resume from "
+            f"{path}: broken or truncated weights ({first_line(err)}); resume from "
             "another checkpoint or train again"
         ) from None
     if unexpected:
@@ -120,7 +120,7 @@ def load_checkpoint(
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise MetalmError(
             f"{directory / OPTIMIZER_STATE}: broken or truncated optimizer state "
-            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); resume from "
+            f"({first_line(err)}); resume from "
             "another checkpoint or train again"
         ) from None
     optimizer.load_state_dict(blob["optimizer"])
@@ -171,6 +171,6 @@ def load_extra(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except SafetensorError as err:
         raise MetalmError(
-            f"{path}: broken or truncated sampler state ({str(err).splitlines()[0]}); "
+            f"{path}: broken or truncated sampler state ({first_line(err)}); "
             "resume from another checkpoint or train again"
         ) from None

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metalm.atomic import recover, replace_dir
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.learners.base import MetaLearner, TaskState
 from metalm.pretrained import (
     fingerprint,
@@ -321,7 +321,7 @@ class FewShotClassifier:
             clf.state_ = load_file(str(weights), device=str(base.learner.encoder.device))
         except SafetensorError as err:
             raise MetalmError(
-                f"{weights}: broken or truncated ({str(err).splitlines()[0]}); adapt the "
+                f"{weights}: broken or truncated ({first_line(err)}); adapt the "
                 "task again (metalm adapt)"
             ) from None
         clf._classes = list(meta["classes"])

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 
 BACKENDS = ("auto", "gloo", "nccl")
 BACKEND_ENV = "METALM_DIST_BACKEND"  # how `metalm train --backend` reaches the workers
@@ -71,10 +71,6 @@ class StoppedByMain(MetalmError):
 
     # every rank stops with it at the same point: they can meet before leaving the group
     all_ranks_know = True
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def launched() -> bool:
@@ -230,7 +226,7 @@ def on_main(action: Callable[[], T], what: str) -> T | None:
             result = action()
         except BaseException as err:  # re-raised below, after the others know
             error = err
-    failed = broadcast_object(None if error is None else _first_line(error))
+    failed = broadcast_object(None if error is None else first_line(error))
     if error is not None:
         with contextlib.suppress(AttributeError):  # some built-in errors take no attributes
             error.all_ranks_know = True  # type: ignore[attr-defined]
@@ -332,7 +328,7 @@ def announce_failure(err: BaseException) -> None:
     stop with its message (a no-op elsewhere)."""
     where = world()
     if where.distributed and where.is_main:
-        broadcast_object(("failed", _first_line(err)))
+        broadcast_object(("failed", first_line(err)))
         with contextlib.suppress(AttributeError):
             err.all_ranks_know = True  # type: ignore[attr-defined]
 

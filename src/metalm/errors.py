@@ -16,3 +16,14 @@ class WriteFailed(MetalmError):
 
     The service answers it with 507 Insufficient Storage.
     """
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of `err`'s message (its type's name if it has none): what
+    a one-line error quotes of an error from a library.
+
+    Example:
+        >>> first_line(ValueError("bad header\\n  at line 3")), first_line(KeyError())
+        ('bad header', 'KeyError')
+    """
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

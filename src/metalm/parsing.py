@@ -19,7 +19,7 @@ import yaml
 
 from metalm.data.sources import DataSource, EvalSource
 from metalm.data.unlabeled import UnlabeledConfig
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.learners import LearnerConfig, learner_class
 
 # dataclasses that also take a plain string: the source it names
@@ -191,7 +191,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise MetalmError(f"{path}: no such config file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise MetalmError(f"{path}: not a valid YAML file ({str(err).splitlines()[0]})") from None
+        raise MetalmError(f"{path}: not a valid YAML file ({first_line(err)})") from None
     except RecursionError:
         raise MetalmError(f"{path}: YAML nested too deeply; flatten the config") from None
     except OSError as err:

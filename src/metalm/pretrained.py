@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from metalm.atomic import recover, replace_dir
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.learners.base import MetaLearner, build_learner, model_kind_of
 from metalm.model_card import model_card
 from metalm.models.causal import SHIPPED_GGUF, CausalLM, build_model
@@ -196,7 +196,7 @@ def resolve_pretrained(name_or_path: str | Path) -> Path:
     except ImportError:
         raise MetalmError("loading from the Hub needs huggingface_hub: pip install it") from None
     except Exception as err:  # network, auth, missing repo: all say the same to the user
-        first = (str(err).splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise MetalmError(
             f"cannot download {text!r} from the Hugging Face Hub ({type(err).__name__}: "
             f"{first}); check the id and your connection, or give a local directory"

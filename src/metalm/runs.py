@@ -11,7 +11,7 @@ import torch
 
 from metalm.checkpoint import load_weights
 from metalm.config import RunConfig, apply_overrides, from_dict, load_config, save_config, to_dict
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.learners import MetaLearner, build_learner
 from metalm.models.causal import build_model
 from metalm.pretrained import save_pretrained
@@ -56,7 +56,7 @@ def load_trained_learner(
         try:
             load_weights(learner, weights)
         except RuntimeError as err:  # shapes that differ from the saved ones
-            first = (str(err).splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             raise MetalmError(
                 f"{weights}: the run's weights do not fit the learner built with these "
                 f"overrides ({first}); leave the encoder's shape as the run had it"

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.learners.base import (
     ENCODER_PREFIX,
     HEAD_KEYS,
@@ -156,7 +156,7 @@ def wrap_lora(encoder: TextEncoder, config: EncoderAdaptConfig) -> None:
         inject_adapter_in_model(lora, encoder.model)
     except ValueError as err:
         raise MetalmError(
-            f"cannot add LoRA to {list(config.lora_targets)}: {str(err).splitlines()[0]}; "
+            f"cannot add LoRA to {list(config.lora_targets)}: {first_line(err)}; "
             "set learner.lora_targets to the encoder's attention module names"
         ) from None
     for parameter in encoder.model.parameters():

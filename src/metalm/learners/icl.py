@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.learners.base import LearnerConfig, MetaLearner, TaskState, as_labels, register_learner
 from metalm.models.causal import CausalLM
 from metalm.models.prompting import (
@@ -307,6 +307,6 @@ def add_lora(model: nn.Module, config: MetaICLConfig) -> None:
     try:
         inject_adapter_in_model(lora, model)
     except ValueError as err:
-        raise MetalmError(f"learner.lora_targets={targets!r}: {str(err).splitlines()[0]}") from None
+        raise MetalmError(f"learner.lora_targets={targets!r}: {first_line(err)}") from None
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)

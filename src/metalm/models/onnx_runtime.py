@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from metalm.atomic import replace_dir
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 
 FP32_FILE = "encoder.onnx"
 INT8_FILE = "encoder.int8.onnx"
@@ -146,7 +146,7 @@ class OnnxTransformer:
             )
         except Exception as err:  # onnxruntime's own error types
             raise MetalmError(
-                f"{path}: ONNX Runtime cannot load it ({str(err).splitlines()[0]}); delete "
+                f"{path}: ONNX Runtime cannot load it ({first_line(err)}); delete "
                 "the folder to export it again"
             ) from None
         self.path = Path(path)

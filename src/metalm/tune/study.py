@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 from metalm.tune.optuna_private import set_trial_state
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def make_storage(url: str | None, study_dir: str | Path, heartbeat: int = 60):
             except Exception as err:  # sqlalchemy/driver errors: one clear line
                 racing = "duplicate key" in str(err) or "already exists" in str(err)
                 if attempt == 4 or not racing:
-                    first = str(err).splitlines()[0]
+                    first = first_line(err)
                     raise MetalmError(f"cannot open storage {url!r}: {first}") from None
                 time.sleep(0.5 + random.random())
     if url.endswith(".journal") or Path(url).is_file():
