@@ -32,9 +32,8 @@ def add_onnx(model: str | Path) -> Path:
 
     directory = Path(model)
     learner = from_pretrained(directory, device="cpu")
-    stamp = fingerprint(directory)
-    prepare(learner.encoder.model, directory / ONNX_DIR, "none", stamp)
-    prepare(learner.encoder.model, directory / ONNX_DIR, "int8", stamp)
+    # the int8 file is made from the float32 one, so one call writes both
+    prepare(learner.encoder.model, directory / ONNX_DIR, "int8", fingerprint(directory))
     return directory / ONNX_DIR
 
 

@@ -26,11 +26,42 @@ from typing import Any
 import numpy as np
 
 from metalm.batching import FORWARD_TOKENS, length_groups
-from metalm.errors import MetalmError
+from metalm.errors import MetalmError, first_line
 
 TASK_INFO, TASK_WEIGHTS = "task.json", "task.safetensors"  # as metalm.classifier writes them
 METADATA, LEARNER_WEIGHTS, ENCODER_DIR = "metalm.json", "learner.safetensors", "encoder"
-ONNX_FILES = {"none": "onnx/encoder.onnx", "int8": "onnx/encoder.int8.onnx"}
+FP32_FILE, INT8_FILE = "encoder.onnx", "encoder.int8.onnx"  # in the model's onnx/ folder
+ONNX_FILES = {"none": f"onnx/{FP32_FILE}", "int8": f"onnx/{INT8_FILE}"}
+
+
+def require_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MetalmError(
+            "the onnx backend needs ONNX Runtime: pip install 'metalm[onnx]' "
+            "(or leave the backend at torch)"
+        ) from None
+    return onnxruntime
+
+
+def open_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime session of an exported encoder on the CPU: all graph
+    optimizations, `threads` intra-op threads, no spinning between runs (the process's
+    other threads share these cores; `benchmarks/onnx_spinning.py` measures it)."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's own error types
+        raise MetalmError(
+            f"{path}: ONNX Runtime cannot load it ({first_line(err)}); delete the folder "
+            "to export it again"
+        ) from None
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -53,10 +84,6 @@ class OnnxTaskPredictor:
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MetalmError("predicting without torch needs onnxruntime") from None
         task = Path(task)
         info = _json(task / TASK_INFO)
         model = Path(model or info.get("model") or "")
@@ -69,7 +96,7 @@ class OnnxTaskPredictor:
         if any(name.startswith("encoder.") for name in self.state):
             raise MetalmError(
                 f"{task}: this task adapted encoder tensors ({meta['learner']['name']}); "
-                "predict with PyTorch (metalm predict without --no-torch)"
+                "predict with PyTorch (metalm predict)"
             )
         own = load_file(str(model / LEARNER_WEIGHTS))
         self.scale = float(np.exp(own["log_scale"])) if "log_scale" in own else 1.0
@@ -83,13 +110,7 @@ class OnnxTaskPredictor:
         self.tokenizer = Tokenizer.from_file(str(model / ENCODER_DIR / "tokenizer.json"))
         self.tokenizer.enable_truncation(int(self.encoder["max_length"]))
         self.tokenizer.no_padding()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = os.cpu_count() or 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(onnx_file), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = open_session(onnx_file, os.cpu_count() or 1)
         self.batch_size = batch_size
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

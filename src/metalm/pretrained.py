@@ -40,6 +40,7 @@ from metalm.learners.base import MetaLearner, build_learner, model_kind_of
 from metalm.model_card import model_card
 from metalm.models.causal import SHIPPED_GGUF, CausalLM, build_model
 from metalm.models.encoder import (
+    BACKENDS,
     EncoderConfig,
     TextEncoder,
     quiet_transformers,
@@ -302,24 +303,25 @@ def from_pretrained(
     lost = [k for k in missing if k in own]
     if lost:
         raise MetalmError(f"{weights}: missing the learner's tensors {lost[:3]}")
-    if backend == "onnx":
-        folder = Path(onnx_folder) if onnx_folder else onnx_cache_folder(directory)
-        encoder.use_onnx(folder, quantize, stamp=fingerprint(directory))
-    elif backend == "torch":
-        encoder.quantize(quantize)  # after the weights are in: int8 modules hold no fp32 copy
-    else:
+    if backend not in BACKENDS:
         raise MetalmError(f"backend must be one of torch, onnx; got {backend!r}")
+    if backend == "onnx":
+        stamp = fingerprint(directory)  # reads the weights: once
+        folder = Path(onnx_folder) if onnx_folder else onnx_cache_folder(directory, stamp)
+        encoder.use_onnx(folder, quantize, stamp=stamp)
+    else:
+        encoder.quantize(quantize)  # after the weights are in: int8 modules hold no fp32 copy
     return learner.eval()
 
 
-def onnx_cache_folder(directory: Path) -> Path:
+def onnx_cache_folder(directory: Path, stamp: str) -> Path:
     """Where a model directory's ONNX export goes: `onnx/` inside it when it is writable,
     else a folder of metalm's cache (`$METALM_CACHE`, default `~/.cache/metalm`) named
-    after the directory's fingerprint."""
+    after the directory's fingerprint `stamp`."""
     if os.access(directory, os.W_OK):
         return directory / ONNX_DIR
     root = Path(os.environ.get("METALM_CACHE", Path.home() / ".cache" / "metalm"))
-    return root / "onnx" / fingerprint(directory)
+    return root / "onnx" / stamp
 
 
 def _with_head(metadata: dict[str, Any]) -> dict[str, Any]:

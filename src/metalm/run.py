@@ -104,12 +104,8 @@ def run(
             "or pick another run_name"
         )
     distributed.barrier()  # every rank has checked before rank 0 writes
-
-    def write_config() -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / CONFIG_FILE)
-
-    distributed.on_main(write_config, "writing the run's config")  # all stop if it fails
+    # rank 0 writes it; if that fails, every rank stops
+    distributed.on_main(lambda: write_config(config, run_dir), "writing the run's config")
 
     train_summary: dict[str, Any] = {}
     if trainer is not None:
@@ -122,6 +118,12 @@ def run(
     report = EvalReport(results=results, train=train_summary, removed_overlap=removed)
     report.write(run_dir)
     return report
+
+
+def write_config(config: RunConfig, run_dir: Path) -> None:
+    """`config` as the run directory's `config.yaml` (the directory made if need be)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
 
 
 STRICT_SUFFIX = " (strict split)"

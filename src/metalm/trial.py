@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 
 from metalm import distributed
-from metalm.config import RunConfig, save_config
+from metalm.config import RunConfig
 from metalm.errors import MetalmError
 from metalm.evaluate import validation_accuracy
 from metalm.learners import MetaLearner, build_learner
 from metalm.models.causal import build_model
-from metalm.run import build_trainer, samplers
-from metalm.rundir import CONFIG_FILE
+from metalm.run import build_trainer, samplers, write_config
 from metalm.tasks import build_pools
 from metalm.trainer import TrainResult, ValidationCallback
 
@@ -44,12 +43,8 @@ def meta_train(
     run_dir = Path(run_dir)
     sampled = samplers(config, pools)
     trainer = build_trainer(learner, config, sampled, run_dir, progress, on_validation)
-
-    def write_config() -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / CONFIG_FILE)
-
-    distributed.on_main(write_config, "writing the trial's config")  # all stop if it fails
+    # rank 0 writes it; if that fails, every rank stops
+    distributed.on_main(lambda: write_config(config, run_dir), "writing the trial's config")
     if trainer is not None:
         return learner, trainer.fit()
     accuracy = validation_accuracy(learner, sampled[1], config.train.val_episodes)

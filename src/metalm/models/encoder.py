@@ -45,6 +45,7 @@ def default_model_path() -> str:
 
 
 POOLINGS = ("mean", "cls")
+BACKENDS = ("torch", "onnx")  # where the encoder runs at inference (see use_onnx)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -112,7 +113,7 @@ class EncoderConfig:
                 raise MetalmError(f"model.{name} must be >= 0 (0: all), got {getattr(self, name)}")
         if self.device != "auto":
             device_type(self.device)  # whether CUDA is there is checked when loading
-        if self.backend not in ("torch", "onnx"):  # metalm.models.onnx_runtime.BACKENDS
+        if self.backend not in BACKENDS:
             raise MetalmError(f"model.backend must be torch or onnx; got {self.backend!r}")
         if self.backend == "onnx" and self.kind != "encoder":
             raise MetalmError("model.backend=onnx is for sentence encoders (model.kind=encoder)")
@@ -303,6 +304,7 @@ class TextEncoder(nn.Module):
         with gradients or replaced weights (meta-training, fine-tuning learners) stay in
         PyTorch."""
         from metalm.models import onnx_runtime
+        from metalm.onnx_predict import require_onnxruntime
 
         if quantize not in QUANTIZE_CHOICES:
             raise MetalmError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -310,7 +312,7 @@ class TextEncoder(nn.Module):
             raise MetalmError("this encoder is int8 in PyTorch already; load it without quantize")
         if self.device.type != "cpu":
             raise MetalmError("the onnx backend runs on the CPU: load the model with device='cpu'")
-        onnx_runtime.require_onnxruntime()
+        require_onnxruntime()  # fail before a long export, not after it
         path = onnx_runtime.prepare(self.model, Path(folder), quantize, stamp)
         self._onnx = onnx_runtime.OnnxTransformer(path)
 

@@ -21,29 +21,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metalm.atomic import replace_dir
-from metalm.errors import MetalmError, first_line
+from metalm.onnx_predict import FP32_FILE, INT8_FILE, open_session
 
-FP32_FILE = "encoder.onnx"
-INT8_FILE = "encoder.int8.onnx"
 SOURCE_FILE = "source.json"
-BACKENDS = ("torch", "onnx")
-
-
-def require_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MetalmError(
-            "the onnx backend needs ONNX Runtime: pip install 'metalm[onnx]' "
-            "(or leave the backend at torch)"
-        ) from None
-    return onnxruntime
 
 
 class _LastHiddenState(nn.Module):
@@ -127,28 +112,12 @@ def weights_stamp(model: nn.Module) -> str:
 
 
 class OnnxTransformer:
-    """An ONNX Runtime session of an exported encoder: all graph optimizations, the
-    intra-op threads of this process's torch (the machine's cores by default), no
-    spinning between runs."""
+    """An ONNX Runtime session of an exported encoder (see `open_session`), with the
+    intra-op threads of this process's torch (the machine's cores by default)."""
 
     def __init__(self, path: Path, threads: int | None = None):
-        ort = require_onnxruntime()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads() or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        # no busy-waiting between runs: torch's own threads share these cores (the head's
-        # fit, pooling); benchmarks/onnx_spinning.py measures it
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # onnxruntime's own error types
-            raise MetalmError(
-                f"{path}: ONNX Runtime cannot load it ({first_line(err)}); delete "
-                "the folder to export it again"
-            ) from None
+        threads = threads or torch.get_num_threads() or os.cpu_count() or 1
+        self.session = open_session(path, threads)
         self.path = Path(path)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
