@@ -13,7 +13,7 @@ from metalm.errors import MetalmError
 try:
     import torch as _torch
 except ImportError:  # an install for inference on ONNX Runtime only: metalm.onnx_predict
-    pass
+    __all__ = ["MetalmError"]
 else:
     from metalm.classifier import FewShotClassifier
     from metalm.config import RunConfig, load_config
@@ -29,27 +29,27 @@ else:
 
     del _torch
 
-__all__ = [
-    "LEARNERS",
-    "DataSource",
-    "EncoderConfig",
-    "Episode",
-    "EpisodeSampler",
-    "EvalReport",
-    "FewShotClassifier",
-    "LabeledTextDataset",
-    "LearnerConfig",
-    "MetaLearner",
-    "MetaTrainer",
-    "MetalmError",
-    "MethodResult",
-    "RunConfig",
-    "TextEncoder",
-    "build_learner",
-    "evaluate_run",
-    "from_pretrained",
-    "load_config",
-    "resume_run",
-    "run",
-    "save_pretrained",
-]
+    __all__ = [
+        "LEARNERS",
+        "DataSource",
+        "EncoderConfig",
+        "Episode",
+        "EpisodeSampler",
+        "EvalReport",
+        "FewShotClassifier",
+        "LabeledTextDataset",
+        "LearnerConfig",
+        "MetaLearner",
+        "MetaTrainer",
+        "MetalmError",
+        "MethodResult",
+        "RunConfig",
+        "TextEncoder",
+        "build_learner",
+        "evaluate_run",
+        "from_pretrained",
+        "load_config",
+        "resume_run",
+        "run",
+        "save_pretrained",
+    ]
