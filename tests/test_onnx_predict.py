@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'metalm[o
 NO_TORCH = "import sys; sys.modules['torch'] = None; "  # any import of torch now fails
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int8-static"])
 def test_predicts_without_torch_as_the_onnx_backend(frozen_dir, tmp_path, quantize):
     model = Path(shutil.copytree(frozen_dir, tmp_path / "model"))
     clf = FewShotClassifier.from_pretrained(model, device="cpu", backend="onnx", quantize=quantize)

@@ -146,6 +146,9 @@ class FewShotClassifier:
         if len(classes) < 2:
             raise MetalmError(f"need at least 2 classes, got {len(classes)}: {classes}")
         index = {name: i for i, name in enumerate(classes)}
+        encoder = getattr(self.learner, "encoder", None)
+        if getattr(encoder, "needs_calibration", False):  # --quantize int8-static, first task
+            encoder.calibrate(texts)
         # learners that draw random numbers while adapting get the same ones every time
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from metalm.atomic import replace_dir
@@ -23,17 +24,22 @@ from metalm.errors import MetalmError
 FORMATS = ("metalm", "onnx", "sentence-transformers")
 
 
-def add_onnx(model: str | Path) -> Path:
+def add_onnx(model: str | Path, calibration: Sequence[str] = ()) -> Path:
     """Export the encoder of metalm model directory `model` for ONNX Runtime into its
-    `onnx/` folder (float32 and dynamic int8), so that `--backend onnx` finds both there
-    and exports nothing when it loads; returns the folder."""
+    `onnx/` folder (float32 and dynamic int8, and static int8 calibrated on the texts
+    `calibration` when given), so that `--backend onnx` finds them there and exports
+    nothing when it loads; returns the folder."""
     from metalm.models.onnx_runtime import prepare
     from metalm.pretrained import ONNX_DIR, fingerprint, from_pretrained
 
     directory = Path(model)
     learner = from_pretrained(directory, device="cpu")
+    stamp = fingerprint(directory)
     # the int8 file is made from the float32 one, so one call writes both
-    prepare(learner.encoder.model, directory / ONNX_DIR, "int8", fingerprint(directory))
+    prepare(learner.encoder.model, directory / ONNX_DIR, "int8", stamp)
+    if calibration:
+        learner.encoder.use_onnx(directory / ONNX_DIR, "int8-static", stamp=stamp)
+        learner.encoder.calibrate(calibration)
     return directory / ONNX_DIR
 
 

@@ -30,8 +30,13 @@ from metalm.errors import MetalmError, first_line
 
 TASK_INFO, TASK_WEIGHTS = "task.json", "task.safetensors"  # as metalm.classifier writes them
 METADATA, LEARNER_WEIGHTS, ENCODER_DIR = "metalm.json", "learner.safetensors", "encoder"
-FP32_FILE, INT8_FILE = "encoder.onnx", "encoder.int8.onnx"  # in the model's onnx/ folder
-ONNX_FILES = {"none": f"onnx/{FP32_FILE}", "int8": f"onnx/{INT8_FILE}"}
+# in the model's onnx/ folder: float32, dynamic int8, static int8 (calibrated)
+FP32_FILE, INT8_FILE, STATIC_FILE = "encoder.onnx", "encoder.int8.onnx", "encoder.int8-static.onnx"
+ONNX_FILES = {
+    "none": f"onnx/{FP32_FILE}",
+    "int8": f"onnx/{INT8_FILE}",
+    "int8-static": f"onnx/{STATIC_FILE}",
+}
 
 
 def require_onnxruntime() -> Any:
@@ -104,8 +109,9 @@ class OnnxTaskPredictor:
         onnx_file = model / ONNX_FILES[quantize]
         if not onnx_file.exists():
             raise MetalmError(
-                f"{onnx_file}: not there; write it with `metalm export --format onnx` or load "
-                "the model once with --backend onnx"
+                f"{onnx_file}: not there; write it with `metalm export --format onnx` "
+                "(int8-static: with --calibration FILE) or adapt a task once with "
+                f"--backend onnx --quantize {quantize}"
             )
         self.tokenizer = Tokenizer.from_file(str(model / ENCODER_DIR / "tokenizer.json"))
         self.tokenizer.enable_truncation(int(self.encoder["max_length"]))
@@ -174,7 +180,7 @@ class OnnxTaskPredictor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m metalm.onnx_predict --task TASK_DIR [--input FILE] [--quantize int8]`:
+    """`python -m metalm.onnx_predict --task TASK_DIR [--input FILE] [--quantize int8|int8-static]`:
     one text per line in (stdin by default), one JSON line out per text (label,
     probability), without importing torch."""
     import argparse

@@ -163,3 +163,60 @@ def test_export_format_onnx_writes_both_files_that_the_backend_then_reads(
     assert {p.name: p.stat().st_mtime_ns for p in (out / "onnx").iterdir()} == files
     assert main(["export", "--model", str(out), "--format", "onnx", "--out", "x"]) == 2
     assert "writes a new model directory" in capsys.readouterr().err
+
+
+def test_static_int8_is_calibrated_once_on_the_first_texts_and_then_reused(
+    tiny_model_dir, tmp_path
+):
+    fp32, static = _encoder(tiny_model_dir), _encoder(tiny_model_dir)
+    fp32.use_onnx(tmp_path / "onnx", stamp="w")
+    static.use_onnx(tmp_path / "onnx", "int8-static", stamp="w")
+    assert static.needs_calibration and not fp32.needs_calibration
+    with pytest.raises(MetalmError, match="not calibrated yet"):
+        static.embed(QUERIES)  # never float32 in its place without saying so
+    static.calibrate([*TEXTS, *QUERIES])
+    assert not static.needs_calibration
+    assert (tmp_path / "onnx" / onnx_runtime.STATIC_FILE).exists()
+    a, b = fp32.embed(TEXTS), static.embed(TEXTS)
+    assert 0 < float((a - b).abs().max()) < 0.3
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.9
+    made = (tmp_path / "onnx" / onnx_runtime.STATIC_FILE).stat().st_mtime_ns
+    again = _encoder(tiny_model_dir)
+    again.use_onnx(tmp_path / "onnx", "int8-static", stamp="w")
+    assert not again.needs_calibration  # the calibrated file is used as it is
+    assert torch.equal(again.embed(TEXTS), b)
+    assert (tmp_path / "onnx" / onnx_runtime.STATIC_FILE).stat().st_mtime_ns == made
+    again.use_onnx(tmp_path / "onnx", "int8-static", stamp="other weights")
+    assert again.needs_calibration
+    with pytest.raises(MetalmError, match=r"ONNX Runtime's .* use it with backend onnx"):
+        _encoder(tiny_model_dir).quantize("int8-static")
+    with pytest.raises(MetalmError, match="needs texts"):
+        again.calibrate([])
+
+
+def test_static_int8_through_the_classifier_and_the_cli(
+    frozen_dir, tiny_model_dir, tmp_path, capsys
+):
+    model = Path(shutil.copytree(frozen_dir, tmp_path / "model"))
+    clf = FewShotClassifier.from_pretrained(
+        model, device="cpu", backend="onnx", quantize="int8-static"
+    )
+    clf.adapt(TEXTS, LABELS)  # the first support set calibrates it
+    assert (model / "onnx" / onnx_runtime.STATIC_FILE).exists()
+    assert len(clf.predict(QUERIES)) == len(QUERIES)
+    support = write_csv(tmp_path / "support.csv", list(zip(TEXTS, LABELS, strict=True)))
+    out = tmp_path / "exported"
+    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
+    args += ["--format", "onnx", "--calibration", str(support), "--out", str(out)]
+    assert main(args) == 0
+    assert "int8-static" in capsys.readouterr().out
+    static_file = out / "onnx" / onnx_runtime.STATIC_FILE
+    made = static_file.stat().st_mtime_ns
+    task = tmp_path / "task"
+    args = ["adapt", "--model", str(out), "--support", str(support), "--out", str(task)]
+    assert main([*args, "--backend", "onnx", "--quantize", "int8-static"]) == 0
+    assert static_file.stat().st_mtime_ns == made, "calibrated again"
+    capsys.readouterr()
+    args = ["export", "--learner", "frozen", "--calibration", str(support)]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
+    assert "--calibration is for --format onnx" in capsys.readouterr().err

@@ -61,9 +61,11 @@ def _add_nproc(parser: argparse.ArgumentParser, what: str) -> None:
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize",
-        choices=("none", "int8"),  # metalm.models.encoder.QUANTIZE_CHOICES
+        choices=("none", "int8", "int8-static"),  # metalm.models.encoder.QUANTIZE_CHOICES
         default="none",
-        help="int8: a faster CPU encoder at a small accuracy cost (see BENCHMARKS.md)",
+        help="int8: a faster CPU encoder at a small accuracy cost (see BENCHMARKS.md); "
+        "int8-static (--backend onnx): activation ranges calibrated on the first support "
+        "set, slower and less accurate here than int8 (measured in BENCHMARKS.md)",
     )
     parser.add_argument(
         "--backend",
@@ -193,6 +195,13 @@ def _add_export(sub) -> None:
         "(onnx/, fp32 and int8); sentence-transformers: the encoder as a folder "
         "SentenceTransformer(dir) loads",
     )
+    export.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="with --format onnx: texts (e.g. a support set; .csv/.jsonl column --text-column, "
+        "or one per line) to calibrate a static int8 encoder on (--quantize int8-static)",
+    )
+    export.add_argument("--text-column", default="text", help="the texts' column in --calibration")
     export.add_argument("--out", required=True, help="the directory to write")
     export.set_defaults(func=cmd_export)
 

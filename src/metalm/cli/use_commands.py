@@ -11,6 +11,8 @@ from metalm.errors import MetalmError
 def cmd_export(args: argparse.Namespace) -> None:
     import tempfile
 
+    if args.calibration and args.format != "onnx":
+        raise MetalmError("--calibration is for --format onnx (static int8)")
     if args.format == "metalm":
         if args.model is not None:
             raise MetalmError("--model converts a model directory: give --format too")
@@ -24,10 +26,14 @@ def cmd_export(args: argparse.Namespace) -> None:
                 "--format onnx writes a new model directory: use --run or --learner "
                 "(or load MODEL_DIR once with --backend onnx, which exports into it)"
             )
-        folder = add_onnx(_export_metalm(args, args.out))
+        from metalm.textfiles import read_texts
+
+        calibration = read_texts(args.calibration, args.text_column) if args.calibration else []
+        folder = add_onnx(_export_metalm(args, args.out), calibration)
+        variants = "float32, int8 and int8-static" if calibration else "float32 and int8"
         print(
-            f"exported {args.out} with its encoder for ONNX Runtime in {folder} (float32 and "
-            f"int8); use it with --backend onnx, e.g. metalm adapt --model {args.out} "
+            f"exported {args.out} with its encoder for ONNX Runtime in {folder} ({variants}); "
+            f"use it with --backend onnx, e.g. metalm adapt --model {args.out} "
             "--backend onnx --support support.csv --out TASK_DIR"
         )
         return

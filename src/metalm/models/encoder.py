@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,8 @@ class EncoderConfig:
             raise MetalmError("model.backend=onnx is for sentence encoders (model.kind=encoder)")
 
 
-QUANTIZE_CHOICES = ("none", "int8")
+_CALIBRATING = threading.Lock()
+QUANTIZE_CHOICES = ("none", "int8", "int8-static")  # int8-static: ONNX Runtime only
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -254,6 +256,7 @@ class TextEncoder(nn.Module):
         self._embedding_cache: dict[str, Tensor] | None = None
         self._quantized = False
         self._onnx: Any = None  # an OnnxTransformer once `use_onnx` is called
+        self._uncalibrated: tuple[Path, str] | None = None  # int8-static's folder, stamp
 
     @classmethod
     def from_config(cls, config: EncoderConfig, safetensors_only: bool = False) -> TextEncoder:
@@ -292,6 +295,11 @@ class TextEncoder(nn.Module):
             raise MetalmError(f"quantize must be one of {QUANTIZE_CHOICES}, got {kind!r}")
         if kind == "none" or self.quantized:
             return
+        if kind == "int8-static":
+            raise MetalmError(
+                "quantize=int8-static is ONNX Runtime's (calibrated on a support set): "
+                "use it with backend onnx, or quantize=int8 in PyTorch"
+            )
         if self.device.type != "cpu":
             raise MetalmError("quantize=int8 runs on CPU only; load the model with device='cpu'")
         self.model = quantize_int8(self.model.eval())
@@ -302,7 +310,9 @@ class TextEncoder(nn.Module):
         transformer is exported to `folder` once (and quantized for `quantize="int8"`),
         and re-exported when `stamp` (the weights' fingerprint) changes. Forward passes
         with gradients or replaced weights (meta-training, fine-tuning learners) stay in
-        PyTorch."""
+        PyTorch. `quantize="int8-static"` without a calibrated file in `folder` runs
+        float32 until `calibrate` is given texts (`FewShotClassifier.adapt` gives it its
+        support set)."""
         from metalm.models import onnx_runtime
         from metalm.onnx_predict import require_onnxruntime
 
@@ -313,8 +323,42 @@ class TextEncoder(nn.Module):
         if self.device.type != "cpu":
             raise MetalmError("the onnx backend runs on the CPU: load the model with device='cpu'")
         require_onnxruntime()  # fail before a long export, not after it
+        self._uncalibrated = None
+        if quantize == "int8-static" and not onnx_runtime.exported(folder, quantize, stamp):
+            self._uncalibrated = (Path(folder), stamp)
+            quantize = "none"
         path = onnx_runtime.prepare(self.model, Path(folder), quantize, stamp)
         self._onnx = onnx_runtime.OnnxTransformer(path)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True while an `int8-static` ONNX encoder waits for its calibration texts."""
+        return self._uncalibrated is not None
+
+    def calibrate(self, texts: Sequence[str]) -> None:
+        """Quantize the ONNX encoder to static int8 with activation ranges measured on
+        `texts` (at most `onnx_runtime.CALIBRATION_TEXTS` of them; a support set), once:
+        the file is cached beside the float32 one and used from then on."""
+        with _CALIBRATING:  # a service may adapt its first tasks at the same time
+            if self._uncalibrated is not None:
+                self._calibrate(texts, *self._uncalibrated)
+
+    def _calibrate(self, texts: Sequence[str], folder: Path, stamp: str) -> None:
+        from metalm.models import onnx_runtime
+
+        unique = list(dict.fromkeys(texts))
+        count = min(len(unique), onnx_runtime.CALIBRATION_TEXTS)  # spread over the set
+        chosen = [unique[i * len(unique) // count] for i in range(count)] if count else []
+        if not chosen:
+            raise MetalmError("calibrating int8-static needs texts; got none")
+        size = self.config.batch_size
+        feeds = [
+            {name: tensor.numpy() for name, tensor in self.tokenize(chosen[i : i + size]).items()}
+            for i in range(0, len(chosen), size)
+        ]
+        path = onnx_runtime.prepare(self.model, folder, "int8-static", stamp, calibration=feeds)
+        self._onnx = onnx_runtime.OnnxTransformer(path)
+        self._uncalibrated = None
 
     @property
     def backend(self) -> str:
@@ -398,6 +442,10 @@ class TextEncoder(nn.Module):
             hidden = torch.func.functional_call(self.model, params, args=(), kwargs=batch)
             hidden = hidden.last_hidden_state
         elif self._onnx is not None and not torch.is_grad_enabled():
+            if self._uncalibrated is not None:
+                from metalm.models.onnx_runtime import UNCALIBRATED
+
+                raise MetalmError(UNCALIBRATED)
             hidden = self._onnx(batch["input_ids"], batch["attention_mask"])
         else:
             hidden = self.model(**batch).last_hidden_state
