@@ -40,8 +40,8 @@ from label_names import parse_variant, variant_learner
 
 from metalm.config import RunConfig, load_config
 from metalm.evaluate import mean_ci95
+from metalm.label_names import name_texts
 from metalm.learners import MetaLearner, build_learner
-from metalm.learners.label_names import name_texts
 from metalm.models.causal import build_model
 from metalm.protocols import evaluate_learner
 from metalm.run import build_trainer, samplers

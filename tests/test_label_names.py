@@ -15,9 +15,9 @@ from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
 from metalm.evaluate import episode_correct
+from metalm.label_names import is_meaningless, meaningless_names, usable_names
 from metalm.learners import FrozenCentroids, FrozenConfig, ProtoNet, ProtoNetConfig, build_learner
 from metalm.learners.heads import fit_logreg
-from metalm.learners.label_names import is_meaningless, meaningless_names, usable_names
 from metalm.learners.protonet import weighted_means
 from metalm.models import EncoderConfig, TextEncoder
 

@@ -1,4 +1,5 @@
-"""Class names as words the encoder can read, and the check that they mean something.
+"""Class names as words the encoder can read, and the check that they mean something
+(no torch: the torch-free ONNX adapt uses it too).
 
 A task's label names (`card_arrival`, `book_flight`) say what a class is about; the
 embedding learners can use them as one more example of their class
@@ -21,8 +22,6 @@ import re
 import warnings
 from collections.abc import Sequence
 
-from metalm.models.prompting import verbalize
-
 LABEL_NAME_MODES = ("off", "example", "prior")
 # words that name a class without saying anything about it
 GENERIC_WORDS = frozenset(
@@ -40,6 +39,11 @@ GENERIC_WORDS = frozenset(
     )
 )
 _WORD = re.compile(r"[^\W\d_]{2,}")  # two letters or more, no digits
+
+
+def verbalize(class_name: str) -> str:
+    """A label as words: `card_arrival` → `card arrival`."""
+    return " ".join(str(class_name).replace("_", " ").replace("-", " ").split())
 
 
 def name_texts(names: Sequence[str]) -> list[str]:

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from metalm import MetalmError
+from metalm.label_names import verbalize
 from metalm.models.causal import load_causal_lm
 from metalm.models.prompting import (
     CHANNEL_TEMPLATE,
     PromptScorer,
     PromptTemplate,
     build_prefix,
-    verbalize,
 )
 
 # -- in-context scoring ------------------------------------------------------------------

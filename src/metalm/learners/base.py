@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.learners.label_names import LABEL_NAME_MODES, named_classes, usable_names
+from metalm.label_names import LABEL_NAME_MODES, named_classes, usable_names
 from metalm.models.encoder import TextEncoder
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class LabelNamesConfig(LearnerConfig):
     prototype head of its name, `label_name_weight` times as strongly (the centroid
     head, a Gaussian prior on the class mean, counts the name as `label_name_weight`
     examples, as `example` does). A name that is an id (`0`, `w2`, `class_3`: see
-    `metalm.learners.label_names`) is left out; when most of a task's names are, the
+    `metalm.label_names`) is left out; when most of a task's names are, the
     option is off for that task, with a warning.
     """
 
@@ -123,7 +123,7 @@ class MetaLearner(nn.Module, ABC):
     ) -> list[str | None] | None:
         """The label names as texts to embed when `learner.label_names` is on (None for
         a name that is an id), or None when it is off or most names are ids (with a
-        warning: see `metalm.learners.label_names.usable_names`)."""
+        warning: see `metalm.label_names.usable_names`)."""
         if getattr(self.config, "label_names", "off") == "off":
             return None
         n_way = max(support_labels, default=-1) + 1

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError, first_line
+from metalm.label_names import verbalize
 from metalm.learners.base import LearnerConfig, MetaLearner, TaskState, as_labels, register_learner
 from metalm.models.causal import CausalLM
 from metalm.models.prompting import (
@@ -40,7 +41,6 @@ from metalm.models.prompting import (
     PromptTemplate,
     Segment,
     build_prefix,
-    verbalize,
 )
 
 SCORINGS = ("direct", "channel")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
+from metalm.label_names import named_classes, usable_names
 from metalm.learners.base import (
     ENCODER_PREFIX,
     HEAD_KEYS,
@@ -32,7 +33,6 @@ from metalm.learners.base import (
 )
 from metalm.learners.finetune import finetune_encoder
 from metalm.learners.heads import DEFAULT_LOGREG_L2, fit_logreg
-from metalm.learners.label_names import named_classes, usable_names
 from metalm.learners.lpft import TopBlockInputs, adapt_top_blocks
 from metalm.models.encoder import TextEncoder
 

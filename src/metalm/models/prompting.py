@@ -51,11 +51,6 @@ CHANNEL_TEMPLATE = PromptTemplate(
 PACK_TOKENS = 512
 
 
-def verbalize(class_name: str) -> str:
-    """A label as words: `card_arrival` → `card arrival`."""
-    return " ".join(str(class_name).replace("_", " ").replace("-", " ").split())
-
-
 def build_prefix(
     texts: Sequence[str],
     labels: Sequence[str],
