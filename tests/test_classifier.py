@@ -28,9 +28,9 @@ from run_tools import (
 from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
 from metalm.cli import main
 from metalm.config import load_config
+from metalm.layout import METADATA
 from metalm.learners import build_learner
 from metalm.models.encoder import TextEncoder
-from metalm.pretrained import METADATA
 
 
 # -- command line ----------------------------------------------------------------------

@@ -15,11 +15,11 @@ from run_tools import EXAMPLE_SUPPORT, OWN_FILES, TEST_TEXTS, probabilities
 from metalm import MetalmError, from_pretrained
 from metalm.cli import main
 from metalm.config import load_config
+from metalm.layout import METADATA
 from metalm.learners import (
     HEADS,
     ProtoNetConfig,
 )
-from metalm.pretrained import METADATA
 from metalm.runs import evaluate_run
 
 

@@ -13,7 +13,7 @@ from run_tools import LABELS, TEST_LABELS, TEST_TEXTS, TEXTS, assert_consistent,
 
 from metalm import FewShotClassifier, MetalmError
 from metalm.cli import main
-from metalm.pretrained import METADATA
+from metalm.layout import METADATA
 from metalm.scoring import ClassScore, ConfusedPair, score_predictions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "intents.csv"

@@ -24,42 +24,21 @@ from safetensors.torch import load_file, save_file
 
 from metalm.atomic import recover, replace_dir
 from metalm.errors import MetalmError, first_line
-from metalm.learners.base import MetaLearner, TaskState
-from metalm.pretrained import (
+from metalm.layout import (
+    TASK_FORMAT_VERSION,
+    TASK_INFO,
+    TASK_WEIGHTS,
     fingerprint,
-    from_pretrained,
     metalm_version,
-    resolve_pretrained,
-    safetensors_ready,
 )
+from metalm.learners.base import MetaLearner, TaskState
+from metalm.pretrained import from_pretrained, resolve_pretrained, safetensors_ready
 from metalm.scoring import ScoreResult, score_predictions
+from metalm.task_input import Label, check_examples, check_label, check_texts, task_classes
 
-Label = str | int
-TASK_FORMAT_VERSION = 1
-TASK_WEIGHTS = "task.safetensors"
-TASK_INFO = "task.json"
 # texts whose tokens a classifier keeps between calls; tokenizing runs at ~45,000 texts/s
 # (benchmarks/encode_speed.py), so a small cache costs nothing and bounds a service's memory
 TOKEN_CACHE_LIMIT = 5_000
-
-
-def check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
-    """`texts` as a list, or a MetalmError naming the first bad one."""
-    if isinstance(texts, str):
-        raise MetalmError(f"{what} must be a list of strings, not one string")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise MetalmError(f"{what}[{i}] is empty or not a string ({text!r})")
-    return texts
-
-
-def _label(value: Any, i: int) -> Label:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise MetalmError(f"labels[{i}] must be a string or an integer, got {value!r}")
-    return value
 
 
 class FewShotClassifier:
@@ -136,15 +115,8 @@ class FewShotClassifier:
         `unlabeled`: texts of the task without labels; the most confident predictions
         among them join the examples and the head is fitted again (self-training,
         `frozen`/`protonet` models; `learner.self_train_*` set how many and how much)."""
-        texts = check_texts(texts)
-        labels = [_label(v, i) for i, v in enumerate(labels)]
-        if not texts:
-            raise MetalmError("no examples: give at least one labeled text per class")
-        if len(texts) != len(labels):
-            raise MetalmError(f"{len(texts)} texts but {len(labels)} labels")
-        classes = sorted(set(labels), key=lambda v: (isinstance(v, str), v))
-        if len(classes) < 2:
-            raise MetalmError(f"need at least 2 classes, got {len(classes)}: {classes}")
+        texts, labels = check_examples(texts, labels)
+        classes = task_classes(labels)
         index = {name: i for i, name in enumerate(classes)}
         encoder = getattr(self.learner, "encoder", None)
         if getattr(encoder, "needs_calibration", False):  # --quantize int8-static, first task
@@ -219,7 +191,7 @@ class FewShotClassifier:
         """
         classes = self.classes_
         texts = check_texts(texts)
-        labels = [_label(v, i) for i, v in enumerate(labels)]
+        labels = [check_label(v, i) for i, v in enumerate(labels)]
         if len(texts) != len(labels):
             raise MetalmError(f"{len(texts)} texts but {len(labels)} labels")
         if not texts:

@@ -29,8 +29,9 @@ def add_onnx(model: str | Path, calibration: Sequence[str] = ()) -> Path:
     `onnx/` folder (float32 and dynamic int8, and static int8 calibrated on the texts
     `calibration` when given), so that `--backend onnx` finds them there and exports
     nothing when it loads; returns the folder."""
+    from metalm.layout import ONNX_DIR, fingerprint
     from metalm.models.onnx_runtime import prepare
-    from metalm.pretrained import ONNX_DIR, fingerprint, from_pretrained
+    from metalm.pretrained import from_pretrained
 
     directory = Path(model)
     learner = from_pretrained(directory, device="cpu")

@@ -27,9 +27,8 @@ import numpy as np
 
 from metalm.batching import FORWARD_TOKENS, length_groups
 from metalm.errors import MetalmError, first_line
+from metalm.layout import ENCODER_DIR, LEARNER_WEIGHTS, METADATA, TASK_INFO, TASK_WEIGHTS
 
-TASK_INFO, TASK_WEIGHTS = "task.json", "task.safetensors"  # as metalm.classifier writes them
-METADATA, LEARNER_WEIGHTS, ENCODER_DIR = "metalm.json", "learner.safetensors", "encoder"
 # in the model's onnx/ folder: float32, dynamic int8, static int8 (calibrated)
 FP32_FILE, INT8_FILE, STATIC_FILE = "encoder.onnx", "encoder.int8.onnx", "encoder.int8-static.onnx"
 ONNX_FILES = {
@@ -76,36 +75,18 @@ def _json(path: Path) -> dict[str, Any]:
         raise MetalmError(f"{path}: cannot read it ({err})") from None
 
 
-class OnnxTaskPredictor:
-    """An adapted task (`save_task`'s directory) that predicts on ONNX Runtime."""
+class OnnxEncoder:
+    """A model directory's encoder on ONNX Runtime, without torch: metalm's tokenizing,
+    grouping and pooling around the exported transformer (`quantize`: which export)."""
 
-    def __init__(
-        self,
-        task: str | Path,
-        model: str | Path | None = None,
-        quantize: str = "none",
-        batch_size: int = 64,
-    ):
-        from safetensors.numpy import load_file
+    def __init__(self, model: str | Path, quantize: str = "none", batch_size: int = 64):
         from tokenizers import Tokenizer
 
-        task = Path(task)
-        info = _json(task / TASK_INFO)
-        model = Path(model or info.get("model") or "")
+        model = Path(model)
         if quantize not in ONNX_FILES:
             raise MetalmError(f"quantize must be one of {sorted(ONNX_FILES)}, got {quantize!r}")
-        meta = _json(model / METADATA)
-        self.classes: list[Any] = list(info["classes"])
-        self.encoder = meta["encoder"]
-        self.state = load_file(str(task / TASK_WEIGHTS))
-        if any(name.startswith("encoder.") for name in self.state):
-            raise MetalmError(
-                f"{task}: this task adapted encoder tensors ({meta['learner']['name']}); "
-                "predict with PyTorch (metalm predict)"
-            )
-        own = load_file(str(model / LEARNER_WEIGHTS))
-        self.scale = float(np.exp(own["log_scale"])) if "log_scale" in own else 1.0
-        self.distance = meta["learner"].get("distance", "euclidean")
+        self.meta = _json(model / METADATA)
+        self.config = self.meta["encoder"]
         onnx_file = model / ONNX_FILES[quantize]
         if not onnx_file.exists():
             raise MetalmError(
@@ -114,7 +95,7 @@ class OnnxTaskPredictor:
                 f"--backend onnx --quantize {quantize}"
             )
         self.tokenizer = Tokenizer.from_file(str(model / ENCODER_DIR / "tokenizer.json"))
-        self.tokenizer.enable_truncation(int(self.encoder["max_length"]))
+        self.tokenizer.enable_truncation(int(self.config["max_length"]))
         self.tokenizer.no_padding()
         self.session = open_session(onnx_file, os.cpu_count() or 1)
         self.batch_size = batch_size
@@ -125,7 +106,7 @@ class OnnxTaskPredictor:
         its activation ranges per group, so the grouping matters there."""
         ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = np.empty((len(ids), int(self.encoder["dim"])), dtype=np.float32)
+        out = np.empty((len(ids), int(self.config["dim"])), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             for group in length_groups([len(ids[i]) for i in batch], FORWARD_TOKENS):
@@ -144,14 +125,54 @@ class OnnxTaskPredictor:
         return self._pool(hidden, mask)
 
     def _pool(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if self.encoder.get("pooling") == "cls":
+        if self.config.get("pooling") == "cls":
             pooled = hidden[:, 0]
         else:
             weights = mask[..., None].astype(hidden.dtype)
             pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
-        if self.encoder.get("normalize", True):
+        if self.config.get("normalize", True):
             pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
         return pooled
+
+
+def learner_scale(model: str | Path) -> float:
+    """The learner's logit scale (`log_scale`, learned by `protonet`), 1 without one."""
+    from safetensors.numpy import load_file
+
+    own = load_file(str(Path(model) / LEARNER_WEIGHTS))
+    return float(np.exp(own["log_scale"])) if "log_scale" in own else 1.0
+
+
+class OnnxTaskPredictor:
+    """An adapted task (`save_task`'s directory) that predicts on ONNX Runtime."""
+
+    def __init__(
+        self,
+        task: str | Path,
+        model: str | Path | None = None,
+        quantize: str = "none",
+        batch_size: int = 64,
+    ):
+        from safetensors.numpy import load_file
+
+        task = Path(task)
+        info = _json(task / TASK_INFO)
+        model = Path(model or info.get("model") or "")
+        self.encoder = OnnxEncoder(model, quantize, batch_size)
+        meta = self.encoder.meta
+        self.classes: list[Any] = list(info["classes"])
+        self.state = load_file(str(task / TASK_WEIGHTS))
+        if any(name.startswith("encoder.") for name in self.state):
+            raise MetalmError(
+                f"{task}: this task adapted encoder tensors ({meta['learner']['name']}); "
+                "predict with PyTorch (metalm predict)"
+            )
+        self.scale = learner_scale(model)
+        self.distance = meta["learner"].get("distance", "euclidean")
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """The encoder's pooled embeddings of `texts` (see `OnnxEncoder.embed`)."""
+        return self.encoder.embed(texts)
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """The task head's logits, as the learner's `predict` computes them."""

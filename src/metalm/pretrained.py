@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,6 +35,14 @@ from torch import Tensor
 
 from metalm.atomic import recover, replace_dir
 from metalm.errors import MetalmError, first_line
+from metalm.layout import (
+    ENCODER_DIR,
+    LEARNER_WEIGHTS,
+    METADATA,
+    ONNX_DIR,
+    fingerprint,
+    metalm_version,
+)
 from metalm.learners.base import MetaLearner, build_learner, model_kind_of
 from metalm.model_card import model_card
 from metalm.models.causal import SHIPPED_GGUF, CausalLM, build_model
@@ -47,22 +54,9 @@ from metalm.models.encoder import (
 )
 
 FORMAT_VERSION = 1
-ONNX_DIR = "onnx"  # an ONNX Runtime export of the encoder (from_pretrained(backend="onnx"))
-METADATA = "metalm.json"
-LEARNER_WEIGHTS = "learner.safetensors"
-ENCODER_DIR = "encoder"
 MODEL_CARD = "README.md"
 ENCODER_KEY = "encoder.model."
 HUB_FILES = [METADATA, LEARNER_WEIGHTS, MODEL_CARD, f"{ENCODER_DIR}/*"]
-
-
-def metalm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("metalm")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # -- saving ----------------------------------------------------------------------------
@@ -341,21 +335,6 @@ def _with_head(metadata: dict[str, Any]) -> dict[str, Any]:
     if "label_names" not in saved and issubclass(config_class, LabelNamesConfig):
         saved["label_names"] = "off"
     return saved
-
-
-def fingerprint(directory: str | Path) -> str:
-    """A short content hash of a pretrained directory's weights and metadata: task
-    states record it, so that a task is never applied to another model."""
-    directory = Path(directory)
-    digest = hashlib.sha256()
-    files = [directory / METADATA, directory / LEARNER_WEIGHTS]
-    files += sorted((directory / ENCODER_DIR).glob("*.safetensors"))
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
