@@ -3,8 +3,8 @@ model's fingerprint, and metalm's version: what the PyTorch code and the torch-f
 code (`metalm.onnx_predict`, `metalm.onnx_adapt`) both read and write. No torch here.
 
 Example:
-    >>> fingerprint(saved_model)          # a content hash of the weights and metadata
-    '3f2c9a1b7e4d5f60'
+    >>> len(fingerprint(saved_model)), fingerprint(saved_model) == fingerprint(saved_model)
+    (16, True)
 """
 
 from __future__ import annotations
