@@ -82,7 +82,7 @@ def higher_maml_loss(learner, episode, module, fmodel, diffopt):
     """Second-order MAML through `higher`, the same computation as metalm's `maml`."""
     from torch import nn
 
-    from metalm.learners.functional import math_attention
+    from metalm.learners.vmap_safety import math_attention
 
     s_ids, s_mask, s_labels, q_ids, q_mask, q_labels = (
         t[0] for t in learner._episode_tensors([episode])

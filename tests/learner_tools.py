@@ -60,7 +60,7 @@ def meta_params(learner) -> dict[str, torch.Tensor]:
     return {n: p for n, p in learner.named_parameters() if not n.startswith("encoder.")}
 
 
-def quadratic(_model, params, batch):
+def quadratic(params, batch):
     """A toy inner loss for `inner_loop`: a scaled square in `w` plus a cube in `b`."""
     target, scale = batch
     return (scale * (params["w"] - target) ** 2).sum() + (params["b"] ** 3).sum()

@@ -24,9 +24,8 @@ def test_first_order_carries_no_second_order_terms():
     for first_order, expected in ((False, c * (1 - lr * a)), (True, c)):
         w = torch.tensor([0.5, -0.2], requires_grad=True)
         new = inner_loop(
-            None,
             {"w": w},
-            lambda _m, p, _b: 0.5 * (a * p["w"] ** 2).sum(),
+            lambda p, _b: 0.5 * (a * p["w"] ** 2).sum(),
             None,
             3,
             sgd(lr),

@@ -7,20 +7,23 @@ import torch
 from learner_tools import learner_for, quadratic
 
 from metalm.learners import inner_loop
-from metalm.learners.optim import proximal, sgd
+from metalm.learners.optim import inner_optimizer, sgd
+from metalm.learners.proximal import conjugate_gradient
 
 
 def test_proximal_term_changes_adapted_params_as_the_formula_says():
     torch.manual_seed(2)
     w, b = torch.randn(4), torch.randn(2)
     target, scale, lr, lam = torch.randn(4), torch.rand(4) + 0.5, 0.1, 0.7
-    new = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, proximal(sgd(lr), lam))
+    new = inner_loop(
+        {"w": w, "b": b}, quadratic, (target, scale), 2, inner_optimizer("sgd", lr, lam)
+    )
     # step 1: the penalty's gradient is zero at the anchor; step 2: 2 * lam * (p1 - p0)
     w1, b1 = w - lr * 2 * scale * (w - target), b - lr * 3 * b**2
     w2 = w1 - lr * (2 * scale * (w1 - target) + 2 * lam * (w1 - w))
     b2 = b1 - lr * (3 * b1**2 + 2 * lam * (b1 - b))
     assert torch.allclose(new["w"], w2) and torch.allclose(new["b"], b2)
-    plain = inner_loop(None, {"w": w, "b": b}, quadratic, (target, scale), 2, sgd(lr))
+    plain = inner_loop({"w": w, "b": b}, quadratic, (target, scale), 2, sgd(lr))
     assert (new["w"] - w).norm() < (plain["w"] - w).norm()  # pulled toward the anchor
 
 
@@ -65,3 +68,14 @@ def test_implicit_gradient_matches_the_unrolled_one_at_convergence(fresh_encoder
     assert (flat["first_order"] - flat["unrolled"]).norm() > 0.1 * scale  # not trivially equal
     implicit = learner_for(fresh_encoder, **spec, implicit=True, vectorize=True)
     assert implicit.meta_loss_batch(episodes) is None  # iMAML loops over episodes
+
+
+def test_conjugate_gradient_solves_and_truncates():
+    torch.manual_seed(3)
+    m = torch.randn(5, 5, dtype=torch.float64)
+    spd = m @ m.T + 5 * torch.eye(5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    (x,) = conjugate_gradient(lambda v: [spd @ v[0]], [b], 5)
+    assert torch.allclose(x, torch.linalg.solve(spd, b), atol=1e-8)
+    (y,) = conjugate_gradient(lambda v: [-v[0]], [b], 5)  # negative curvature: first order
+    assert torch.equal(y, b)

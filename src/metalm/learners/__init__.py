@@ -1,5 +1,6 @@
 """Few-shot learners, one registration each (see `LEARNERS`)."""
 
+from metalm.learners.adapted_params import select_params
 from metalm.learners.base import (
     LEARNERS,
     LearnerConfig,
@@ -11,10 +12,10 @@ from metalm.learners.base import (
     register_learner,
 )
 from metalm.learners.finetune import Finetune, FinetuneConfig
-from metalm.learners.functional import inner_loop, select_params
 from metalm.learners.gradient import EncoderAdaptConfig, GradientConfig, GradientLearner
 from metalm.learners.heads import fit_logreg
 from metalm.learners.icl import ICL, ICLConfig, MetaICL, MetaICLConfig
+from metalm.learners.inner_loops import inner_loop
 from metalm.learners.lstm_meta import LSTMMeta, LSTMMetaConfig
 from metalm.learners.maml import (
     ANIL,

@@ -2,9 +2,9 @@
 inner loops on the support set, and meta-losses looped or vmapped over a meta-batch.
 
 Every learner built on `GradientLearner` adapts a task by a few gradient steps on its
-support set (the inner loop, `functional.inner_loop`, on a dict of tensors: the model is
-never changed), and is meta-trained through that adaptation (the outer loop,
-`MetaTrainer`).
+support set (the inner loop, `inner_loops.inner_loop`, on a dict of tensors: the model
+is never changed) with its inner optimizer (`optim.inner_optimizer`, built once from the
+config), and is meta-trained through that adaptation (the outer loop, `MetaTrainer`).
 
 The task head is task-specific, not a meta-parameter: N-way tasks change their label
 order every episode. It starts at zero or at the support set's class means
@@ -15,15 +15,16 @@ meta-gradient flows through it. Logits are `logit_scale * (W x + b)`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError, first_line
+from metalm.learners.adapted_params import ADAPT_MODES, select_params
 from metalm.learners.base import (
     ENCODER_PREFIX,
     HEAD_KEYS,
@@ -37,20 +38,31 @@ from metalm.learners.base import (
     one_hot_means,
     prototype_head,
 )
-from metalm.learners.functional import (
-    ADAPT_MODES,
-    attention_mask_4d,
-    inner_loop,
-    math_attention,
-    select_params,
-    vmap_safe_layer_norm,
-)
 from metalm.learners.heads import DEFAULT_LOGREG_L2, fit_logreg
-from metalm.learners.optim import UPDATE_RULES, InnerOptimizer, Params, proximal
+from metalm.learners.inner_loops import LossFn, inner_loop
+from metalm.learners.optim import UPDATE_RULES, GradientTransformation, Params, inner_optimizer
+from metalm.learners.vmap_safety import attention_mask_4d, math_attention, vmap_safe_layer_norm
 from metalm.models.encoder import FORWARD_TOKENS, TextEncoder, length_groups
 
 HEAD_INITS = ("prototype", "zero")
 EVAL_HEAD_INITS = (*HEAD_INITS, "logreg")
+
+
+class TokenBatch(NamedTuple):
+    """A support set as token tensors (ids and mask [n, L], labels [n]); `vectorized`:
+    inside `vmap` (a ready 4D attention mask, no length grouping)."""
+
+    ids: Tensor
+    mask: Tensor
+    labels: Tensor
+    vectorized: bool = False
+
+
+class FeatureBatch(NamedTuple):
+    """A support set as embeddings [n, dim] and labels [n] (head-only inner loops)."""
+
+    features: Tensor
+    labels: Tensor
 
 
 @dataclass
@@ -62,10 +74,11 @@ class GradientConfig(LabelNamesConfig):
     of the task head; `head_init`: `prototype` or `zero`; `eval_head_init`: the head a
     task starts from at test time (default: `head_init`), which may also be `logreg`
     (the logistic-regression fit of `learner.head=logreg`, then the inner steps from
-    there); `inner_optimizer`: `sgd` or
-    `adam` (differentiable). `vectorize`: adapt the tasks of a meta-batch in one
-    `torch.func.vmap` call when their shapes agree, instead of one by one. Off by default:
-    on MiniLM it is no faster overall (0.78-1.22x by learner) and takes 2-3.6x the memory
+    there); `inner_optimizer`: `sgd` or `adam` (differentiable). `first_order`: the
+    inner gradients are constants to the outer loop (no second-order terms; FOMAML).
+    `vectorize`: adapt the tasks of a meta-batch in one `torch.func.vmap` call when
+    their shapes agree, instead of one by one. Off by default: on MiniLM it is no
+    faster overall (0.78-1.22x by learner) and takes 2-3.6x the memory
     (`python benchmarks/vmap_vs_loop.py`); it pays off on small models.
     """
 
@@ -77,6 +90,7 @@ class GradientConfig(LabelNamesConfig):
     eval_head_init: str | None = None
     logit_scale: float = 10.0
     inner_optimizer: str = "sgd"
+    first_order: bool = False
     vectorize: bool = False
 
     def __post_init__(self) -> None:
@@ -166,14 +180,12 @@ def wrap_lora(encoder: TextEncoder, config: EncoderAdaptConfig) -> None:
 class GradientLearner(MetaLearner):
     """Shared machinery: the task head, inner loops, meta-losses looped or vmapped.
 
-    Subclasses set `first_order` (a class default, or from their config), may learn
-    rates (`_inner_lrs`, `_update_rule`), add a proximal term (`proximal`) or replace
-    `_task_loss`. The config's values were checked when it was built (`__post_init__`).
+    Subclasses may learn rates (`_inner_lrs`), compose another `inner_optimizer` or
+    replace `_task_loss`. The config's values were checked when it was built
+    (`__post_init__`), `first_order` included.
     """
 
     config: GradientConfig
-    first_order: bool = False
-    proximal: float = 0.0
     encodes_support_with_query: ClassVar[bool] = False  # one padded batch of both sets
 
     def __init__(self, encoder: TextEncoder, config: GradientConfig):
@@ -192,6 +204,15 @@ class GradientLearner(MetaLearner):
     def head_only(self) -> bool:
         return not self.adapted_names
 
+    @property
+    def first_order(self) -> bool:
+        return self.config.first_order
+
+    @functools.cached_property
+    def inner_optimizer(self) -> GradientTransformation:
+        """`learner.inner_optimizer` at the inner rates (`_inner_lrs`), built once."""
+        return inner_optimizer(self.config.inner_optimizer, self._inner_lrs())
+
     def meta_params(self) -> Params:
         """The live encoder tensors that adapt, keyed `encoder.<name>`."""
         named = dict(self.encoder.model.named_parameters())
@@ -206,15 +227,6 @@ class GradientLearner(MetaLearner):
             )
         lrs.update(dict.fromkeys(HEAD_KEYS, self.config.head_lr))
         return lrs
-
-    def _update_rule(self, lrs: Mapping[str, Any]) -> InnerOptimizer:
-        """`learner.inner_optimizer` at the rates `lrs` (by tensor name)."""
-        return UPDATE_RULES[self.config.inner_optimizer](lrs)
-
-    def _optimizer(self, lrs: Mapping[str, Any]) -> InnerOptimizer:
-        """The update rule, pulled toward the starting tensors when `proximal` > 0."""
-        rule = self._update_rule(lrs)
-        return proximal(rule, self.proximal) if self.proximal else rule
 
     def _features(
         self, ids: Tensor, mask: Tensor, params: Params | None, vectorized: bool
@@ -273,26 +285,17 @@ class GradientLearner(MetaLearner):
             }
         return prototype_head(one_hot_means(features, labels, n_way))
 
-    def _head_loss(self, _model: Any, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
-        features, labels = batch
-        return head_loss(params, features, labels, self.config.logit_scale)
+    def _head_loss(self, params: Params, batch: FeatureBatch) -> Tensor:
+        return head_loss(params, batch.features, batch.labels, self.config.logit_scale)
 
-    def _support_loss(self, _model: Any, params: Params, batch: tuple) -> Tensor:
-        ids, mask, labels, vectorized = batch
-        features = self._features(ids, mask, params, vectorized)
-        return head_loss(params, features, labels, self.config.logit_scale)
+    def _support_loss(self, params: Params, batch: TokenBatch) -> Tensor:
+        features = self._features(batch.ids, batch.mask, params, batch.vectorized)
+        return head_loss(params, features, batch.labels, self.config.logit_scale)
 
     def _inner(
-        self,
-        params: Params,
-        loss_fn: Any,
-        batch: Any,
-        steps: int,
-        first_order: bool,
-        lrs: Mapping[str, Any] | None = None,
+        self, params: Params, loss_fn: LossFn, batch: Any, steps: int, first_order: bool
     ) -> Params:
-        optimizer = self._optimizer(self._inner_lrs() if lrs is None else lrs)
-        return inner_loop(None, params, loss_fn, batch, steps, optimizer, first_order)
+        return inner_loop(params, loss_fn, batch, steps, self.inner_optimizer, first_order)
 
     # -- meta-training ---------------------------------------------------------------
     def _task_loss(
@@ -316,7 +319,7 @@ class GradientLearner(MetaLearner):
             support, query = features[: s_ids.shape[0]], features[s_ids.shape[0] :]
             head = self.init_head(support, s_labels, n_way)
             adapted = self._inner(
-                head, self._head_loss, (support, s_labels), steps, self.first_order
+                head, self._head_loss, FeatureBatch(support, s_labels), steps, self.first_order
             )
             return head_loss(adapted, query, q_labels, self.config.logit_scale)
         if self.config.head_init == "prototype":
@@ -324,7 +327,7 @@ class GradientLearner(MetaLearner):
         else:
             support = torch.empty(0, self.encoder.dim, device=s_ids.device, dtype=self._dtype)
         params = {**self.meta_params(), **self.init_head(support, s_labels, n_way)}
-        batch = (s_ids, s_mask, s_labels, vectorized)
+        batch = TokenBatch(s_ids, s_mask, s_labels, vectorized)
         adapted = self._inner(params, self._support_loss, batch, steps, self.first_order)
         query = self._features(q_ids, q_mask, adapted, vectorized)
         return head_loss(adapted, query, q_labels, self.config.logit_scale)
@@ -405,18 +408,18 @@ class GradientLearner(MetaLearner):
         device = self.encoder.device
         labels, n_way = as_labels(support_labels, device)
         steps = cfg.inner_steps if cfg.eval_inner_steps is None else cfg.eval_inner_steps
-        lrs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in self._inner_lrs().items()}
         # cached during evaluation
         features = self.encoder.embed(support_texts).to(device=device, dtype=self._dtype)
         head = self.init_head(features, labels, n_way, cfg.eval_head_init)
         with torch.enable_grad():
             if self.head_only or getattr(cfg, "eval_adapt", None) == "head":
-                adapted = self._inner(head, self._head_loss, (features, labels), steps, True, lrs)
+                batch = FeatureBatch(features, labels)
+                adapted = self._inner(head, self._head_loss, batch, steps, True)
             else:
                 params = {k: v.detach() for k, v in self.meta_params().items()} | head
                 ((ids, mask),) = self._tokens([support_texts])
-                batch = (ids, mask, labels, False)
-                adapted = self._inner(params, self._support_loss, batch, steps, True, lrs)
+                support = TokenBatch(ids, mask, labels)
+                adapted = self._inner(params, self._support_loss, support, steps, True)
         return {k: v.detach() for k, v in adapted.items()}
 
     @torch.no_grad()

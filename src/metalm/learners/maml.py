@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,6 @@ from torch import nn
 from metalm.errors import MetalmError
 from metalm.learners.base import HEAD_KEYS, register_learner
 from metalm.learners.gradient import EncoderAdaptConfig, GradientConfig, GradientLearner
-from metalm.learners.optim import UPDATE_RULES, InnerOptimizer, learned_rates
 from metalm.models.encoder import TextEncoder
 
 LR_SHAPES = ("tensor", "element")
@@ -24,12 +22,23 @@ class MAMLConfig(EncoderAdaptConfig):
 
     name: str = "maml"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.first_order:
+            raise MetalmError("learner.first_order=true is first-order MAML: learner.name=fomaml")
+
 
 @dataclass
 class FOMAMLConfig(EncoderAdaptConfig):
     """First-order MAML: the inner gradients are treated as constants."""
 
     name: str = "fomaml"
+    first_order: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.first_order:
+            raise MetalmError("learner.first_order=false is second-order MAML: learner.name=maml")
 
 
 @dataclass
@@ -38,7 +47,6 @@ class ANILConfig(GradientConfig):
     computed once per episode; the outer loop meta-trains the encoder."""
 
     name: str = "anil"
-    first_order: bool = False
 
 
 @dataclass
@@ -51,7 +59,6 @@ class MetaSGDConfig(EncoderAdaptConfig):
     """
 
     name: str = "metasgd"
-    first_order: bool = False
     lr_shape: str = "tensor"
     lr_meta_lr: float = 1e-3
 
@@ -75,8 +82,6 @@ class MAML(GradientLearner):
         torch.Size([3, 3])
     """
 
-    first_order = False
-
 
 @register_learner("fomaml", FOMAMLConfig)
 class FOMAML(GradientLearner):
@@ -87,8 +92,6 @@ class FOMAML(GradientLearner):
         >>> learner.predict(learner.adapt(texts, labels), queries).shape
         torch.Size([3, 3])
     """
-
-    first_order = True
 
 
 @register_learner("anil", ANILConfig)
@@ -103,10 +106,6 @@ class ANIL(GradientLearner):
     """
 
     config: ANILConfig
-
-    def __init__(self, encoder: TextEncoder, config: ANILConfig):
-        super().__init__(encoder, config)
-        self.first_order = config.first_order
 
 
 @register_learner("metasgd", MetaSGDConfig)
@@ -123,7 +122,6 @@ class MetaSGD(GradientLearner):
 
     def __init__(self, encoder: TextEncoder, config: MetaSGDConfig):
         super().__init__(encoder, config)
-        self.first_order = config.first_order
         shapes = {k: tuple(v.shape) for k, v in self.meta_params().items()}
         shapes.update({"head.weight": (1, encoder.dim), "head.bias": ()})
         rates = {}
@@ -137,9 +135,6 @@ class MetaSGD(GradientLearner):
 
     def _inner_lrs(self) -> dict[str, Any]:
         return {name: self.inner_lrs[_key(name)] for name in [*self.meta_params(), *HEAD_KEYS]}
-
-    def _update_rule(self, lrs: Mapping[str, Any]) -> InnerOptimizer:
-        return learned_rates(lrs, UPDATE_RULES[self.config.inner_optimizer])
 
     def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         rates = {id(p) for p in self.inner_lrs.parameters()}

@@ -34,7 +34,7 @@ from metalm.learners.base import (
     prototype_head,
     register_learner,
 )
-from metalm.learners.functional import inner_loop
+from metalm.learners.inner_loops import inner_loop
 from metalm.learners.model_based import (
     FeatureConfig,
     FeatureLearner,
@@ -145,7 +145,7 @@ class MetaNet(FeatureLearner):
             weight, bias = weight + prototype["head.weight"], bias + prototype["head.bias"]
         return {"head.weight": weight, "head.bias": bias}
 
-    def _head_loss(self, _model: object, head: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def _head_loss(self, head: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
         features, labels = batch
         return head_loss(head, features, labels, self.config.logit_scale)
 
@@ -159,7 +159,6 @@ class MetaNet(FeatureLearner):
         cfg = self.config
         if cfg.finetune_steps:  # torch.func.grad works under an outer no_grad too
             head = inner_loop(
-                None,
                 head,
                 self._head_loss,
                 (support, labels),

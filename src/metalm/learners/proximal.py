@@ -19,6 +19,8 @@ gradient of the query loss.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +30,14 @@ from torch import Tensor
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
 from metalm.learners.base import head_loss, register_learner
-from metalm.learners.functional import conjugate_gradient, math_attention
-from metalm.learners.gradient import EncoderAdaptConfig, GradientLearner
-from metalm.learners.optim import Params
-from metalm.models.encoder import TextEncoder
+from metalm.learners.gradient import (
+    EncoderAdaptConfig,
+    FeatureBatch,
+    GradientLearner,
+    TokenBatch,
+)
+from metalm.learners.optim import GradientTransformation, Params, inner_optimizer
+from metalm.learners.vmap_safety import math_attention
 
 
 @dataclass
@@ -41,7 +47,6 @@ class ProximalConfig(EncoderAdaptConfig):
 
     name: str = "proximal"
     prox_lambda: float = 0.1
-    first_order: bool = False
     implicit: bool = False
     cg_steps: int = 5
 
@@ -68,10 +73,13 @@ class Proximal(GradientLearner):
 
     config: ProximalConfig
 
-    def __init__(self, encoder: TextEncoder, config: ProximalConfig):
-        super().__init__(encoder, config)
-        self.first_order = config.first_order
-        self.proximal = config.prox_lambda
+    @functools.cached_property
+    def inner_optimizer(self) -> GradientTransformation:
+        """The update rule after the pull toward the task's starting tensors."""
+        cfg = self.config
+        return inner_optimizer(
+            cfg.inner_optimizer, self._inner_lrs(), cfg.prox_lambda, cfg.first_order
+        )
 
     def meta_loss(self, episode: Episode) -> Tensor:
         if not self.config.implicit:
@@ -95,7 +103,7 @@ class Proximal(GradientLearner):
             )
             support, query = features[: s_ids.shape[0]], features[s_ids.shape[0] :]
             anchor = self.init_head(support, s_labels, n_way)
-            support_fn, batch = self._head_loss, (support.detach(), s_labels)
+            support_fn, batch = self._head_loss, FeatureBatch(support.detach(), s_labels)
 
             def query_loss(p: Params) -> Tensor:
                 return head_loss(p, query, q_labels, self.config.logit_scale)
@@ -103,7 +111,7 @@ class Proximal(GradientLearner):
         else:
             support = self._features(s_ids, s_mask, None, False)
             anchor = {**self.meta_params(), **self.init_head(support, s_labels, n_way)}
-            support_fn, batch = self._support_loss, (s_ids, s_mask, s_labels, False)
+            support_fn, batch = self._support_loss, TokenBatch(s_ids, s_mask, s_labels)
 
             def query_loss(p: Params) -> Tensor:
                 features = self._features(q_ids, q_mask, p, False)
@@ -116,7 +124,7 @@ class Proximal(GradientLearner):
         leaves = [phi[k] for k in names]
         loss = query_loss(phi)
         g_query = _grads(loss, leaves, retain_graph=True)
-        g_support = _grads(support_fn(None, phi, batch), leaves, create_graph=True)
+        g_support = _grads(support_fn(phi, batch), leaves, create_graph=True)
         scale = 1.0 / (2.0 * self.config.prox_lambda)
         used = [i for i, g in enumerate(g_support) if g.requires_grad]
 
@@ -143,3 +151,37 @@ class Proximal(GradientLearner):
 def _grads(loss: Tensor, leaves: list[Tensor], **kwargs: bool) -> list[Tensor]:
     found = torch.autograd.grad(loss, leaves, allow_unused=True, **kwargs)
     return [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, found, strict=True)]
+
+
+def conjugate_gradient(
+    matvec: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], steps: int
+) -> list[Tensor]:
+    """Approximately solve `A x = b` (A symmetric, given as `matvec` over lists of
+    tensors) by `steps` conjugate-gradient iterations from x = 0.
+
+    Truncated where A shows non-positive curvature (A is then not positive definite, e.g.
+    a proximal term too weak for the loss's curvature): returns the iterate so far, or
+    `b` itself (the first-order answer) if that happens on the first iteration.
+    """
+
+    def dot(u: list[Tensor], v: list[Tensor]) -> Tensor:
+        return sum((a * c).sum() for a, c in zip(u, v, strict=True))  # type: ignore[return-value]
+
+    x = [torch.zeros_like(t) for t in b]
+    r = [t.clone() for t in b]
+    p = [t.clone() for t in r]
+    rs = dot(r, r)
+    for _ in range(steps):
+        if rs <= 1e-20:
+            break
+        ap = matvec(p)
+        curvature = dot(p, ap)
+        if not curvature > 0:
+            return x if any(bool(t.any()) for t in x) else [t.clone() for t in b]
+        alpha = rs / curvature
+        x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
+        r = [ri - alpha * ai for ri, ai in zip(r, ap, strict=True)]
+        rs_new = dot(r, r)
+        p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p, strict=True)]
+        rs = rs_new
+    return x

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from metalm.errors import MetalmError
 from metalm.learners.base import register_learner
-from metalm.learners.gradient import EncoderAdaptConfig, GradientLearner
+from metalm.learners.gradient import EncoderAdaptConfig, GradientLearner, TokenBatch
 
 
 @dataclass
@@ -30,9 +30,12 @@ class ReptileConfig(EncoderAdaptConfig):
 
     name: str = "reptile"
     adapt: str = "all"
+    first_order: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.first_order:
+            raise MetalmError("learner.first_order: Reptile is first order by definition")
         if self.adapt == "head":
             raise MetalmError(
                 f"learner {self.name!r} must adapt encoder tensors; set learner.adapt"
@@ -51,7 +54,6 @@ class Reptile(GradientLearner):
     """
 
     encodes_support_with_query = True
-    first_order = True
 
     def _task_loss(
         self,
@@ -71,7 +73,7 @@ class Reptile(GradientLearner):
         with torch.no_grad():
             features = self._features(ids, mask, None, vectorized)
         start = {k: v.detach() for k, v in meta.items()} | self.init_head(features, labels, n_way)
-        batch = (ids, mask, labels, vectorized)
+        batch = TokenBatch(ids, mask, labels, vectorized)
         adapted = self._inner(start, self._support_loss, batch, self.config.inner_steps, True)
         return reptile_surrogate(meta, adapted)
 
