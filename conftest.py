@@ -145,7 +145,8 @@ def doctest_namespace(request: pytest.FixtureRequest, tmp_path: Path, monkeypatc
     from metalm.config import load_config, parse_learner_config
     from metalm.data import Episode, EpisodeSampler, builtin_dataset
     from metalm.learners import build_learner
-    from metalm.models.causal import CausalLM, build_model
+    from metalm.models.base import build_model
+    from metalm.models.causal import CausalLM
     from metalm.models.encoder import EncoderConfig, TextEncoder
 
     def bert() -> str:

@@ -39,7 +39,7 @@ from metalm.data import builtin_dataset
 from metalm.data.episodes import EpisodeSampler
 from metalm.evaluate import mean_ci95
 from metalm.learners import ICLConfig, build_learner
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 from metalm.models.encoder import EncoderConfig
 from metalm.models.prompting import PromptScorer
 from metalm.run import run

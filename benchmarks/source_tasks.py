@@ -42,7 +42,7 @@ from metalm.config import RunConfig, load_config
 from metalm.evaluate import mean_ci95
 from metalm.label_names import name_texts
 from metalm.learners import MetaLearner, build_learner
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 from metalm.protocols import evaluate_learner
 from metalm.run import build_trainer, samplers
 from metalm.tasks import build_pools

@@ -49,7 +49,7 @@ def _learner_outputs(name: str, model_dir: Path, device: str, state: dict | None
     norm of the gradient, or its logits on a task; and its weights."""
     from metalm.config import parse_learner_config
     from metalm.learners import LEARNERS, build_learner
-    from metalm.models.causal import build_model
+    from metalm.models.base import build_model
 
     kind = LEARNERS[name].model_kind
     torch.manual_seed(0)

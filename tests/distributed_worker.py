@@ -20,7 +20,7 @@ from conftest import tiny_overrides
 from metalm import distributed
 from metalm.config import load_config
 from metalm.learners import build_learner
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 from metalm.models.tiny import save_tiny_llama
 from metalm.tasks import build_pools
 from metalm.trainer import MetaTrainer

@@ -24,7 +24,7 @@ from metalm import FewShotClassifier
 from metalm.checkpoint import save_checkpoint
 from metalm.config import TrainConfig, parse_learner_config
 from metalm.learners import LEARNERS, build_learner
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 from metalm.models.encoder import EncoderConfig
 from metalm.rundir import find_checkpoint
 from metalm.scoring import ScoreResult

@@ -48,7 +48,7 @@ from metalm.learners import (
     learner_class,
     method_label,
 )
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 from metalm.parsing import from_dict
 from metalm.protocols import baseline_model, evaluate_learner
 from metalm.report import EvalReport, paired_difference

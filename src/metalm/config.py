@@ -24,7 +24,7 @@ from metalm.data.unlabeled import UnlabeledConfig
 from metalm.errors import MetalmError
 from metalm.hypergrad import check_hypergradient
 from metalm.learners import FinetuneConfig, FrozenConfig, LearnerConfig, ProtoNetConfig
-from metalm.models.encoder import EncoderConfig
+from metalm.models.base import EncoderConfig
 from metalm.parsing import (
     apply_overrides,
     from_dict,

@@ -45,13 +45,9 @@ from metalm.layout import (
 )
 from metalm.learners.base import MetaLearner, build_learner, model_kind_of
 from metalm.model_card import model_card
-from metalm.models.causal import SHIPPED_GGUF, CausalLM, build_model
-from metalm.models.encoder import (
-    BACKENDS,
-    EncoderConfig,
-    TextEncoder,
-    quiet_transformers,
-)
+from metalm.models.base import BACKENDS, EncoderConfig, build_model, quiet_transformers
+from metalm.models.causal import SHIPPED_GGUF, CausalLM
+from metalm.models.encoder import TextEncoder
 
 FORMAT_VERSION = 1
 MODEL_CARD = "README.md"
@@ -335,13 +331,6 @@ def _with_head(metadata: dict[str, Any]) -> dict[str, Any]:
     if "label_names" not in saved and issubclass(config_class, LabelNamesConfig):
         saved["label_names"] = "off"
     return saved
-
-
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
-    """A pretrained directory from a finished run: `metalm.runs.export_run`."""
-    from metalm.runs import export_run as export
-
-    return export(run_dir, out)
 
 
 EXPORT_SECTIONS = ("model", "learner")

@@ -17,8 +17,7 @@ from metalm.learners import (
     learner_class,
     method_label,
 )
-from metalm.models.causal import build_model
-from metalm.models.encoder import EncoderConfig
+from metalm.models.base import EncoderConfig, build_model
 from metalm.tasks import TaskPools
 
 

@@ -19,7 +19,7 @@ from metalm.config import RunConfig, save_config
 from metalm.data.mixture import TaskSampler
 from metalm.errors import MetalmError
 from metalm.learners import MetaLearner, build_learner
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 from metalm.protocols import evaluate_learner, evaluate_with_baselines, fixed_test_samplers
 from metalm.report import EvalReport
 from metalm.rundir import CONFIG_FILE, new_run_dir

@@ -13,7 +13,7 @@ from metalm.checkpoint import load_weights
 from metalm.config import RunConfig, apply_overrides, from_dict, load_config, save_config, to_dict
 from metalm.errors import MetalmError, first_line
 from metalm.learners import MetaLearner, build_learner
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 from metalm.pretrained import save_pretrained
 from metalm.protocols import evaluate_with_baselines, fixed_test_samplers
 from metalm.report import EvalReport

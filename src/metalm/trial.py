@@ -14,7 +14,7 @@ from metalm.config import RunConfig
 from metalm.errors import MetalmError
 from metalm.evaluate import validation_accuracy
 from metalm.learners import MetaLearner, build_learner
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 from metalm.run import build_trainer, samplers, write_config
 from metalm.tasks import build_pools
 from metalm.trainer import TrainResult, ValidationCallback

