@@ -62,7 +62,7 @@ def outputs(config: dict, model_dir: Path) -> dict[str, torch.Tensor]:
     from metalm.data import EpisodeSampler, builtin_dataset
     from metalm.errors import MetalmError
     from metalm.learners import LEARNERS, build_learner
-    from metalm.models.causal import build_model
+    from metalm.models.base import build_model
     from metalm.models.encoder import EncoderConfig
 
     kind = LEARNERS[config["name"]].model_kind
