@@ -11,9 +11,13 @@ Example:
     re-running the best config and testing it on the meta-test episodes
 """
 
+from typing import TYPE_CHECKING, Any
+
 from metalm.tune.options import TuneOptions
 from metalm.tune.space import Param, SearchSpace, load_tune_config, parse_space
-from metalm.tune.tuner import TuneResult, tune
+
+if TYPE_CHECKING:
+    from metalm.tune.tuner import TuneResult, tune
 
 __all__ = [
     "Param",
@@ -24,3 +28,12 @@ __all__ = [
     "parse_space",
     "tune",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`tune` and `TuneResult` on first use: they import Optuna, the options do not."""
+    if name in ("TuneResult", "tune"):
+        from metalm.tune import tuner
+
+        return getattr(tuner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,7 @@
 """`TuneOptions`: how a study runs (its name and storage, sampler, pruner, objectives,
-warm start, the final re-run), each value checked when the options are made.
+warm start, the final re-run), each value checked when the options are made. Plain
+Python: the sampler and pruner names are checked here, and `metalm.tune.study` builds
+the Optuna objects (importing this module does not import Optuna).
 
 Example:
     >>> options = TuneOptions(sampler="random", pruner="none", seed=0)
@@ -13,9 +15,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metalm.errors import MetalmError
-from metalm.tune.study import check_pruner, check_sampler
 
+SAMPLERS = ("random", "tpe", "gp", "cmaes", "nsga2")
+PRUNERS = ("none", "median", "asha", "hyperband")
 OBJECTIVES = {"accuracy": "maximize", "latency": "minimize", "params": "minimize"}
+
+
+def check_sampler(name: str, startup_trials: int | None = None) -> None:
+    """A known sampler name and a non-negative startup count, or a MetalmError."""
+    if name not in SAMPLERS:
+        raise MetalmError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    if startup_trials is not None and startup_trials < 0:
+        raise MetalmError(f"--startup-trials must be >= 0, got {startup_trials}")
+
+
+def check_pruner(name: str) -> None:
+    """A known pruner name, or a MetalmError."""
+    if name not in PRUNERS:
+        raise MetalmError(f"unknown pruner {name!r}; choose one of {list(PRUNERS)}")
 
 
 def parse_objectives(text: str | Sequence[str]) -> list[str]:

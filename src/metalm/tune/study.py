@@ -1,5 +1,6 @@
-"""Studies: storage (an embedded journal file, or an RDB URL), samplers and pruners by
-name, warm start from earlier studies, and recovery from workers killed mid-trial.
+"""Studies: storage (an embedded journal file, or an RDB URL), the Optuna samplers and
+pruners that `metalm.tune.options` names, warm start from earlier studies, and recovery
+from workers killed mid-trial.
 
 Example:
     >>> from metalm.tune import TuneOptions
@@ -17,20 +18,16 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from metalm.errors import MetalmError, first_line
+from metalm.tune.options import TuneOptions, check_pruner, check_sampler
 from metalm.tune.optuna_private import set_trial_state
 
-if TYPE_CHECKING:
-    from metalm.tune.options import TuneOptions
-
 JOURNAL_FILE = "study.journal"
-SAMPLERS = ("random", "tpe", "gp", "cmaes", "nsga2")
-PRUNERS = ("none", "median", "asha", "hyperband")
 RDB_PREFIXES = ("postgresql", "postgres", "mysql", "sqlite", "oracle", "mssql")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -94,20 +91,6 @@ def make_storage(url: str | None, study_dir: str | Path, heartbeat: int = 60):
         f"--storage {url!r}: give an RDB URL (postgresql://user:pw@host:5432/db, sqlite:///f.db) "
         "or a journal file (path ending in .journal)"
     )
-
-
-def check_sampler(name: str, startup_trials: int | None = None) -> None:
-    """A known sampler name and a non-negative startup count, or a MetalmError."""
-    if name not in SAMPLERS:
-        raise MetalmError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
-    if startup_trials is not None and startup_trials < 0:
-        raise MetalmError(f"--startup-trials must be >= 0, got {startup_trials}")
-
-
-def check_pruner(name: str) -> None:
-    """A known pruner name, or a MetalmError."""
-    if name not in PRUNERS:
-        raise MetalmError(f"unknown pruner {name!r}; choose one of {list(PRUNERS)}")
 
 
 def make_sampler(
