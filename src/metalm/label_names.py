@@ -19,10 +19,13 @@ Example:
 from __future__ import annotations
 
 import re
+import typing
 import warnings
 from collections.abc import Sequence
+from typing import Literal
 
-LABEL_NAME_MODES = ("off", "example", "prior")
+LabelNameMode = Literal["off", "example", "prior"]
+LABEL_NAME_MODES: tuple[str, ...] = typing.get_args(LabelNameMode)
 # words that name a class without saying anything about it
 GENERIC_WORDS = frozenset(
     (

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from metalm.choices import choice_error, literal_values
 from metalm.data.sources import DataSource, EvalSource
 from metalm.data.unlabeled import UnlabeledConfig
 from metalm.errors import MetalmError, first_line
@@ -39,6 +40,11 @@ def _same_kind(tp: Any, value: Any) -> bool:
 
 
 def _parse(tp: Any, value: Any, where: str) -> Any:
+    allowed = literal_values(tp)  # a choice field: one of its values, or what they are
+    if allowed is not None:
+        if value in allowed:
+            return value
+        raise choice_error(where, allowed, value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)

@@ -69,14 +69,18 @@ def test_support_labels_must_cover_every_class(tiny_encoder):
 
 
 BAD_VALUES = [
-    ({"name": "maml", "head_init": "random"}, "head_init must be 'zero' or 'prototype'"),
-    ({"name": "maml", "inner_optimizer": "lbfgs"}, "inner_optimizer must be 'sgd' or 'adam'"),
+    ({"name": "maml", "head_init": "random"}, "head_init must be one of prototype, zero; got"),
+    ({"name": "maml", "inner_optimizer": "lbfgs"}, "inner_optimizer must be one of sgd, adam"),
+    ({"name": "maml", "eval_head_init": "x"}, "eval_head_init must be one of .*logreg, null"),
+    ({"name": "maml", "first_order": True}, "learner.name=fomaml"),
+    ({"name": "fomaml", "first_order": False}, "learner.name=maml"),
+    ({"name": "reptile", "first_order": False}, "Reptile is first order"),
     ({"name": "maml", "adapt": "some"}, r"learner\.adapt must be one of"),
     ({"name": "maml", "logit_scale": 0.0}, "logit_scale must be > 0"),
     ({"name": "fomaml", "adapt": "lora", "lora_r": 0}, "lora_r must be >= 1"),
     ({"name": "anil", "inner_steps": -1}, "inner_steps"),
     ({"name": "anil", "eval_inner_steps": -2}, "eval_inner_steps must be >= 0"),
-    ({"name": "metasgd", "lr_shape": "row"}, "lr_shape must be 'tensor' or 'element'"),
+    ({"name": "metasgd", "lr_shape": "row"}, "lr_shape must be one of tensor, element"),
     ({"name": "reptile", "adapt": "head"}, "must adapt encoder tensors"),
     ({"name": "proximal", "implicit": True, "prox_lambda": 0.0}, "prox_lambda"),
     ({"name": "proximal", "prox_lambda": -1.0}, "prox_lambda must be >= 0"),
@@ -86,14 +90,14 @@ BAD_VALUES = [
     ({"name": "metanet", "meta_lr": 0.0}, "meta_lr must be > 0"),
     ({"name": "lstm_meta", "init_forget_gate": 1.0}, r"init_forget_gate must be in \(0, 1\)"),
     ({"name": "lstm_meta", "adapter_dim": -1}, "adapter_dim must be >= 0"),
-    ({"name": "lstm_meta", "head_init": "ones"}, "head_init must be 'prototype' or 'zero'"),
-    ({"name": "protonet", "distance": "manhattan"}, "distance must be 'euclidean' or 'cosine'"),
+    ({"name": "lstm_meta", "head_init": "ones"}, "head_init must be one of prototype, zero"),
+    ({"name": "protonet", "distance": "manhattan"}, "distance must be one of euclidean, cosine"),
     ({"name": "protonet", "init_scale": 0.0}, "init_scale must be > 0"),
     ({"name": "protonet", "train_head": "svm"}, "train_head must be one of"),
     ({"name": "protonet", "ridge_lambda": 0.0}, "ridge_lambda must be > 0"),
     ({"name": "frozen", "head": "knn"}, "head must be one of centroid, logreg, lpft"),
     ({"name": "frozen", "logreg_l2": -1.0}, "logreg_l2 must be >= 0"),
-    ({"name": "finetune", "head_init": "ones"}, "head_init must be 'zero' or 'prototype'"),
+    ({"name": "finetune", "head_init": "ones"}, "head_init must be one of zero, prototype"),
     ({"name": "finetune", "steps": -1}, "head_steps and learner.steps must be >= 0"),
 ]
 
@@ -127,3 +131,38 @@ def test_a_bad_learner_value_fails_when_the_config_is_built(spec, message):
 def test_every_learner_config_default_is_valid():
     for name, cls in LEARNERS.items():
         assert cls.config_class().name == name
+
+
+def test_choice_fields_are_checked_in_python_too_and_registration_checks_the_name():
+    from dataclasses import dataclass
+
+    from metalm.learners import LearnerConfig, MetaLearner, register_learner
+
+    with pytest.raises(MetalmError, match=r"learner\.head must be one of .*; got 'knn'"):
+        FrozenConfig(head="knn")  # not through the parser
+
+    @dataclass
+    class OddConfig(LearnerConfig):
+        name: str = "odd"
+
+    with pytest.raises(ValueError, match=r"OddConfig\.name is 'odd', not 'even'"):
+        register_learner("even", OddConfig)(type("Even", (MetaLearner,), {}))
+    assert "even" not in LEARNERS
+
+
+def test_a_choice_stays_a_choice_where_a_subclass_changes_its_default():
+    """A config that overrides a choice field's default keeps its `Literal` type (a plain
+    `str` there would silently accept any value)."""
+    import typing
+
+    from metalm.choices import literal_values
+
+    for name, cls in LEARNERS.items():
+        hints = typing.get_type_hints(cls.config_class)
+        for base in cls.config_class.__mro__[1:]:
+            if base is object or not hasattr(base, "__dataclass_fields__"):
+                continue
+            inherited = typing.get_type_hints(base)
+            for field, tp in inherited.items():
+                if literal_values(tp) is not None:
+                    assert literal_values(hints[field]) is not None, (name, field)

@@ -119,7 +119,8 @@ def test_stop_gradient_makes_the_pull_a_constant():
     p = anchor * 2 + 1  # depends on the anchor
     for first_order in (False, True):
         parts = [add_proximal(1.0, {"w": anchor}), *([stop_gradient()] if first_order else [])]
-        updates, _ = chain(*parts).update({"w": torch.zeros(2)}, (None,) * len(parts), {"w": p})
+        optimizer = chain(*parts)
+        updates, _ = optimizer.update({"w": torch.zeros(2)}, optimizer.init({"w": p}), {"w": p})
         assert updates["w"].requires_grad is not first_order
 
 

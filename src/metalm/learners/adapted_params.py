@@ -8,13 +8,15 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Any
+import typing
+from typing import Any, Literal
 
 from torch import nn
 
 from metalm.errors import MetalmError
 
-ADAPT_MODES = ("all", "head", "last_n", "bias", "lora")
+AdaptMode = Literal["all", "head", "last_n", "bias", "lora"]
+ADAPT_MODES: tuple[str, ...] = typing.get_args(AdaptMode)
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from metalm.choices import check_choices
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.label_names import LABEL_NAME_MODES, named_classes, usable_names
+from metalm.label_names import LabelNameMode, named_classes, usable_names
 from metalm.models.encoder import TextEncoder
 
 if TYPE_CHECKING:
@@ -24,9 +25,13 @@ TaskState = dict[str, Tensor]
 
 @dataclass
 class LearnerConfig:
-    """Base of every learner's typed config; `name` picks the learner."""
+    """Base of every learner's typed config; `name` picks the learner. Its choice
+    fields (`Literal[...]`) are checked here, for every learner."""
 
     name: str = "protonet"
+
+    def __post_init__(self) -> None:
+        check_choices(self, "learner")
 
 
 @dataclass
@@ -46,16 +51,12 @@ class LabelNamesConfig(LearnerConfig):
     option is off for that task, with a warning.
     """
 
-    label_names: str = "off"
+    label_names: LabelNameMode = "off"
     label_name_weight: float = 1.0
     weighs_label_names: ClassVar[bool] = False  # the learner honours the weight and `prior`
 
     def __post_init__(self) -> None:
-        if self.label_names not in LABEL_NAME_MODES:
-            raise MetalmError(
-                f"learner.label_names must be one of {', '.join(LABEL_NAME_MODES)}; "
-                f"got {self.label_names!r}"
-            )
+        super().__post_init__()
         if not self.label_name_weight > 0:
             raise MetalmError(
                 f"learner.label_name_weight must be > 0, got {self.label_name_weight}"
@@ -167,6 +168,8 @@ def register_learner(
     def wrap(cls: type[MetaLearner]) -> type[MetaLearner]:
         if name in LEARNERS:
             raise ValueError(f"learner {name!r} is registered twice")
+        if config_class.name != name:  # the default name picks this learner back
+            raise ValueError(f"{config_class.__name__}.name is {config_class.name!r}, not {name!r}")
         cls.name = name
         cls.config_class = config_class
         LEARNERS[name] = cls

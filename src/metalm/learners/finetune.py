@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -46,15 +47,11 @@ class FinetuneConfig(LabelNamesConfig):
     weight_decay: float = 0.01
     batch_size: int = 64
     train_encoder: bool = True
-    head_init: str = "zero"
+    head_init: Literal["zero", "prototype"] = "zero"
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_init not in ("zero", "prototype"):
-            raise MetalmError(
-                f"learner.head_init must be 'zero' or 'prototype', got {self.head_init!r}"
-            )
         if self.head_steps < 0 or self.steps < 0:
             raise MetalmError("learner.head_steps and learner.steps must be >= 0")
 

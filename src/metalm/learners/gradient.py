@@ -17,14 +17,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError, first_line
-from metalm.learners.adapted_params import ADAPT_MODES, select_params
+from metalm.learners.adapted_params import AdaptMode, select_params
 from metalm.learners.base import (
     ENCODER_PREFIX,
     HEAD_KEYS,
@@ -40,12 +40,9 @@ from metalm.learners.base import (
 )
 from metalm.learners.heads import DEFAULT_LOGREG_L2, fit_logreg
 from metalm.learners.inner_loops import LossFn, inner_loop
-from metalm.learners.optim import UPDATE_RULES, GradientTransformation, Params, inner_optimizer
+from metalm.learners.optim import GradientTransformation, Params, inner_optimizer
 from metalm.learners.vmap_safety import attention_mask_4d, math_attention, vmap_safe_layer_norm
 from metalm.models.encoder import FORWARD_TOKENS, TextEncoder, length_groups
-
-HEAD_INITS = ("prototype", "zero")
-EVAL_HEAD_INITS = (*HEAD_INITS, "logreg")
 
 
 class TokenBatch(NamedTuple):
@@ -86,10 +83,10 @@ class GradientConfig(LabelNamesConfig):
     inner_steps: int = 5
     eval_inner_steps: int | None = None
     head_lr: float = 0.05
-    head_init: str = "prototype"
-    eval_head_init: str | None = None
+    head_init: Literal["prototype", "zero"] = "prototype"
+    eval_head_init: Literal["prototype", "zero", "logreg"] | None = None
     logit_scale: float = 10.0
-    inner_optimizer: str = "sgd"
+    inner_optimizer: Literal["sgd", "adam"] = "sgd"
     first_order: bool = False
     vectorize: bool = False
 
@@ -99,19 +96,6 @@ class GradientConfig(LabelNamesConfig):
             self.eval_inner_steps is not None and self.eval_inner_steps < 0
         ):
             raise MetalmError("learner.inner_steps and learner.eval_inner_steps must be >= 0")
-        if self.head_init not in HEAD_INITS:
-            raise MetalmError(
-                f"learner.head_init must be 'zero' or 'prototype', got {self.head_init!r}"
-            )
-        if self.eval_head_init is not None and self.eval_head_init not in EVAL_HEAD_INITS:
-            raise MetalmError(
-                f"learner.eval_head_init must be one of {', '.join(EVAL_HEAD_INITS)} or null, "
-                f"got {self.eval_head_init!r}"
-            )
-        if self.inner_optimizer not in UPDATE_RULES:
-            raise MetalmError(
-                f"learner.inner_optimizer must be 'sgd' or 'adam', got {self.inner_optimizer!r}"
-            )
         if self.logit_scale <= 0:
             raise MetalmError(f"learner.logit_scale must be > 0, got {self.logit_scale}")
 
@@ -129,8 +113,8 @@ class EncoderAdaptConfig(GradientConfig):
     `head`: the head only, on embeddings computed once (as fast as ANIL's adapt).
     """
 
-    adapt: str = "last_n"
-    eval_adapt: str | None = None
+    adapt: AdaptMode = "last_n"
+    eval_adapt: Literal["head"] | None = None
     last_n: int = 2
     adapt_embeddings: bool = False
     inner_lr: float = 1e-3
@@ -140,12 +124,6 @@ class EncoderAdaptConfig(GradientConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.adapt not in ADAPT_MODES:
-            raise MetalmError(
-                f"learner.adapt must be one of {list(ADAPT_MODES)}, got {self.adapt!r}"
-            )
-        if self.eval_adapt not in (None, "head"):
-            raise MetalmError(f"learner.eval_adapt must be null or 'head', got {self.eval_adapt!r}")
         if self.adapt == "lora" and self.lora_r < 1:
             raise MetalmError(f"learner.lora_r must be >= 1, got {self.lora_r}")
 

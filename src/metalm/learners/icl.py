@@ -26,6 +26,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +44,6 @@ from metalm.models.prompting import (
     build_prefix,
 )
 
-SCORINGS = ("direct", "channel")
-LOSSES = ("lm", "choice")
 PROMPT_KEY = "prompt.json"  # the task state: the prompt and label words, as UTF-8 bytes
 CACHED_PROMPTS = 2  # prefix caches kept between predict calls (the task being served)
 TRAIN_CHUNK = 1 << 30  # a training episode runs in one pass: its prompt is encoded once
@@ -63,7 +62,7 @@ class ICLConfig(LearnerConfig):
     """
 
     name: str = "icl"
-    scoring: str = "direct"
+    scoring: Literal["direct", "channel"] = "direct"
     calibrate: bool = False
     demo_template: str = ""
     query_template: str = ""
@@ -71,10 +70,7 @@ class ICLConfig(LearnerConfig):
     max_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.scoring not in SCORINGS:
-            raise MetalmError(
-                f"learner.scoring must be one of {', '.join(SCORINGS)}; got {self.scoring!r}"
-            )
+        super().__post_init__()
         if self.calibrate and self.scoring != "direct":
             raise MetalmError("learner.calibrate works with scoring=direct only")
         if self.max_prompt_tokens < 0:
@@ -116,12 +112,10 @@ class MetaICLConfig(ICLConfig):
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_targets: str = "all-linear"
-    loss: str = "lm"
+    loss: Literal["lm", "choice"] = "lm"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss not in LOSSES:
-            raise MetalmError(f"learner.loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         if self.lora_r < 1:
             raise MetalmError(f"learner.lora_r must be >= 1, got {self.lora_r}")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +70,7 @@ class LSTMMetaConfig(FeatureConfig):
     hidden: int = 20
     init_input_gate: float = 0.05
     init_forget_gate: float = 0.99
-    head_init: str = "prototype"
+    head_init: Literal["prototype", "zero"] = "prototype"
     adapter_dim: int = 0
 
     def __post_init__(self) -> None:
@@ -88,10 +89,6 @@ class LSTMMetaConfig(FeatureConfig):
         ):
             if not 0 < gate < 1:
                 raise MetalmError(f"learner.{key} must be in (0, 1), got {gate}")
-        if self.head_init not in ("prototype", "zero"):
-            raise MetalmError(
-                f"learner.head_init must be 'prototype' or 'zero', got {self.head_init!r}"
-            )
 
 
 def preprocess(x: Tensor, p: float = PREPROCESS_P) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -12,8 +12,6 @@ from metalm.errors import MetalmError
 from metalm.learners.base import HEAD_KEYS, register_learner
 from metalm.learners.gradient import EncoderAdaptConfig, GradientConfig, GradientLearner
 from metalm.models.encoder import TextEncoder
-
-LR_SHAPES = ("tensor", "element")
 
 
 @dataclass
@@ -59,15 +57,11 @@ class MetaSGDConfig(EncoderAdaptConfig):
     """
 
     name: str = "metasgd"
-    lr_shape: str = "tensor"
+    lr_shape: Literal["tensor", "element"] = "tensor"
     lr_meta_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lr_shape not in LR_SHAPES:
-            raise MetalmError(
-                f"learner.lr_shape must be 'tensor' or 'element', got {self.lr_shape!r}"
-            )
 
 
 @register_learner("maml", MAMLConfig)

@@ -9,16 +9,17 @@ logistic regression fitted on the support set, see `metalm.learners.heads`) or `
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.label_names import named_classes, usable_names
+from metalm.label_names import LabelNameMode, named_classes, usable_names
 from metalm.learners.base import (
     ENCODER_PREFIX,
     HEAD_KEYS,
@@ -46,9 +47,9 @@ def prototype_logits(query: Tensor, prototypes: Tensor, distance: str, scale: Te
     return query @ prototypes.T * scale
 
 
-HEADS = ("centroid", "logreg", "lpft")
-TRAIN_HEADS = ("prototype", "ridge")
-DISTANCES = ("euclidean", "cosine")
+Head = Literal["centroid", "logreg", "lpft"]
+HEADS: tuple[str, ...] = typing.get_args(Head)
+Distance = Literal["euclidean", "cosine"]
 LPFT_BATCH_SIZE = 64
 LPFT_WEIGHT_DECAY = 0.01
 
@@ -81,8 +82,8 @@ class EmbeddingHeadConfig(LabelNamesConfig):
 
     weighs_label_names: ClassVar[bool] = True
     # names as examples: chosen on the `valid` splits (benchmarks/label_names.py)
-    label_names: str = "example"
-    head: str = "logreg"
+    label_names: LabelNameMode = "example"
+    head: Head = "logreg"
     logreg_l2: float = DEFAULT_LOGREG_L2
     lpft_steps: int = 10
     lpft_lr: float = 3e-5
@@ -96,8 +97,6 @@ class EmbeddingHeadConfig(LabelNamesConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head not in HEADS:
-            raise MetalmError(f"learner.head must be one of {', '.join(HEADS)}; got {self.head!r}")
         if self.logreg_l2 < 0:
             raise MetalmError(
                 "learner.logreg_l2 must be >= 0 (0: chosen on the support set), "
@@ -133,11 +132,7 @@ class FrozenConfig(EmbeddingHeadConfig):
     `head=centroid` for the nearest centroid): the floor, no training."""
 
     name: str = "frozen"
-    distance: str = "euclidean"
-
-    def __post_init__(self) -> None:
-        check_distance(self.distance)
-        super().__post_init__()
+    distance: Distance = "euclidean"
 
 
 @dataclass
@@ -153,29 +148,18 @@ class ProtoNetConfig(EmbeddingHeadConfig):
     """
 
     name: str = "protonet"
-    distance: str = "euclidean"
+    distance: Distance = "euclidean"
     init_scale: float = 10.0
     learn_scale: bool = True
-    train_head: str = "prototype"
+    train_head: Literal["prototype", "ridge"] = "prototype"
     ridge_lambda: float = 1.0
 
     def __post_init__(self) -> None:
-        check_distance(self.distance)
+        super().__post_init__()
         if self.init_scale <= 0:
             raise MetalmError(f"learner.init_scale must be > 0, got {self.init_scale}")
-        super().__post_init__()
-        if self.train_head not in TRAIN_HEADS:
-            raise MetalmError(
-                f"learner.train_head must be one of {', '.join(TRAIN_HEADS)}; "
-                f"got {self.train_head!r}"
-            )
         if not self.ridge_lambda > 0:
             raise MetalmError(f"learner.ridge_lambda must be > 0, got {self.ridge_lambda}")
-
-
-def check_distance(distance: str) -> None:
-    if distance not in DISTANCES:
-        raise MetalmError(f"learner.distance must be 'euclidean' or 'cosine', got {distance!r}")
 
 
 class _CentroidLearner(MetaLearner):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from metalm.errors import MetalmError
+from metalm.learners.adapted_params import AdaptMode
 from metalm.learners.base import register_learner
 from metalm.learners.gradient import EncoderAdaptConfig, GradientLearner, TokenBatch
 
@@ -29,7 +30,7 @@ class ReptileConfig(EncoderAdaptConfig):
     `adapt` must name encoder tensors (the head is task-specific, not meta-learned)."""
 
     name: str = "reptile"
-    adapt: str = "all"
+    adapt: AdaptMode = "all"
     first_order: bool = True
 
     def __post_init__(self) -> None:
