@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from run_tools import (
-    ToyNet,
     assert_same_runs,
     assert_same_tensors,
     kill_b_then_resume,
@@ -180,7 +179,7 @@ def test_early_stopping_keeps_the_best_weights(
     seen: dict[int, dict[str, torch.Tensor]] = {}
 
     def scripted_validation(learner, sampler, episodes):
-        seen[trainer.state["step"]] = weights_of(learner)
+        seen[trainer.state.step] = weights_of(learner)
         return next(scores)
 
     monkeypatch.setattr("metalm.trainer.validation_accuracy", scripted_validation)
@@ -296,6 +295,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(
     assert main(["-q", "train", "--resume", str(run_dir), "train.steps=3"]) == 2
     assert "--resume" in capsys.readouterr().err
 
-    trainer = MetaTrainer(ToyNet(), None, None, TrainConfig(), run_dir, progress=False)
+    trainer = _trainer(tiny_model_dir, tmp_path)
+    trainer.run_dir = run_dir  # a run directory without a checkpoint
     with pytest.raises(MetalmError, match="no checkpoint to resume from"):
         trainer.fit(resume=True)

@@ -16,7 +16,7 @@ import torch
 
 from metalm import distributed
 from metalm.config import RunConfig, save_config
-from metalm.data.mixture import TaskSampler
+from metalm.data.episodes import TaskSampler
 from metalm.errors import MetalmError
 from metalm.learners import MetaLearner, build_learner
 from metalm.models.base import build_model

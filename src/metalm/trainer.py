@@ -8,7 +8,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from metalm.checkpoint import (
     save_weights_atomic,
 )
 from metalm.config import TrainConfig
-from metalm.data.mixture import TaskSampler, load_sampler_state, on_step, sampler_state
+from metalm.data.episodes import TaskSampler
 from metalm.errors import MetalmError
 from metalm.evaluate import validation_accuracy
 from metalm.hypergrad import HypergradientLR
@@ -72,6 +72,35 @@ class TrainResult:
     best_val_accuracy: float | None
     val_history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the steps done, the best validation so far and when, the
+    validations since it improved, their history, and whether it stopped early. Saved in
+    every checkpoint (`state.json`) and sent from rank 0 to the others."""
+
+    step: int = 0
+    best_step: int | None = None
+    best_val_accuracy: float | None = None
+    evals_without_improvement: int = 0
+    val_history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """The state a checkpoint's `state.json` holds (keys it lacks: their defaults)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def result(self) -> TrainResult:
+        return TrainResult(
+            steps=self.step,
+            best_step=self.best_step,
+            best_val_accuracy=self.best_val_accuracy,
+            val_history=list(self.val_history),
+            stopped_early=self.stopped_early,
+        )
 
 
 class MetaTrainer:
@@ -125,12 +154,9 @@ class MetaTrainer:
         # called as callback(step, val_accuracy) after each validation; an exception
         # raised there (e.g. optuna.TrialPruned) stops training and propagates
         self.on_validation: list[ValidationCallback] = list(on_validation)
-        make_groups = getattr(learner, "optimizer_groups", None)  # e.g. Meta-SGD's rates
-        groups = (
-            [g for g in make_groups(config.lr, config.weight_decay) if g["params"]]
-            if make_groups is not None
-            else [{"params": [p for p in learner.parameters() if p.requires_grad]}]
-        )
+        groups = [  # e.g. Meta-SGD's rates have a group of their own
+            g for g in learner.optimizer_groups(config.lr, config.weight_decay) if g["params"]
+        ]
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.hypergradient = (
@@ -143,14 +169,7 @@ class MetaTrainer:
             if config.hypergradient_lr > 0
             else None
         )
-        self.state: dict[str, Any] = {
-            "step": 0,
-            "best_step": None,
-            "best_val_accuracy": None,
-            "evals_without_improvement": 0,
-            "val_history": [],
-            "stopped_early": False,
-        }
+        self.state = TrainState()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -161,9 +180,12 @@ class MetaTrainer:
         found = find_checkpoint(self.checkpoint_dir)
         if found is None:
             raise MetalmError(f"{self.run_dir}: no checkpoint to resume from")
-        self.state = load_checkpoint(found, self.learner, self.optimizer, self.scheduler)
-        load_sampler_state(self.train_sampler, load_extra(found))
-        step = int(self.state["step"])
+        state = load_checkpoint(found, self.learner, self.optimizer, self.scheduler)
+        self.state = TrainState.from_dict(state)
+        extra = load_extra(found)
+        if extra:
+            self.train_sampler.load_state_dict(extra)
+        step = int(self.state.step)
         distributed.on_main(lambda: self._truncate_log(step), f"truncating {LOG_FILE}")
         return step
 
@@ -185,7 +207,7 @@ class MetaTrainer:
         try:
             with log if log is not None else contextlib.nullcontext():
                 for step in range(start, cfg.steps):
-                    if self.state["stopped_early"]:
+                    if self.state.stopped_early:
                         break
                     began = time.perf_counter()
                     lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
@@ -198,7 +220,7 @@ class MetaTrainer:
                         "lr": lr,
                         "seconds": time.perf_counter() - began,
                     }
-                    self.state["step"] = step + 1
+                    self.state.step = step + 1
                     if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                         record["val_accuracy"] = self._validate_everywhere(step + 1)
                         bar.set_postfix(loss=f"{loss:.3f}", val=f"{record['val_accuracy']:.3f}")
@@ -215,24 +237,18 @@ class MetaTrainer:
             bar.close()
             if writer is not None:
                 writer.close()
-        if self.state["stopped_early"] and self.state["step"] < cfg.steps:
+        if self.state.stopped_early and self.state.step < cfg.steps:
             distributed.on_main(self._save, "saving the early-stopped run")
         distributed.barrier()  # rank 0's best weights are written
         best = self.run_dir / BEST_WEIGHTS
         if best.exists():
             load_weights(self.learner, best)
-        return TrainResult(
-            steps=self.state["step"],
-            best_step=self.state["best_step"],
-            best_val_accuracy=self.state["best_val_accuracy"],
-            val_history=list(self.state["val_history"]),
-            stopped_early=self.state["stopped_early"],
-        )
+        return self.state.result()
 
     def _step(self, step: int) -> float:
         cfg = self.config
         # hard negatives and cluster tasks are recomputed from the current encoder
-        on_step(self.train_sampler, step, self.learner.encoder.embed)
+        self.train_sampler.on_step(step, self.learner.encoder.embed)
         if self.world.distributed:
             self._check_samplers_agree(step)
         self.learner.train()
@@ -278,13 +294,11 @@ class MetaTrainer:
         vmap call for all of them when the learner batches, else one per episode."""
         episodes = [self.train_sampler.sample(i) for i in indices]
         size = self.config.meta_batch_size
-        batch_loss = getattr(self.learner, "meta_loss_batch", None)
-        if batch_loss is not None:
-            with self._episode_seed(indices[0]):
-                batched = batch_loss(episodes)  # the mean over these episodes, or None
-            if batched is not None:
-                yield batched * (len(episodes) / size)
-                return
+        with self._episode_seed(indices[0]):
+            batched = self.learner.meta_loss_batch(episodes)  # their mean loss, or None
+        if batched is not None:
+            yield batched * (len(episodes) / size)
+            return
         for index, episode in zip(indices, episodes, strict=True):
             with self._episode_seed(index):
                 loss = self.learner.meta_loss(episode)
@@ -307,7 +321,7 @@ class MetaTrainer:
         """Samplers refreshed from the encoder (hard negatives, clusters) must be equal on
         every rank: the ranks hold equal weights and the refresh is deterministic; a
         difference (nondeterministic kernels) would make them draw different tasks."""
-        state = sampler_state(self.train_sampler)
+        state = self.train_sampler.state_dict()
         if state and not distributed.same_on_all_ranks(state):
             raise MetalmError(
                 f"at step {step + 1} the task samplers' refreshed state (hard negatives, "
@@ -343,18 +357,18 @@ class MetaTrainer:
         if self.val_sampler is None:
             return float("nan")
         accuracy = validation_accuracy(self.learner, self.val_sampler, self.config.val_episodes)
-        self.state["val_history"].append({"step": step, "val_accuracy": accuracy})
-        best = self.state["best_val_accuracy"]
-        if best is None or accuracy > best:
-            self.state.update(best_val_accuracy=accuracy, best_step=step)
-            self.state["evals_without_improvement"] = 0
+        state = self.state
+        state.val_history.append({"step": step, "val_accuracy": accuracy})
+        if state.best_val_accuracy is None or accuracy > state.best_val_accuracy:
+            state.best_val_accuracy, state.best_step = accuracy, step
+            state.evals_without_improvement = 0
             if self.config.select_best:
                 save_weights_atomic(self.learner, self.run_dir / BEST_WEIGHTS)
         else:
-            self.state["evals_without_improvement"] += 1
+            state.evals_without_improvement += 1
             patience = self.config.patience
-            if patience and self.state["evals_without_improvement"] >= patience:
-                self.state["stopped_early"] = True
+            if patience and state.evals_without_improvement >= patience:
+                state.stopped_early = True
         for callback in self.on_validation:
             callback(step, accuracy)
         return accuracy
@@ -370,8 +384,8 @@ class MetaTrainer:
             self.learner,
             self.optimizer,
             self.scheduler,
-            self.state,
-            extra=sampler_state(self.train_sampler),
+            asdict(self.state),
+            extra=self.train_sampler.state_dict(),
         )
 
     def _truncate_log(self, step: int) -> None:

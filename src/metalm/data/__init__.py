@@ -8,7 +8,7 @@ from metalm.data.dataset import (
     load_csv,
     load_jsonl,
 )
-from metalm.data.episodes import Episode, EpisodeSampler, full_way_episode
+from metalm.data.episodes import Episode, EpisodeSampler, TaskSampler, full_way_episode
 from metalm.data.sources import DataSource, EvalSource, load_source
 from metalm.data.splits import ClassSplit, explicit_split, split_classes
 
@@ -20,6 +20,7 @@ __all__ = [
     "EpisodeSampler",
     "EvalSource",
     "LabeledTextDataset",
+    "TaskSampler",
     "builtin_dataset",
     "explicit_split",
     "from_hf",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -74,7 +75,36 @@ def _range(name: str, value: Any, low: int) -> tuple[int, int]:
     return bounds
 
 
-class EpisodeSampler:
+class TaskSampler(ABC):
+    """A source of episodes for meta-training and validation: `sample(index)` is episode
+    number `index`, the same every time it is asked. Samplers computed from the current
+    encoder (hard negatives, cluster tasks) refresh in `on_step`, which the trainer
+    calls before every step, and keep what they computed in checkpoints through
+    `state_dict` / `load_state_dict`; the others keep these defaults.
+
+    Example:
+        >>> from metalm.data import builtin_dataset
+        >>> sampler = EpisodeSampler(builtin_dataset("clinc150", "train"), 5, 1, 1, seed=0)
+        >>> isinstance(sampler, TaskSampler), sampler.sample(3) == sampler.sample(3)
+        (True, True)
+    """
+
+    @abstractmethod
+    def sample(self, index: int) -> Episode:
+        """Episode number `index`."""
+
+    def on_step(self, step: int, embed: Embed) -> None:  # noqa: B027  (nothing to refresh)
+        """Refresh what is computed from the encoder (`embed`: texts to embeddings)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What `on_step` computed, for checkpoints ({} when nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:  # noqa: B027
+        """Restore `state_dict`'s tensors (nothing by default)."""
+
+
+class EpisodeSampler(TaskSampler):
     """N-way K-shot episodes with Q queries per class, from a dataset's classes.
 
     Episode `i` depends only on `(seed, i)`: the same on any machine and in any order.

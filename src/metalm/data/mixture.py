@@ -16,44 +16,19 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from metalm.data.episodes import Embed, Episode
+from metalm.data.episodes import Embed, Episode, TaskSampler
 from metalm.errors import MetalmError
 
 
-class TaskSampler(Protocol):
-    """What the trainer needs of a source of episodes; `on_step`, `state_dict` and
-    `load_state_dict` are optional (see `refresh_samplers`)."""
-
-    def sample(self, index: int) -> Episode: ...
-
-
-def on_step(sampler: Any, step: int, embed: Embed) -> None:
-    """Let `sampler` refresh what it computes from the current encoder, if it does."""
-    hook = getattr(sampler, "on_step", None)
-    if hook is not None:
-        hook(step, embed)
-
-
-def sampler_state(sampler: Any) -> dict[str, torch.Tensor]:
-    getter = getattr(sampler, "state_dict", None)
-    return dict(getter()) if getter is not None else {}
-
-
-def load_sampler_state(sampler: Any, state: dict[str, torch.Tensor]) -> None:
-    loader = getattr(sampler, "load_state_dict", None)
-    if loader is not None and state:
-        loader(state)
-
-
-class MixtureSampler:
+class MixtureSampler(TaskSampler):
     """Episode `i` comes from `samplers[j]`, with `j` drawn by `weights` from `(seed, i)`."""
 
-    def __init__(self, samplers: Sequence[Any], weights: Sequence[float], seed: int = 0):
+    def __init__(self, samplers: Sequence[TaskSampler], weights: Sequence[float], seed: int = 0):
         if not samplers or len(samplers) != len(weights):
             raise MetalmError("a task mixture needs one weight per source, and a source")
         if any(not w > 0 for w in weights):
@@ -78,23 +53,26 @@ class MixtureSampler:
 
     def on_step(self, step: int, embed: Embed) -> None:
         for sampler in self.samplers:
-            on_step(sampler, step, embed)
+            sampler.on_step(step, embed)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
             f"{j}.{key}": value
             for j, sampler in enumerate(self.samplers)
-            for key, value in sampler_state(sampler).items()
+            for key, value in sampler.state_dict().items()
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for j, sampler in enumerate(self.samplers):
             prefix = f"{j}."
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            load_sampler_state(sampler, own)
+            if own:
+                sampler.load_state_dict(own)
 
 
-def mixture(samplers: Sequence[Any], weights: Sequence[float], seed: int = 0) -> Any:
+def mixture(
+    samplers: Sequence[TaskSampler], weights: Sequence[float], seed: int = 0
+) -> TaskSampler:
     """One sampler as itself (its episodes unchanged), several as a `MixtureSampler`."""
     if len(samplers) == 1:
         return samplers[0]

@@ -39,7 +39,7 @@ from metalm.data.dataset import (
     read_jsonl_rows,
     read_text_file,
 )
-from metalm.data.episodes import Embed, Episode, EpisodeSampler
+from metalm.data.episodes import Embed, Episode, EpisodeSampler, TaskSampler
 from metalm.errors import MetalmError
 
 TASK_KINDS = ("cluster", "neighbours", "instance")
@@ -159,7 +159,7 @@ def word_dropout(text: str, rng: np.random.Generator, p: float) -> str:
     return " ".join(w for w, k in zip(words, keep, strict=True) if k)
 
 
-class InstanceTaskSampler:
+class InstanceTaskSampler(TaskSampler):
     """Instance-discrimination episodes: `n_way` texts, each its own class, with one
     augmented view in the support and another in the query. Deterministic in
     `(seed, index)`."""
@@ -247,7 +247,7 @@ def nearest_neighbours(vectors: torch.Tensor, k: int, chunk: int = 2048) -> torc
     return torch.cat(out)
 
 
-class NeighbourTaskSampler:
+class NeighbourTaskSampler(TaskSampler):
     """Episodes of `n_way` anchor texts, each its own class, whose query is one of the
     anchor's `neighbours` nearest texts under the current encoder (recomputed by
     `on_step` every `refresh_every` steps); support and query get the `augment` views.
@@ -301,7 +301,7 @@ class NeighbourTaskSampler:
             self.table = state["neighbours"].long()
 
 
-class ClusterTaskSampler:
+class ClusterTaskSampler(TaskSampler):
     """Episodes over k-means pseudo-classes of unlabeled texts under the current encoder.
 
     `on_step(step, embed)` (called by the trainer) re-clusters every `refresh_every`
