@@ -23,7 +23,7 @@ from run_tools import (
 )
 from safetensors.torch import load_file
 
-from metalm.atomic import NEW_SUFFIX, OLD_SUFFIX
+from metalm.atomic import NEW_SUFFIX, OLD_SUFFIX, old_path
 from metalm.checkpoint import (
     load_checkpoint,
 )
@@ -205,7 +205,7 @@ def test_early_stopping_keeps_the_best_weights(
     assert _leftovers(run_dir) == []
 
     # resuming a stopped run (here from a half-swapped checkpoint) trains no further
-    os.replace(run_dir / "checkpoint", run_dir / "checkpoint.old")
+    os.replace(run_dir / "checkpoint", old_path(run_dir / "checkpoint"))
     again = _trainer(tiny_model_dir, tmp_path, **extra)
     resumed = again.fit(resume=True)
     assert (resumed.steps, resumed.best_step, resumed.stopped_early) == (6, 4, True)

@@ -22,7 +22,6 @@ from metalm.rundir import (
     OPTIMIZER_STATE,
     PROGRESS_STATE,
     SAMPLER_STATE,
-    clear_legacy,
 )
 
 
@@ -102,7 +101,6 @@ def save_checkpoint(
         (tmp / PROGRESS_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
     replace_dir(directory, write)
-    clear_legacy(directory)
 
 
 def load_checkpoint(

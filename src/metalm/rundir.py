@@ -46,11 +46,6 @@ OPTIMIZER_STATE = "optimizer.pt"
 PROGRESS_STATE = "state.json"
 SAMPLER_STATE = "samplers.safetensors"
 
-# the checkpoint swap of earlier metalm versions (`checkpoint.tmp` -> `checkpoint`, the
-# previous one parked in `checkpoint.old`)
-LEGACY_OLD = ".old"
-LEGACY_TMP = ".tmp"
-
 
 def new_run_dir(config: Any) -> Path:
     """`output_dir/run_name` of a `RunConfig` (default name: the learner and a timestamp)."""
@@ -66,31 +61,16 @@ def require_run_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
-def legacy_path(directory: Path, suffix: str) -> Path:
-    """`checkpoint.old` / `checkpoint.tmp` beside `directory` (earlier versions' swap)."""
-    return directory.with_name(directory.name + suffix)
-
-
 def find_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint: `directory` (restored first if a swap was cut
-    short, see `metalm.atomic.recover`), else an earlier version's `<dir>.old`."""
+    """The complete checkpoint in `directory` (restored first if a swap was cut short,
+    see `metalm.atomic.recover`), or None."""
     directory = recover(directory)
-    for candidate in (directory, legacy_path(directory, LEGACY_OLD)):
-        if (candidate / PROGRESS_STATE).exists():
-            return candidate
-    return None
+    return directory if (directory / PROGRESS_STATE).exists() else None
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether the run in `run_dir` can be resumed (it holds a complete checkpoint)."""
     return find_checkpoint(Path(run_dir) / CHECKPOINT_DIR) is not None
-
-
-def clear_legacy(directory: Path) -> None:
-    """Remove an earlier version's `<dir>.old` / `<dir>.tmp` left by an interrupted swap
-    (call once `directory` holds a complete checkpoint)."""
-    for suffix in (LEGACY_OLD, LEGACY_TMP):
-        shutil.rmtree(legacy_path(directory, suffix), ignore_errors=True)
 
 
 def trained_weights(run_dir: Path) -> Path | None:
@@ -109,7 +89,6 @@ def remove_weights(run_dir: Path) -> None:
     checkpoint = run_dir / CHECKPOINT_DIR
     for path in (checkpoint, new_path(checkpoint), old_path(checkpoint)):
         shutil.rmtree(path, ignore_errors=True)
-    clear_legacy(checkpoint)
     (run_dir / BEST_WEIGHTS).unlink(missing_ok=True)
 
 
