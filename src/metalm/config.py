@@ -37,6 +37,7 @@ from metalm.parsing import (
 
 __all__ = [
     "DEMO_CONFIG",
+    "TUNE_SECTIONS",
     "ClassesConfig",
     "DataConfig",
     "EncoderConfig",
@@ -59,6 +60,10 @@ __all__ = [
 SCHEDULES = ("linear", "cosine", "constant")
 DEMO_CONFIG = Path(__file__).parent / "recipes" / "demo.yaml"
 """The recipe `metalm demo` runs (the best one measured in BENCHMARKS.md)."""
+TUNE_SECTIONS = ("search", "tune")
+"""The sections of a tuning config beside the run config's (the search space, the study's
+settings: `metalm.tune.space`); other commands skip them, so a study's base config runs
+with `metalm train -c` as it is."""
 
 
 @dataclass
@@ -297,8 +302,10 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file at `path`, then `overrides`; fully validated."""
-    return config_from_data(read_yaml(path) if path is not None else {}, overrides)
+    """Defaults, then the YAML file at `path` (less the sections only `metalm tune` reads,
+    `TUNE_SECTIONS`), then `overrides`; fully validated."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_data({k: v for k, v in data.items() if k not in TUNE_SECTIONS}, overrides)
 
 
 def config_from_data(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:

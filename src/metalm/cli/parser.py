@@ -15,6 +15,7 @@ from metalm.cli.train_commands import (
     cmd_tune,
 )
 from metalm.cli.use_commands import cmd_adapt, cmd_export, cmd_predict, cmd_score, cmd_serve
+from metalm.tune.options import PRUNERS, SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,33 +115,73 @@ def _add_eval(sub) -> None:
 
 
 def _add_tune(sub) -> None:
-    tune = _with_config(sub.add_parser("tune", help="search meta-parameters (Optuna)"))
-    tune.add_argument("--trials", type=int, required=True, help="finished trials to reach")
-    tune.add_argument("--storage", help="RDB URL (postgresql://...) or a .journal file")
-    tune.add_argument("--study-dir", help="outputs and trial runs (default output_dir/NAME)")
-    tune.add_argument("--study-name", help="default: the config file's name")
-    tune.add_argument("--sampler", choices=["random", "tpe", "gp", "cmaes", "nsga2"], default="tpe")
-    tune.add_argument("--pruner", choices=["none", "median", "asha", "hyperband"], default="median")
-    tune.add_argument("--seed", type=int, help="sampler seed (default: random)")
-    tune.add_argument(
+    tune = _with_config(
+        sub.add_parser(
+            "tune",
+            help="search meta-parameters (Optuna)",
+            description="Search meta-parameters: the config's search: section is the space, "
+            "its tune: section the study's settings (trials, sampler, pruner, storage, ...; "
+            "metalm.tune.TuneSection), and tune.KEY=VALUE overrides them like any other key. "
+            "The flags below are aliases of tune: keys, kept for a release: a flag given "
+            "wins over the config.",
+        )
+    )
+    aliases = tune.add_argument_group("aliases of the tune: keys (a flag wins over the config)")
+    aliases.add_argument("--trials", type=int, help="tune.trials: finished trials to reach")
+    aliases.add_argument(
+        "--storage", help="tune.storage: RDB URL (postgresql://...) or a .journal file"
+    )
+    aliases.add_argument(
+        "--study-dir", help="tune.study_dir: outputs and trial runs (default output_dir/NAME)"
+    )
+    aliases.add_argument("--study-name", help="tune.study_name (default: the config file's name)")
+    aliases.add_argument("--sampler", choices=SAMPLERS, help="tune.sampler (default tpe)")
+    aliases.add_argument("--pruner", choices=PRUNERS, help="tune.pruner (default median)")
+    aliases.add_argument("--seed", type=int, help="tune.seed: sampler seed (default: random)")
+    aliases.add_argument(
         "--startup-trials",
         type=int,
-        help="random trials before tpe/gp/cmaes model the results (default 10)",
+        help="tune.startup_trials: random trials before tpe/gp/cmaes model the results "
+        "(default 10)",
     )
-    tune.add_argument(
+    aliases.add_argument(
         "--warm-start-from",
         nargs="+",
         metavar="STUDY",
-        help="earlier study directories (or journal files, URL#name) to seed from",
+        help="tune.warm_start_from: earlier study directories (or journal files, URL#name) "
+        "to seed from",
     )
-    tune.add_argument("--warm-start-top", type=int, default=1, help="best configs per study")
-    tune.add_argument(
-        "--arch", action="store_true", help="architecture search over the encoder's size"
+    aliases.add_argument(
+        "--warm-start-top", type=int, help="tune.warm_start_top: best configs per study (1)"
     )
-    tune.add_argument("--objectives", help="accuracy[,latency][,params] (--arch: accuracy,latency)")
-    tune.add_argument("--no-final", action="store_true", help="skip the best config's test run")
-    tune.add_argument("--bars", action="store_true", help="progress bars inside each trial")
-    tune.add_argument("--heartbeat", type=int, default=60, help="RDB heartbeat seconds")
+    aliases.add_argument(
+        "--arch",
+        action="store_true",
+        default=None,
+        help="tune.arch=true: architecture search over the encoder's size",
+    )
+    aliases.add_argument(
+        "--objectives",
+        help="tune.objectives: accuracy[,latency][,params] (default accuracy; "
+        "arch: accuracy,latency)",
+    )
+    aliases.add_argument(
+        "--no-final",
+        dest="final",
+        action="store_false",
+        default=None,
+        help="tune.final=false: skip the best config's test run",
+    )
+    aliases.add_argument(
+        "--bars",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="tune.progress=true: progress bars inside each trial",
+    )
+    aliases.add_argument(
+        "--heartbeat", type=int, help="tune.heartbeat: RDB heartbeat seconds (default 60)"
+    )
     _add_nproc(tune, "run each trial data-parallel in N processes on this machine")
     tune.set_defaults(func=cmd_tune)
 

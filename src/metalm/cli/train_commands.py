@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from metalm.errors import MetalmError
 
@@ -219,24 +220,42 @@ def _tune_processes(args: argparse.Namespace, base):
     return distributed.setup(base.model.device, timeout=base.train.dist_timeout)
 
 
+def _tune_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The `tune:` settings given as flags (each flag's dest is its key; a flag not given
+    is None): they win over the config's `tune:` section and `tune.key=value`."""
+    from dataclasses import fields
+
+    from metalm.tune.options import TuneSection
+
+    given = {f.name: getattr(args, f.name, None) for f in fields(TuneSection)}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from metalm import distributed
     from metalm.run import run
     from metalm.trial import meta_train
-    from metalm.tune import load_tune_config, tune
+    from metalm.tune import load_tune, tune
     from metalm.tune.arch import arch_space
 
-    base, space = load_tune_config(args.config, args.overrides)
-    if args.arch:
+    base, space, settings = load_tune(args.config, args.overrides, _tune_flags(args))
+    if settings.trials is None:
+        raise MetalmError(
+            "how many trials? set trials in the config's tune: section, tune.trials=N, "
+            "or --trials N"
+        )
+    if settings.arch:
         if space is not None:
-            raise MetalmError("--arch builds its own search space; drop the search: section")
+            raise MetalmError(
+                "tune.arch (--arch) builds its own search space; drop the search: section"
+            )
         space = arch_space(base)
     if space is None:
         raise MetalmError(
             "no search space: add a search: section to the config (see configs/tune_protonet.yaml)"
-            " or pass --arch"
+            " or set tune.arch=true (--arch)"
         )
     world = _tune_processes(args, base)
     if args.nproc is not None and args.nproc > 1:
@@ -250,39 +269,19 @@ def cmd_tune(args: argparse.Namespace) -> None:
             }
         )
         return
-    name = args.study_name or (Path(args.config).stem if args.config else "metalm")
-    study_dir = Path(args.study_dir) if args.study_dir else Path(base.output_dir) / name
-    objectives = args.objectives or ("accuracy,latency" if args.arch else "accuracy")
+    settings.progress = settings.progress and not args.quiet
+    study_dir = Path(settings.study_dir or Path(base.output_dir) / settings.study_name)
     try:
-        result = tune(base, space, args.trials, study_dir, _tune_options(args, name, objectives))
+        result = tune(base, space, settings.trials, study_dir, settings)
     except BaseException as err:
         distributed.announce_failure(err)  # the other ranks stop with its message
         raise
     distributed.announce("done")
     if result.pareto:
-        print(f"\nPareto front ({objectives}):")
+        print(f"\nPareto front ({','.join(settings.objectives)}):")
         for row in result.pareto:
             values = ", ".join(f"{v:.4g}" for v in row["values"])
             print(f"  trial {row['trial']}: {values}  {row['params']}")
     if result.test_report is not None:
         _print_report(result.test_report)
     print(f"\nstudy outputs in {study_dir}: {', '.join(result.outputs)}")
-
-
-def _tune_options(args: argparse.Namespace, name: str, objectives: str):
-    from metalm.tune import TuneOptions
-
-    return TuneOptions(
-        study_name=name,
-        storage=args.storage,
-        sampler=args.sampler,
-        pruner=args.pruner,
-        seed=args.seed,
-        startup_trials=args.startup_trials,
-        objectives=objectives,
-        warm_start_from=args.warm_start_from or (),
-        warm_start_top=args.warm_start_top,
-        final=not args.no_final,
-        progress=args.bars and not args.quiet,
-        heartbeat=args.heartbeat,
-    )

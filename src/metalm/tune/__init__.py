@@ -1,5 +1,6 @@
-"""Meta-parameter search on Optuna: search spaces in the YAML, pruning, embedded or RDB
-storage shared by many workers, warm start, and architecture search (Pareto front).
+"""Meta-parameter search on Optuna: the search space and the study's settings in the YAML
+(its `search:` and `tune:` sections), pruning, embedded or RDB storage shared by many
+workers, warm start, and architecture search (Pareto front).
 
 Example:
     >>> from metalm.tune import TuneOptions, load_tune_config, tune
@@ -13,8 +14,8 @@ Example:
 
 from typing import TYPE_CHECKING, Any
 
-from metalm.tune.options import TuneOptions
-from metalm.tune.space import Param, SearchSpace, load_tune_config, parse_space
+from metalm.tune.options import TuneOptions, TuneSection
+from metalm.tune.space import Param, SearchSpace, load_tune, load_tune_config, parse_space
 
 if TYPE_CHECKING:
     from metalm.tune.tuner import TuneResult, tune
@@ -24,6 +25,8 @@ __all__ = [
     "SearchSpace",
     "TuneOptions",
     "TuneResult",
+    "TuneSection",
+    "load_tune",
     "load_tune_config",
     "parse_space",
     "tune",

@@ -1,18 +1,22 @@
 """`TuneOptions`: how a study runs (its name and storage, sampler, pruner, objectives,
-warm start, the final re-run), each value checked when the options are made. Plain
-Python: the sampler and pruner names are checked here, and `metalm.tune.study` builds
-the Optuna objects (importing this module does not import Optuna).
+warm start, the final re-run), each value checked when the options are made; and
+`TuneSection`, the `tune:` section of a tuning config (the options, the trial budget,
+the study directory). Plain Python: the sampler and pruner names are checked here, and
+`metalm.tune.study` builds the Optuna objects (importing this module does not import
+Optuna).
 
 Example:
     >>> options = TuneOptions(sampler="random", pruner="none", seed=0)
     >>> options.objectives
     ['accuracy']
+    >>> TuneSection(trials=20, sampler="random").trials
+    20
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from metalm.errors import MetalmError
 
@@ -26,7 +30,9 @@ def check_sampler(name: str, startup_trials: int | None = None) -> None:
     if name not in SAMPLERS:
         raise MetalmError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
     if startup_trials is not None and startup_trials < 0:
-        raise MetalmError(f"--startup-trials must be >= 0, got {startup_trials}")
+        raise MetalmError(
+            f"tune.startup_trials (--startup-trials) must be >= 0, got {startup_trials}"
+        )
 
 
 def check_pruner(name: str) -> None:
@@ -41,8 +47,8 @@ def parse_objectives(text: str | Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown or not names or names[0] != "accuracy" or len(set(names)) != len(names):
         raise MetalmError(
-            f"--objectives {','.join(names)!r}: start with accuracy, then optionally latency "
-            "and/or params (e.g. accuracy,latency)"
+            f"tune.objectives (--objectives) {','.join(names)!r}: start with accuracy, then "
+            "optionally latency and/or params (e.g. accuracy,latency)"
         )
     return names
 
@@ -67,8 +73,8 @@ class TuneOptions:
     pruner: str = "median"
     seed: int | None = None
     startup_trials: int | None = None
-    objectives: str | Sequence[str] = ("accuracy",)
-    warm_start_from: Sequence[str] = ()
+    objectives: str | list[str] = "accuracy"
+    warm_start_from: list[str] = field(default_factory=list)
     warm_start_top: int = 1
     final: bool = True
     progress: bool = False
@@ -80,11 +86,33 @@ class TuneOptions:
         self.objectives = parse_objectives(self.objectives)
         self.warm_start_from = list(self.warm_start_from)
         if self.warm_start_top < 1:
-            raise MetalmError(f"--warm-start-top must be >= 1, got {self.warm_start_top}")
+            raise MetalmError(
+                f"tune.warm_start_top (--warm-start-top) must be >= 1, got {self.warm_start_top}"
+            )
         if self.heartbeat < 1:
-            raise MetalmError(f"--heartbeat must be >= 1 second, got {self.heartbeat}")
+            raise MetalmError(
+                f"tune.heartbeat (--heartbeat) must be >= 1 second, got {self.heartbeat}"
+            )
 
     @property
     def directions(self) -> list[str]:
         """`maximize`/`minimize` for each objective."""
         return [OBJECTIVES[name] for name in self.objectives]
+
+
+@dataclass
+class TuneSection(TuneOptions):
+    """The `tune:` section of a tuning config, after `tune.key=value` overrides and the
+    flags of `metalm tune` (see `metalm.tune.space.load_tune`): the `TuneOptions` fields,
+    plus `trials` (finished trials to reach; required to run), `study_dir` (None:
+    `output_dir/study_name`) and `arch` (search the encoder's size: a space of its own).
+    """
+
+    trials: int | None = None
+    study_dir: str | None = None
+    arch: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.trials is not None and self.trials < 1:
+            raise MetalmError(f"tune.trials (--trials) must be >= 1, got {self.trials}")

@@ -1,6 +1,7 @@
-"""The search space: the `search:` section of a tuning YAML, parsed into typed parameters.
+"""A tuning YAML: the run config, the search space (its `search:` section, parsed into
+typed parameters) and the study's settings (its `tune:` section: `load_tune`).
 
-Each key is a dotted config field; its spec is one of
+Each key of the search space is a dotted config field; its spec is one of
     {low: 1.0e-5, high: 1.0e-3, log: true}          float (linear or log)
     {low: 1, high: 5, type: int, step: 1}            int (linear or log)
     {choices: [protonet, fomaml]}                    categorical (scalars)
@@ -31,6 +32,7 @@ from metalm.config import (
     to_dict,
 )
 from metalm.errors import MetalmError
+from metalm.tune.options import TuneSection
 
 SPEC_KEYS = {"low", "high", "log", "type", "step", "choices", "when"}
 SCALARS = (str, int, float, bool, type(None))
@@ -204,19 +206,72 @@ def parse_space(section: Any, base: RunConfig | None = None) -> SearchSpace:
     return space
 
 
-def split_tune_yaml(data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """A tuning YAML is a run config plus a `search:` section: (run part, search part)."""
+def split_tune_yaml(data: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """A tuning YAML is a run config plus a `search:` and a `tune:` section: (run part,
+    search part, tune part)."""
     data = dict(data)
-    return data, data.pop("search", None)
+    return data, data.pop("search", None), data.pop("tune", None)
+
+
+def is_tune_override(item: str) -> bool:
+    """Whether the override `item` (`key=value`) sets the `tune:` section (`tune.trials=20`)."""
+    key = item.partition("=")[0]
+    return key == "tune" or key.startswith("tune.")
+
+
+def parse_tune_section(
+    section: Any,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    study_name: str = "metalm",
+) -> TuneSection:
+    """The `tune:` section (None: empty), then its `tune.key=value` overrides, then `flags`
+    (`{key: value}` of the command-line flags given), checked as the run config is;
+    `study_name` unless one is given, objectives `accuracy` (`accuracy,latency` with arch).
+
+    Example:
+        >>> parse_tune_section({"trials": 20}, ["tune.sampler=random"], {"trials": 5}).trials
+        5
+    """
+    if section is not None and not isinstance(section, dict):
+        raise MetalmError(
+            f"tune: expected a mapping (trials: 20, sampler: tpe, ...), got {section!r}"
+        )
+    data = apply_overrides({"tune": dict(section or {})}, list(overrides or []))["tune"]
+    if not isinstance(data, dict):  # an override tune=... replaced the whole section
+        raise MetalmError(f"tune: expected a mapping (trials: 20, sampler: tpe, ...), got {data!r}")
+    data = {**data, **(flags or {})}
+    data.setdefault("study_name", study_name)
+    data.setdefault("objectives", "accuracy,latency" if data.get("arch") is True else "accuracy")
+    return from_dict(TuneSection, data, "tune")
+
+
+def load_tune(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> tuple[RunConfig, SearchSpace | None, TuneSection]:
+    """What `metalm tune` runs: the base run config (file, then overrides), the parsed
+    search space (if any), and the `tune:` section (file, then the `tune.key=value`
+    overrides, then `flags`, which win; see `parse_tune_section`). The study is named
+    after the file unless `tune.study_name` says otherwise."""
+    run_part, search, section = (
+        split_tune_yaml(read_yaml(path)) if path is not None else ({}, None, None)
+    )
+    overrides = list(overrides or [])
+    base = config_from_data(run_part, [o for o in overrides if not is_tune_override(o)])
+    space = parse_space(search, base) if search is not None else None
+    name = Path(path).stem if path is not None else "metalm"
+    tune_overrides = [o for o in overrides if is_tune_override(o)]
+    return base, space, parse_tune_section(section, tune_overrides, flags, name)
 
 
 def load_tune_config(
     path: str | Path | None, overrides: list[str] | None = None
 ) -> tuple[RunConfig, SearchSpace | None]:
-    """The base run config (file, then overrides) and the parsed search space, if any."""
-    run_part, search = split_tune_yaml(read_yaml(path)) if path is not None else ({}, None)
-    base = config_from_data(run_part, overrides)
-    space = parse_space(search, base) if search is not None else None
+    """The base run config (file, then overrides) and the parsed search space, if any
+    (`load_tune` without the `tune:` section, which is checked all the same)."""
+    base, space, _ = load_tune(path, overrides)
     return base, space
 
 

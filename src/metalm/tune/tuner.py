@@ -62,7 +62,7 @@ def tune(
     objective, `options.final`) re-run the best config and test it on meta-test.
     `printer` gets one line per event (a trial finished or failed, the best one)."""
     if trials < 1:
-        raise MetalmError(f"--trials must be >= 1, got {trials}")
+        raise MetalmError(f"tune.trials (--trials) must be >= 1, got {trials}")
     options = options or TuneOptions()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     study_dir = Path(study_dir)
