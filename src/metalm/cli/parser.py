@@ -15,6 +15,7 @@ from metalm.cli.train_commands import (
     cmd_tune,
 )
 from metalm.cli.use_commands import cmd_adapt, cmd_export, cmd_predict, cmd_score, cmd_serve
+from metalm.serve.limits import ServeLimits
 from metalm.tune.options import PRUNERS, SAMPLERS
 
 
@@ -315,31 +316,54 @@ def _add_serve(sub) -> None:
 
 
 def _add_serve_limits(serve: argparse.ArgumentParser) -> None:
-    """`serve`'s limits on tasks, requests and texts (`metalm.serve.ServeLimits`)."""
-    serve.add_argument("--max-tasks", type=int, default=100, help="tasks stored (default 100)")
+    """`serve`'s limits on tasks, requests and texts; their defaults are `ServeLimits`'."""
+    limits = ServeLimits()
     serve.add_argument(
-        "--max-task-examples", type=int, help="labeled examples per new task (default 5000)"
+        "--max-tasks",
+        type=int,
+        default=limits.max_tasks,
+        help=f"tasks stored (default {limits.max_tasks})",
     )
     serve.add_argument(
-        "--max-batch-texts", type=int, help="texts per classify request (default 1000)"
+        "--max-task-examples",
+        type=int,
+        help=f"labeled examples per new task (default {limits.max_task_examples})",
+    )
+    serve.add_argument(
+        "--max-batch-texts",
+        type=int,
+        help=f"texts per classify request (default {limits.max_batch_texts})",
     )
     serve.add_argument("--max-texts", type=int, help="sets both limits above unless they are given")
     serve.add_argument(
-        "--max-text-chars", type=int, default=2000, help="characters per text (default 2000)"
+        "--max-text-chars",
+        type=int,
+        default=limits.max_text_chars,
+        help=f"characters per text (default {limits.max_text_chars})",
     )
-    serve.add_argument("--max-labels", type=int, default=200, help="classes per task (default 200)")
     serve.add_argument(
-        "--max-body-bytes", type=int, default=5_000_000, help="request body (default 5000000)"
+        "--max-labels",
+        type=int,
+        default=limits.max_labels,
+        help=f"classes per task (default {limits.max_labels})",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=limits.max_body_bytes,
+        help=f"request body (default {limits.max_body_bytes})",
     )
     serve.add_argument(
         "--max-store-bytes",
         type=int,
-        default=2_000_000_000,
-        help="task states of all stored tasks together (default 2000000000); over it, 409",
+        default=limits.max_store_bytes,
+        help=f"task states of all stored tasks together (default {limits.max_store_bytes}); "
+        "over it, 409",
     )
     serve.add_argument(
         "--request-timeout",
         type=float,
-        default=120.0,
-        help="seconds a request may take, queueing included (default 120); over it, 503",
+        default=limits.request_timeout,
+        help=f"seconds a request may take, queueing included (default "
+        f"{limits.request_timeout:g}); over it, 503",
     )
