@@ -26,23 +26,8 @@ import torch
 
 import metalm
 from metalm.evaluate import Z95, critical_value
-from metalm.trainer import MetaTrainer
 
 LEARNERS = ["maml", "fomaml", "anil", "metasgd", "reptile", "proximal"]
-
-
-def _timed_fit(store: dict):
-    """Wrap `MetaTrainer.fit` so that the meta-training wall time lands in `store`."""
-    original = MetaTrainer.fit
-
-    def fit(self, *args, **kwargs):
-        began = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            store["train_seconds"] = time.perf_counter() - began
-
-    return original, fit
 
 
 def main() -> None:
@@ -94,16 +79,10 @@ def main() -> None:
             *args.overrides,
         ]
         config = metalm.load_config(f"configs/{name}.yaml", overrides)
-        store: dict = {}
-        original, fit = _timed_fit(store)
-        MetaTrainer.fit = fit  # type: ignore[method-assign]
         started = time.perf_counter()
-        try:
-            report = metalm.run(config, progress=False)
-        finally:
-            MetaTrainer.fit = original  # type: ignore[method-assign]
+        report = metalm.run(config, progress=False)
         seconds = time.perf_counter() - started
-        train_seconds = store.get("train_seconds", 0.0)
+        train_seconds = report.seconds.get("train", 0.0)  # the recipe's train stage
         runs.append(
             {
                 "learner": name,

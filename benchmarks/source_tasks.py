@@ -44,7 +44,7 @@ from metalm.label_names import name_texts
 from metalm.learners import MetaLearner, build_learner
 from metalm.models.base import build_model
 from metalm.protocols import evaluate_learner
-from metalm.run import build_trainer, samplers
+from metalm.run import RunRecipe
 from metalm.tasks import build_pools
 
 SOURCE_OF = {"banking77": "clinc150", "clinc150": "banking77"}  # target -> labeled source
@@ -96,18 +96,15 @@ def row_overrides(row: str, target: str) -> list[str]:
 
 
 def train(config: RunConfig, progress: bool) -> tuple[MetaLearner, float]:
-    """The protonet of `config`, meta-trained; and the seconds it took."""
-    torch.manual_seed(config.seed)
-    learner = build_learner(build_model(config.model), config.learner)
-    pools = build_pools(config.data, config.eval.full_way_shots)
-    run_dir = Path(config.output_dir) / config.run_name
-    trainer = build_trainer(learner, config, samplers(config, pools), run_dir, progress, [])
-    began = time.perf_counter()
-    if trainer is not None:
-        trainer.fit()
+    """The protonet of `config`, meta-trained (`RunRecipe`'s setup and train, no test);
+    and the seconds training took."""
+    recipe = RunRecipe(config, progress)
+    recipe.setup(Path(config.output_dir) / config.run_name)
+    recipe.train()
+    learner = recipe.learner
     if learner.encoder.device.type == "cuda":
         torch.cuda.synchronize()
-    return learner.eval(), time.perf_counter() - began
+    return learner.eval(), recipe.seconds["train"]
 
 
 def score(learner: MetaLearner, config: RunConfig, variants: list[str]) -> dict[str, dict]:

@@ -34,6 +34,7 @@ class EvalReport:
     run_dir: str = ""
     # a strict split's removed overlaps (`data.classes.strict`): ClassOverlap.as_dict()s
     removed_overlap: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # each stage's (RunRecipe)
 
     def find(self, method: str, protocol: str) -> MethodResult | None:
         for result in self.results:
@@ -58,6 +59,8 @@ class EvalReport:
         out = {"results": rows, "train": self.train, "run_dir": self.run_dir}
         if self.removed_overlap:
             out["removed_overlap"] = self.removed_overlap
+        if self.seconds:
+            out["seconds"] = self.seconds
         return out
 
     def to_markdown(self) -> str:
