@@ -9,11 +9,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -71,6 +73,16 @@ def tiny_learner(model_dir: Path, name: str, num_layers: int = 0, **config):
 def probabilities(learner, queries: list[str]) -> np.ndarray:
     """`learner`'s class probabilities for `queries`, adapted to TEXTS / LABELS."""
     return FewShotClassifier(learner).adapt(TEXTS, LABELS).predict_proba(queries)
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    """`stderr` is what the CLI prints for an error users can fix: `error: ...` on one
+    line, no traceback, each of `fragments` in it."""
+    assert stderr.startswith("error: "), stderr
+    assert stderr.endswith("\n") and stderr.count("\n") == 1, repr(stderr)
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in stderr, f"{fragment!r} not in {stderr!r}"
 
 
 def write_csv(path: Path, rows, header=("text", "label")) -> Path:
@@ -189,6 +201,50 @@ OPERATIONS = [
     ("/tasks/{task_id}/classify", "POST"),
     ("/tasks/{task_id}/score", "POST"),
 ]
+
+
+class Server:
+    """`metalm serve --model MODEL --tasks-dir TASKS_DIR` in a subprocess on a free
+    localhost port (each of `limits` as its flag: `max_tasks=2` is `--max-tasks 2`, the
+    shipped defaults otherwise); `url` once /health answers, its output in `log`."""
+
+    def __init__(
+        self,
+        model: Path,
+        tasks_dir: Path,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+        **limits: float,
+    ):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "metalm.cli", "serve", "--model", str(model)]
+        args += ["--port", str(self.port), "--tasks-dir", str(tasks_dir), *extra]
+        for key, value in limits.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.log = tasks_dir.parent / f"server-{self.port}.log"
+        with open(self.log, "w") as log:  # the child keeps its own copy of the handle
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 # -- run directories; a run killed by SIGKILL, then resumed -------------------------------

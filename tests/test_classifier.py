@@ -1,18 +1,15 @@
-"""Save / load of meta-learners (every registered learner), `FewShotClassifier`, and the
-`export` / `adapt` / `predict` commands, on the tiny random BERT of conftest; one slow
-test on the real all-MiniLM-L6-v2 and real BANKING77 data."""
+"""Save / load of meta-learners (every registered learner) and `FewShotClassifier`, on
+the tiny random BERT of conftest; one slow test on the real all-MiniLM-L6-v2 and real
+BANKING77 data (through the API and `metalm adapt` / `predict`). The commands' own
+tests are in tests/cli/test_use_commands.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
 from run_tools import (
     LABELS,
     QUERIES,
@@ -20,28 +17,15 @@ from run_tools import (
     TEST_TEXTS,
     TEXTS,
     assert_consistent,
-    probabilities,
     tiny_learner,
     write_csv,
 )
 
-from metalm import FewShotClassifier, MetalmError, from_pretrained, save_pretrained
+from metalm import FewShotClassifier, MetalmError, save_pretrained
 from metalm.cli import main
 from metalm.config import load_config
-from metalm.layout import METADATA
 from metalm.learners import build_learner
 from metalm.models.encoder import TextEncoder
-
-
-# -- command line ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def exported(tiny_model_dir, tmp_path_factory) -> Path:
-    """A protonet meta-trained for a few steps by `metalm train`, then `metalm export`."""
-    root = tmp_path_factory.mktemp("export")
-    overrides = tiny_overrides(tiny_model_dir, root, **{"learner.name": "protonet"})
-    assert main(["-q", "train", *overrides]) == 0
-    assert main(["export", str(root / "run"), "--out", str(root / "model")]) == 0
-    return root / "model"
 
 
 # -- FewShotClassifier -----------------------------------------------------------------
@@ -140,97 +124,6 @@ def test_broken_task_directories_are_one_line_errors(change, message, frozen_dir
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
 
-@pytest.mark.slow
-def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
-    card = (exported / "README.md").read_text()
-    report = json.loads((exported.parent / "run" / "report.json").read_text())
-    first = report["results"][0]
-    assert f"{100 * first['accuracy']:.2f} ± {100 * first['ci95']:.2f}" in card
-    assert "Meta-trained for 6 steps" in card
-    assert "clinc150" in card and "CC BY 3.0" in card and "CC BY 4.0" in card
-    metadata = json.loads((exported / METADATA).read_text())
-    assert metadata["meta_trained"] and metadata["run"]["train"]["steps"] == 6
-    # the exported weights are the run's best weights
-    from metalm.runs import load_trained_learner
-
-    _, trained = load_trained_learner(exported.parent / "run")
-    np.testing.assert_array_equal(
-        probabilities(from_pretrained(exported), QUERIES), probabilities(trained.eval(), QUERIES)
-    )
-
-
-def test_export_of_a_non_run_is_a_one_line_error(tmp_path, capsys):
-    assert main(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
-    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "m").exists()
-
-
-def test_cli_adapt_then_predict_files(exported, tmp_path, capsys):
-    support = write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
-    task = tmp_path / "task"
-    args = ["adapt", "--model", str(exported), "--support", str(support), "--out", str(task)]
-    assert main(args) == 0
-    assert (task / "task.safetensors").exists()
-    queries = write_csv(tmp_path / "q.csv", [(q,) for q in QUERIES], header=("text",))
-    out = tmp_path / "preds.jsonl"
-    assert (
-        main(["predict", "--task", str(task), "--input", str(queries), "--output", str(out)]) == 0
-    )
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    clf = FewShotClassifier.from_pretrained(exported).adapt(TEXTS, LABELS)
-    expected = clf.predict_with_probability(QUERIES)
-    assert [r["text"] for r in rows] == QUERIES
-    assert [r["label"] for r in rows] == [label for label, _ in expected]
-    np.testing.assert_allclose([r["probability"] for r in rows], [p for _, p in expected], 1e-5)
-
-
-def test_cli_adapt_jsonl_with_other_columns(exported, tmp_path):
-    support = tmp_path / "support.jsonl"
-    support.write_text(
-        "".join(
-            json.dumps({"utterance": t, "intent": y}) + "\n"
-            for t, y in zip(TEXTS, LABELS, strict=True)
-        )
-    )
-    args = ["adapt", "--model", str(exported), "--support", str(support)]
-    args += ["--out", str(tmp_path / "t"), "--text-column", "utterance", "--label-column", "intent"]
-    assert main(args) == 0
-    assert json.loads((tmp_path / "t" / "task.json").read_text())["classes"] == sorted(set(LABELS))
-
-
-@pytest.mark.slow
-def test_cli_predict_in_a_shell_pipeline(exported, tmp_path):
-    support = write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
-    task = tmp_path / "task"
-    cli = [sys.executable, "-m", "metalm.cli"]
-    subprocess.run(
-        [*cli, "adapt", "--model", str(exported), "--support", str(support), "--out", str(task)],
-        check=True,
-        capture_output=True,
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    stdin = "alarm at noon please\n\n" + json.dumps({"text": "is it sunny"}) + "\nplay a song\n"
-    done = subprocess.run(
-        [*cli, "predict", "--task", str(task), "--input", "-", "--output", "-"],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["text"] for r in rows] == ["alarm at noon please", "is it sunny", "play a song"]
-    assert all(r["label"] in LABELS and 0 < r["probability"] <= 1 for r in rows)
-
-
-def test_cli_predict_errors_are_one_line(exported, tmp_path, capsys):
-    assert main(["predict", "--task", str(tmp_path), "--input", "-"]) == 2
-    assert "not a task directory" in capsys.readouterr().err
-    bad = write_csv(tmp_path / "s.csv", [("only one", "a")])
-    args = ["adapt", "--model", str(exported), "--support", str(bad), "--out", str(tmp_path / "t")]
-    assert main(args) == 2
-    assert "at least 2 classes" in capsys.readouterr().err
-
-
 # -- the real model --------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_minilm_on_banking77_via_api_and_cli(tmp_path):
@@ -259,7 +152,7 @@ def test_real_minilm_on_banking77_via_api_and_cli(tmp_path):
     assert labels == clf.predict(test.texts)
 
 
-# -- FewShotClassifier.score and metalm score ---------------------------------------------
+# -- FewShotClassifier.score ---------------------------------------------------------------
 def test_classifier_score_matches_its_predictions(frozen_model):
     clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
     result = clf.score(TEST_TEXTS, TEST_LABELS)

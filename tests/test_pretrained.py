@@ -13,7 +13,6 @@ from run_tools import QUERIES, TEST_TEXTS, probabilities, tiny_learner
 from safetensors.torch import load_file
 
 from metalm import MetalmError, from_pretrained, save_pretrained
-from metalm.cli import main
 from metalm.config import load_config
 from metalm.learners import LEARNERS, build_learner
 from metalm.models.encoder import TextEncoder
@@ -149,30 +148,3 @@ def test_export_untrained_equals_the_learner_built_from_config(
         probabilities(_built(tiny_model_dir, name, *overrides), TEST_TEXTS),
         atol=1e-6,
     )
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--learner", "frozen", "train.steps=3"], "model.* and learner.* overrides only"),
-        (["--learner", "nosuch"], "nosuch"),
-        (["--learner", "frozen", "learner.nokey=1"], "nokey"),
-        (["--learner", "frozen", "oops"], "'oops': overrides look like key.sub=value"),
-        (["--run", "somewhere", "--learner", "frozen"], "drop --learner"),
-        ([], "say what to export"),
-    ],
-)
-def test_export_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
-    assert main(["export", *args, "--out", str(tmp_path / "m")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
-    assert not (tmp_path / "m").exists()
-
-
-def test_export_does_not_overwrite_other_directories(tiny_model_dir, tmp_path, capsys):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "notes.txt").write_text("mine")
-    args = ["export", "--learner", "frozen", f"model.name_or_path={tiny_model_dir}"]
-    assert main([*args, "--out", str(tmp_path / "m")]) == 2
-    assert "not a metalm model directory" in capsys.readouterr().err
-    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"

@@ -1,22 +1,15 @@
 """`metalm.scoring`: accuracy, macro-F1, per-class scores and confusions against hand
-counts, the result files, and `metalm score` from the command line."""
+counts, and the result files (`metalm score` is tested in tests/cli/test_use_commands.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from run_tools import LABELS, TEST_LABELS, TEST_TEXTS, TEXTS, assert_consistent, write_csv
+from run_tools import assert_consistent
 
-from metalm import FewShotClassifier, MetalmError
-from metalm.cli import main
-from metalm.layout import METADATA
+from metalm import MetalmError
 from metalm.scoring import ClassScore, ConfusedPair, score_predictions
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "intents.csv"
 
 
 # -- the metrics -------------------------------------------------------------------------
@@ -79,90 +72,3 @@ def test_score_result_files(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(MetalmError, match="is a file"):
         result.write(tmp_path / "file")
-
-
-def test_cli_export_adapt_score(frozen_model, tmp_path, capsys):
-    support = write_csv(tmp_path / "support.csv", zip(TEXTS, LABELS, strict=True))
-    task, out = tmp_path / "task", tmp_path / "scores"
-    assert (
-        main(["adapt", "--model", str(frozen_model), "--support", str(support), "--out", str(task)])
-        == 0
-    )
-    test = tmp_path / "test.jsonl"
-    test.write_text(
-        "".join(
-            json.dumps({"utterance": t, "intent": y}) + "\n"
-            for t, y in zip(TEST_TEXTS, TEST_LABELS, strict=True)
-        )
-    )
-    capsys.readouterr()
-    args = ["score", "--task", str(task), "--input", str(test), "--out", str(out)]
-    assert main([*args, "--text-column", "utterance", "--label-column", "intent"]) == 0
-    printed = capsys.readouterr().out
-    data = json.loads((out / "score.json").read_text())
-    expected = FewShotClassifier.load_task(task).score(TEST_TEXTS, TEST_LABELS)
-    assert data["confusion"] == expected.confusion and data["n_texts"] == len(TEST_TEXTS)
-    assert data["info"]["task"] == str(task) and data["info"]["input"] == str(test)
-    assert_consistent(data)
-    assert f"{100 * expected.accuracy:.2f}" in printed and "score.json" in printed
-    assert (out / "score.md").read_text().startswith("# metalm score")
-    assert (out / "confusion.png").stat().st_size > 1000
-
-
-def test_cli_score_unknown_labels_is_one_line_error_and_writes_nothing(
-    frozen_model, tmp_path, capsys
-):
-    clf = FewShotClassifier.from_pretrained(frozen_model).adapt(TEXTS, LABELS)
-    clf.save_task(tmp_path / "task")
-    rows = [*zip(TEST_TEXTS, TEST_LABELS, strict=True), ("call a cab", "taxi")]
-    test = write_csv(tmp_path / "test.csv", rows)
-    args = ["score", "--task", str(tmp_path / "task"), "--input", str(test)]
-    assert main([*args, "--out", str(tmp_path / "scores")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "'taxi'" in err
-    assert not (tmp_path / "scores").exists()
-    assert main([*args, "--out", str(tmp_path / "s"), "--label-column", "intent"]) == 2
-    assert "intent" in capsys.readouterr().err
-
-
-# -- the real model -----------------------------------------------------------------------
-@pytest.mark.slow
-def test_real_minilm_first_minute_export_adapt_score(tmp_path, capsys):
-    """The README's first minute: export frozen MiniLM, adapt on 3 examples of each of
-    the 10 intents of examples/intents.csv, score the other texts: far above chance."""
-    with open(EXAMPLES, newline="", encoding="utf-8") as f:
-        rows = [(r["text"], r["label"]) for r in csv.DictReader(f)]
-    seen: dict[str, int] = {}
-    support, test = [], []
-    for text, label in rows:
-        seen[label] = seen.get(label, 0) + 1
-        (support if seen[label] <= 3 else test).append((text, label))
-    assert len(seen) == 10 and len(test) >= 25
-    model, task, out = tmp_path / "model", tmp_path / "task", tmp_path / "scores"
-    torch.manual_seed(0)
-    assert main(["export", "--learner", "frozen", "--out", str(model)]) == 0
-    metadata = json.loads((model / METADATA).read_text())
-    assert metadata["encoder"]["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert metadata["encoder"]["dim"] == 384 and metadata["learner"]["head"] == "logreg"
-    support_csv = write_csv(tmp_path / "support.csv", support)
-    test_csv = write_csv(tmp_path / "test.csv", test)
-    assert (
-        main(["adapt", "--model", str(model), "--support", str(support_csv), "--out", str(task)])
-        == 0
-    )
-    capsys.readouterr()
-    assert main(["score", "--task", str(task), "--input", str(test_csv), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    data = json.loads((out / "score.json").read_text())
-    assert data["n_texts"] == len(test) and len(data["classes"]) == 10
-    assert data["accuracy"] > 0.6, data["accuracy"]  # chance: 0.1
-    assert data["macro_f1"] > 0.5
-    assert_consistent(data)
-    assert f"{100 * data['accuracy']:.2f}" in printed
-    assert (out / "confusion.png").stat().st_size > 5000 and (out / "score.md").exists()
-    # the Python API gives the same numbers
-    texts, labels = zip(*test, strict=True)
-    result = FewShotClassifier.load_task(task).score(list(texts), list(labels))
-    assert result.confusion == data["confusion"] and result.macro_f1 == pytest.approx(
-        data["macro_f1"]
-    )

@@ -1,10 +1,8 @@
-"""The page at `/` of `metalm serve`, in a real browser: headless Chromium (the Debian
-package) driven by Selenium against a server in a subprocess. It creates a task from a
-file, classifies texts, scores a labeled file and draws the confusion matrix, deletes
-the task, and shows a wrong API key's refusal. The score endpoint it uses is checked
-over plain HTTP too."""
-
-# ruff: noqa: F811  (the fixtures of test_serve.py, imported here, are the parameters)
+"""The page at `/` of `metalm serve` (`metalm/serve/static/`), in a real browser: headless
+Chromium (the Debian package) driven by Selenium against a server in a subprocess. It
+creates a task from a file, classifies texts, scores a labeled file and draws the
+confusion matrix, deletes the task, and shows a wrong API key's refusal. Without the
+key the page and its script are served, the API is not."""
 
 from __future__ import annotations
 
@@ -14,14 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 from run_tools import write_csv
-from test_serve import (  # noqa: F401  (the fixtures, shared with that module)
-    API_KEY,
-    Server,
-    client,
-    locked_server,
-    model_dir,
-    server,
-)
+
+from .conftest import API_KEY, small_server
 
 EXAMPLES = [
     ("set an alarm for six", "alarm"),
@@ -29,29 +21,8 @@ EXAMPLES = [
     ("what is the weather in paris", "weather"),
     ("will it rain tomorrow", "weather"),
 ]
+
 CHROMEDRIVER = shutil.which("chromedriver")
-
-
-def test_score_endpoint(client):
-    created = client.post(
-        "/tasks", json={"examples": [{"text": t, "label": y} for t, y in EXAMPLES]}
-    )
-    task = created.json()["task_id"]
-    labeled = [{"text": "alarm at noon", "label": "alarm"}, {"text": "sunny?", "label": "weather"}]
-    answer = client.post(f"/tasks/{task}/score", json={"examples": labeled})
-    assert answer.status_code == 200, answer.text
-    body = answer.json()
-    assert body["classes"] == ["alarm", "weather"] and body["n_texts"] == 2
-    assert sum(map(sum, body["confusion"])) == 2
-    diagonal = body["confusion"][0][0] + body["confusion"][1][1]
-    assert body["accuracy"] == pytest.approx(diagonal / 2)
-    unknown = client.post(
-        f"/tasks/{task}/score", json={"examples": [{"text": "x", "label": "music"}]}
-    )
-    assert unknown.status_code == 422 and "music" in unknown.text
-    assert (
-        client.post("/tasks/" + "0" * 32 + "/score", json={"examples": labeled}).status_code == 404
-    )
 
 
 def test_the_page_is_served_without_the_key(locked_server):
@@ -92,7 +63,7 @@ def _wait_status(driver, kind: str, timeout: float = 60) -> str:
 def test_the_page_in_a_real_browser(browser, model_dir, tmp_path):
     from selenium.webdriver.common.by import By
 
-    server = Server(model_dir, tmp_path / "tasks", extra=("--api-key", API_KEY))
+    server = small_server(model_dir, tmp_path / "tasks", extra=("--api-key", API_KEY))
     try:
         examples = write_csv(tmp_path / "examples.csv", EXAMPLES)
         labeled = write_csv(

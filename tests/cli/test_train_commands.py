@@ -1,8 +1,7 @@
-"""Tests for the `metalm` command line: listing, sampling, train/eval runs, bad input.
-
-Runs use the tiny random BERT of conftest (seconds each), except one end-to-end test of
-`metalm demo` on the real all-MiniLM-L6-v2 and the real CLINC150 -> BANKING77 data.
-"""
+"""`metalm.cli.train_commands`: `datasets`, `sample`, `train` and `eval` runs (and their
+bad input: one line, no run directory), on the tiny random BERT of conftest, except one
+end-to-end test of `metalm demo` on the real all-MiniLM-L6-v2 and the real CLINC150 ->
+BANKING77 data."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_overrides
-from run_tools import read_log, write_csv
+from run_tools import assert_one_line_error, read_log, write_csv
 
 from metalm.cli import main
 from metalm.config import load_config, set_dotted
@@ -121,14 +120,6 @@ def results_by_key(report: dict) -> dict[tuple[str, str], dict]:
     keys = [(r["method"], r["protocol"]) for r in report["results"]]
     assert len(keys) == len(set(keys)), f"duplicate results: {keys}"
     return {(r["method"], r["protocol"]): r for r in report["results"]}
-
-
-def assert_one_line_error(stderr: str, *fragments: str) -> None:
-    assert stderr.startswith("error: "), stderr
-    assert stderr.endswith("\n") and stderr.count("\n") == 1, repr(stderr)
-    assert "Traceback" not in stderr
-    for fragment in fragments:
-        assert fragment in stderr, f"{fragment!r} not in {stderr!r}"
 
 
 # --------------------------------------------------------------------------- datasets / sample
@@ -537,23 +528,6 @@ def test_bad_input_as_subprocess(case, tiny_model_dir, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_bad_config_file_is_one_line_error(tmp_path, capsys):
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("train: {steps: 3\n", encoding="utf-8")
-    wrong = tmp_path / "wrong.yaml"
-    wrong.write_text("train:\n  lr: fast\n", encoding="utf-8")
-    for argv, fragments in (
-        (["-c", str(broken)], ["broken.yaml", "not a valid YAML file"]),
-        (["-c", str(wrong)], ["train.lr", "expected float"]),
-        (["-c", str(tmp_path / "absent.yaml")], ["absent.yaml", "no such config file"]),
-        (["bogus_override"], ["bogus_override", "key.sub=value"]),
-    ):
-        for command in ("train", "eval", "sample", "demo"):
-            assert main(["-q", command, *argv, f"output_dir={tmp_path / 'runs'}"]) == 2
-            assert_one_line_error(capsys.readouterr().err, *fragments)
-    assert not (tmp_path / "runs").exists()
-
-
 def test_resume_rejects_overrides_and_non_runs(tmp_path, capsys):
     assert main(["-q", "train", "--resume", str(tmp_path), "train.steps=3"]) == 2
     assert_one_line_error(capsys.readouterr().err, "--resume", "overrides")
@@ -606,24 +580,3 @@ def test_demo_on_real_minilm_and_real_data(tmp_path):
     assert saved.exists()
     assert results[("protonet", "5-way 1-shot")]["episodes"] == 4
     assert report["train"]["steps"] == 4
-
-
-@pytest.mark.slow
-def test_a_reader_that_stops_early_ends_the_command_quietly():
-    """`metalm sample | head -1`-like: the reader has gone before the output is written;
-    no error message, the status of a process stopped by SIGPIPE."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "metalm.cli", "-q", "sample", "--index", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    proc.stdout.close()  # the reader stops at once
-    stderr = proc.stderr.read()
-    assert proc.wait(timeout=120) == 141, stderr
-    assert stderr == ""
-
-
-def test_an_argument_with_a_nul_byte_is_a_one_line_error(capsys):
-    assert main(["-q", "sample", "-c", "\x00"]) == 2  # found by the CLI fuzzer
-    assert capsys.readouterr().err == "error: an argument contains a NUL byte; remove it\n"
