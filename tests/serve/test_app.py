@@ -1,7 +1,8 @@
-"""`metalm.serve.app`: the routes of `metalm serve` over real HTTP (a uvicorn server in a
-subprocess serving a model saved from the tiny random BERT): health, a task's life
-cycle, labels, unknown tasks, the score route, the OpenAPI document and the live server
-keeping to it (schemathesis: generated requests)."""
+"""`metalm.serve.app`: the routes of the service on a model saved from the tiny random
+BERT, each in this process (FastAPI's TestClient) and, marked slow, over real HTTP to
+`metalm serve` in a subprocess (conftest's `client`): health, a task's life cycle,
+labels, unknown tasks, the score route, the OpenAPI document and the service keeping to
+it (schemathesis: generated requests)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from run_tools import LABELS, OPERATIONS, TEXTS
 from schemathesis import checks
 
 from metalm import FewShotClassifier
-from metalm.serve import create_app
+from metalm.serve import ServeLimits, create_app
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, LIMITS
 
 
 def test_health(client, model_dir):
@@ -113,17 +114,24 @@ def test_openapi_document(client):
     assert len(list(loaded.get_all_operations())) == 7
 
 
-@pytest.fixture(scope="module")
-def live_schema(server):
-    return schemathesis.openapi.from_url(server.url + "/openapi.json")
+@pytest.fixture
+def live_schema(client, loaded_model, tmp_path):
+    """The API document the service gives, and the base URL to send its cases to (none:
+    an application of its own in this process, whose lifespan schemathesis runs)."""
+    if isinstance(client, TestClient):
+        app = create_app(loaded_model, tmp_path / "tasks", ServeLimits(**LIMITS))
+        return schemathesis.openapi.from_asgi("/openapi.json", app), None
+    base_url = str(client.base_url).rstrip("/")
+    return schemathesis.openapi.from_url(base_url + "/openapi.json"), base_url
 
 
 @pytest.mark.parametrize("path, method", OPERATIONS)
-def test_api_conforms_to_its_schema(path, method, live_schema, server):
-    """Generated requests (valid and invalid) never crash the server, and every answer
+def test_api_conforms_to_its_schema(path, method, live_schema):
+    """Generated requests (valid and invalid) never crash the service, and every answer
     has a documented status, content type and body shape. (Hypothesis driven directly:
     schemathesis' pytest plugin does not run under pytest 9.)"""
-    operation = live_schema[path][method]
+    schema, base_url = live_schema
+    operation = schema[path][method]
 
     @given(case=operation.as_strategy())
     @settings(
@@ -131,7 +139,7 @@ def test_api_conforms_to_its_schema(path, method, live_schema, server):
     )
     def check(case) -> None:
         case.call_and_validate(
-            base_url=server.url,
+            base_url=base_url,
             checks=[
                 checks.not_a_server_error,
                 checks.status_code_conformance,

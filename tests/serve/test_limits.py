@@ -3,7 +3,6 @@ its time limit gets 503 and the service goes on, bad settings are clear errors."
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -21,20 +20,18 @@ def _banking_sized(n_way: int = 77, k_shot: int = 5) -> list[dict]:
     ]
 
 
-@pytest.mark.slow
-def test_default_limits_take_a_77_way_5_shot_task(locked_server):
+def test_default_limits_take_a_77_way_5_shot_task(locked):
     """The defaults take a 385-example task and a batch of 200 (one limit of 256 did not)."""
     auth = {"authorization": f"Bearer {API_KEY}"}
-    with httpx.Client(base_url=locked_server.url, timeout=60, headers=auth) as http:
-        created = http.post("/tasks", json={"examples": _banking_sized()})
-        assert created.status_code == 201, created.text
-        assert created.json()["n_examples"] == 385 and len(created.json()["classes"]) == 77
-        tid = created.json()["task_id"]
-        texts = [f"a question about topic {i % 77}" for i in range(200)]
-        result = http.post(f"/tasks/{tid}/classify", json={"texts": texts})
-        assert result.status_code == 200 and len(result.json()["predictions"]) == 200
-        assert http.get("/health").json()["stored_bytes"] > 0
-        assert http.delete(f"/tasks/{tid}").status_code == 204
+    created = locked.post("/tasks", json={"examples": _banking_sized()}, headers=auth)
+    assert created.status_code == 201, created.text
+    assert created.json()["n_examples"] == 385 and len(created.json()["classes"]) == 77
+    tid = created.json()["task_id"]
+    texts = [f"a question about topic {i % 77}" for i in range(200)]
+    result = locked.post(f"/tasks/{tid}/classify", json={"texts": texts}, headers=auth)
+    assert result.status_code == 200 and len(result.json()["predictions"]) == 200
+    assert locked.get("/health").json()["stored_bytes"] > 0
+    assert locked.delete(f"/tasks/{tid}", headers=auth).status_code == 204
     assert ServeLimits().max_task_examples >= 2000
 
 

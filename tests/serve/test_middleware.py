@@ -3,7 +3,6 @@ while they stream in); with an API key, every path but the open ones needs it (4
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from .conftest import API_KEY, EXAMPLES
@@ -29,33 +28,29 @@ def test_body_too_large_is_413(client, task_id):
     assert ok.status_code == 200
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "header",
     [None, "Bearer wrong-key", f"Basic {API_KEY}", f"Bearer {API_KEY}x", "Bearer", ""],
     ids=["none", "wrong", "basic", "longer", "no-token", "empty"],
 )
-def test_auth_refuses_without_the_key(locked_server, header):
+def test_auth_refuses_without_the_key(locked, header):
     headers = {} if header is None else {"authorization": header}
     for method, path in [("GET", "/tasks"), ("POST", "/tasks"), ("GET", "/tasks/" + "0" * 32)]:
-        response = httpx.request(
-            method, locked_server.url + path, headers=headers, json={"examples": EXAMPLES}
-        )
+        response = locked.request(method, path, headers=headers, json={"examples": EXAMPLES})
         assert response.status_code == 401, (method, path, response.text)
         assert "Authorization: Bearer" in response.json()["detail"]
         assert response.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.slow
-def test_auth_accepts_the_key(locked_server):
-    assert httpx.get(locked_server.url + "/health").status_code == 200  # open, for probes
+def test_auth_accepts_the_key(locked):
+    assert locked.get("/health").status_code == 200  # open, for probes
     auth = {"authorization": f"Bearer {API_KEY}"}
-    with httpx.Client(base_url=locked_server.url, timeout=30, headers=auth) as http:
-        assert http.get("/tasks").status_code == 200
-        created = http.post("/tasks", json={"examples": EXAMPLES})
-        assert created.status_code == 201
-        tid = created.json()["task_id"]
-        assert http.post(f"/tasks/{tid}/classify", json={"texts": ["hi"]}).status_code == 200
-        assert http.delete(f"/tasks/{tid}").status_code == 204
-    document = httpx.get(locked_server.url + "/openapi.json").json()
+    assert locked.get("/tasks", headers=auth).status_code == 200
+    created = locked.post("/tasks", json={"examples": EXAMPLES}, headers=auth)
+    assert created.status_code == 201
+    tid = created.json()["task_id"]
+    classified = locked.post(f"/tasks/{tid}/classify", json={"texts": ["hi"]}, headers=auth)
+    assert classified.status_code == 200
+    assert locked.delete(f"/tasks/{tid}", headers=auth).status_code == 204
+    document = locked.get("/openapi.json").json()
     assert "401" in document["paths"]["/tasks/{task_id}/classify"]["post"]["responses"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
 from run_tools import write_csv
 
@@ -25,13 +24,13 @@ EXAMPLES = [
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-def test_the_page_is_served_without_the_key(locked_server):
-    page = httpx.get(locked_server.url + "/", timeout=30)
+def test_the_page_is_served_without_the_key(locked):
+    page = locked.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert '<script src="/ui/app.js">' in page.text
-    script = httpx.get(locked_server.url + "/ui/app.js", timeout=30)
+    script = locked.get("/ui/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
-    assert httpx.get(locked_server.url + "/tasks", timeout=30).status_code == 401
+    assert locked.get("/tasks").status_code == 401
 
 
 @pytest.fixture

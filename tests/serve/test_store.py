@@ -20,39 +20,32 @@ from metalm import FewShotClassifier
 from metalm.atomic import NEW_SUFFIX
 from metalm.serve import ServeLimits, create_app
 
-from .conftest import EXAMPLES, small_server
+from .conftest import EXAMPLES, HOW, LIMITS, serving, small_server
 
 
-@pytest.mark.slow
-def test_too_many_tasks_then_restart_keeps_tasks(model_dir, tmp_path):
+@pytest.mark.parametrize("how", HOW)
+def test_too_many_tasks_then_restart_keeps_tasks(how, model_dir, tmp_path):
     tasks_dir = tmp_path / "tasks"
-    first = small_server(model_dir, tasks_dir, max_tasks=2)
-    try:
-        with httpx.Client(base_url=first.url, timeout=30) as http:
-            ids = [http.post("/tasks", json={"examples": EXAMPLES}).json()["task_id"] for _ in "ab"]
-            full = http.post("/tasks", json={"examples": EXAMPLES})
-            assert full.status_code == 409 and "maximum of 2 tasks" in full.json()["detail"]
-            texts = {"texts": ["alarm at noon", "is it sunny"]}
-            before = http.post(f"/tasks/{ids[0]}/classify", json=texts).json()
-            assert http.delete(f"/tasks/{ids[1]}").status_code == 204
-    finally:
-        first.stop()
+    limits = {**LIMITS, "max_tasks": 2}
+    with serving(how, model_dir, tasks_dir, **limits) as http:
+        ids = [http.post("/tasks", json={"examples": EXAMPLES}).json()["task_id"] for _ in "ab"]
+        full = http.post("/tasks", json={"examples": EXAMPLES})
+        assert full.status_code == 409 and "maximum of 2 tasks" in full.json()["detail"]
+        texts = {"texts": ["alarm at noon", "is it sunny"]}
+        before = http.post(f"/tasks/{ids[0]}/classify", json=texts).json()
+        assert http.delete(f"/tasks/{ids[1]}").status_code == 204
     stored = sorted(p.name for p in tasks_dir.iterdir())
     assert stored == [ids[0]]
     assert sorted(p.name for p in (tasks_dir / ids[0]).iterdir()) == [
         "task.json",
         "task.safetensors",
     ]
-    second = small_server(model_dir, tasks_dir, max_tasks=2)
-    try:
-        with httpx.Client(base_url=second.url, timeout=30) as http:
-            listed = http.get("/tasks").json()["tasks"]
-            assert [t["task_id"] for t in listed] == [ids[0]] and listed[0]["n_examples"] == 4
-            after = http.post(f"/tasks/{ids[0]}/classify", json=texts).json()
-            assert after == before
-            assert http.get("/health").json()["tasks"] == 1
-    finally:
-        second.stop()
+    with serving(how, model_dir, tasks_dir, **limits) as http:
+        listed = http.get("/tasks").json()["tasks"]
+        assert [t["task_id"] for t in listed] == [ids[0]] and listed[0]["n_examples"] == 4
+        after = http.post(f"/tasks/{ids[0]}/classify", json=texts).json()
+        assert after == before
+        assert http.get("/health").json()["tasks"] == 1
 
 
 def _create_until_gone(
