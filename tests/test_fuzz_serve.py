@@ -30,7 +30,8 @@ from metalm.learners import build_learner
 from metalm.models.encoder import EncoderConfig, TextEncoder
 
 # small limits, so that generated requests reach them; a short time limit: a hang is a 503
-LIMITS = ["--max-tasks", "100000", "--max-texts", "8", "--max-text-chars", "200"]
+LIMITS = ["--max-tasks", "100000", "--max-task-examples", "8", "--max-batch-texts", "8"]
+LIMITS += ["--max-text-chars", "200"]
 LIMITS += ["--max-labels", "4", "--max-body-bytes", "20000", "--request-timeout", "20"]
 CHECKS = [
     checks.not_a_server_error,

@@ -20,7 +20,7 @@ from metalm.learners import (
     HEADS,
     ProtoNetConfig,
 )
-from metalm.runs import evaluate_run
+from metalm.runs import evaluate_run, load_trained_learner
 
 
 def _other_head(config_class) -> str:
@@ -123,15 +123,18 @@ def test_eval_run_on_own_files_writes_a_new_folder(tiny_run, capsys):
 
 
 @pytest.mark.slow
-def test_export_run_by_flag_and_by_position(tiny_model_dir, tmp_path):
+def test_export_run_by_flag_and_a_run_given_without_it_refused(tiny_model_dir, tmp_path, capsys):
     overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"learner.name": "protonet"})
     assert main(["-q", "train", *overrides, "train.steps=2", "train.eval_every=2"]) == 0
     run = tmp_path / "run"
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "a")]) == 0
-    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
-    for out in (tmp_path / "a", tmp_path / "b"):
-        assert json.loads((out / METADATA).read_text())["meta_trained"] is True
+    assert json.loads((tmp_path / "a" / METADATA).read_text())["meta_trained"] is True
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 2  # pre-1.0 form
+    assert f"exported with --run {run}" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    _, trained = load_trained_learner(run)
     np.testing.assert_array_equal(
         probabilities(from_pretrained(tmp_path / "a"), TEST_TEXTS),
-        probabilities(from_pretrained(tmp_path / "b"), TEST_TEXTS),
+        probabilities(trained.eval(), TEST_TEXTS),
     )

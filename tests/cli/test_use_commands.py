@@ -40,7 +40,7 @@ def exported(tiny_model_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
     overrides = tiny_overrides(tiny_model_dir, root, **{"learner.name": "protonet"})
     assert main(["-q", "train", *overrides]) == 0
-    assert main(["export", str(root / "run"), "--out", str(root / "model")]) == 0
+    assert main(["export", "--run", str(root / "run"), "--out", str(root / "model")]) == 0
     return root / "model"
 
 
@@ -64,7 +64,7 @@ def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
 
 
 def test_export_of_a_non_run_is_a_one_line_error(tmp_path, capsys):
-    assert main(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "m").exists()
 
 

@@ -327,14 +327,15 @@ def _add_serve_limits(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--max-task-examples",
         type=int,
+        default=limits.max_task_examples,
         help=f"labeled examples per new task (default {limits.max_task_examples})",
     )
     serve.add_argument(
         "--max-batch-texts",
         type=int,
+        default=limits.max_batch_texts,
         help=f"texts per classify request (default {limits.max_batch_texts})",
     )
-    serve.add_argument("--max-texts", type=int, help="sets both limits above unless they are given")
     serve.add_argument(
         "--max-text-chars",
         type=int,

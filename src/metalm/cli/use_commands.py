@@ -57,8 +57,12 @@ def _export_metalm(args: argparse.Namespace, out: str | Path) -> Path:
 
     quiet = args.format != "metalm"  # only the last step of the export speaks
     run_dir, items = args.run, list(args.items)
-    if run_dir is None and args.learner is None and len(items) == 1 and "=" not in items[0]:
-        run_dir, items = items[0], []  # the older form: metalm export RUN_DIR --out DIR
+    plain = [item for item in items if "=" not in item]
+    if plain and run_dir is None and args.learner is None:
+        raise MetalmError(
+            f"export takes key=value overrides, not {plain[0]!r}; a trained run is "
+            f"exported with --run {plain[0]}"
+        )
     if run_dir is not None:
         if args.learner is not None or items:
             raise MetalmError(
@@ -149,15 +153,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from metalm.serve import API_KEY_ENV, ServeLimits, serve
 
-    def pick(value: int | None, default: int) -> int:
-        # --max-texts, the older single limit, sets both where they are not given
-        older = args.max_texts
-        return value if value is not None else older if older is not None else default
-
     limits = ServeLimits(
         max_tasks=args.max_tasks,
-        max_task_examples=pick(args.max_task_examples, ServeLimits.max_task_examples),
-        max_batch_texts=pick(args.max_batch_texts, ServeLimits.max_batch_texts),
+        max_task_examples=args.max_task_examples,
+        max_batch_texts=args.max_batch_texts,
         max_text_chars=args.max_text_chars,
         max_labels=args.max_labels,
         max_body_bytes=args.max_body_bytes,
