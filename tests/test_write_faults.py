@@ -2,7 +2,11 @@
 saves a model directory, a task directory and a checkpoint over earlier versions; each
 save fails with a `WriteFailed` error that says what happened, and each earlier version
 is still there, byte for byte, and loads. The service answers such a failure with 507
-and keeps nothing of the task."""
+and keeps nothing of the task.
+
+Each test runs in this process (`here`: Python ignores SIGXFSZ, so a write past the
+limit fails with EFBIG; the limit is lifted again right after) and, marked slow, in a
+child process (`child`: `write_fault_child.py`, `metalm serve` under `ulimit -f`)."""
 
 from __future__ import annotations
 
@@ -11,18 +15,25 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+import write_fault_child
+from fastapi.testclient import TestClient
 from run_tools import LABELS, QUERIES, TEXTS, free_port, tiny_learner, tree_digest
 
 from metalm import FewShotClassifier, save_pretrained
 from metalm.atomic import NEW_SUFFIX
 from metalm.checkpoint import load_checkpoint, save_checkpoint
+from metalm.serve import create_app
 
 HERE = Path(__file__).parent
+# in this process, or (slow) in a child process
+WHERE = ["here", pytest.param("child", marks=pytest.mark.slow)]
 
 
 def _first_versions(tiny_model_dir: Path, work: Path) -> None:
@@ -42,16 +53,23 @@ def _predictions(work: Path) -> tuple[list[str], list[str]]:
     return list(own), list(stored)
 
 
-def test_saves_out_of_room_keep_the_earlier_versions(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("where", WHERE)
+def test_saves_out_of_room_keep_the_earlier_versions(where, tiny_model_dir, tmp_path, capsys):
     work = tmp_path / "work"
     _first_versions(tiny_model_dir, work)
     digests = {name: tree_digest(work / name) for name in ("model", "task", "checkpoint")}
     before = _predictions(work)
 
-    child = [sys.executable, str(HERE / "write_fault_child.py"), str(tiny_model_dir), str(work)]
-    done = subprocess.run(child, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    if where == "child":
+        child = [sys.executable, str(HERE / "write_fault_child.py"), str(tiny_model_dir)]
+        done = subprocess.run([*child, str(work)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        printed = done.stdout
+    else:
+        capsys.readouterr()
+        write_fault_child.main(tiny_model_dir, work)
+        printed = capsys.readouterr().out
+    outcome = json.loads(printed.strip().splitlines()[-1])
 
     for name, message in outcome.items():
         assert message.startswith(f"could not save {work / name}: "), (name, message)
@@ -105,13 +123,37 @@ def _stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
+@contextmanager
+def _serving(where: str, model: Path, tasks: Path, file_limit: int | None) -> Iterator:
+    """A client of the service on `model` with `tasks`, its files under `file_limit`
+    bytes: the application in this process (the limit set while the client is open), or
+    `metalm serve` in a child process under the limit."""
+    if where == "child":
+        process, url = _serve(model, tasks, file_limit)
+        try:
+            with httpx.Client(base_url=url, timeout=60) as http:
+                yield http
+        finally:
+            _stop(process)
+        return
+    with TestClient(create_app(model, tasks, device="cpu")) as http:
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, hard))
+        try:
+            yield http
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 @pytest.fixture(scope="module")
 def served_model(tiny_model_dir, tmp_path_factory) -> Path:
     learner = tiny_learner(tiny_model_dir, "protonet")
     return save_pretrained(learner, tmp_path_factory.mktemp("write-faults") / "model")
 
 
-def test_serve_answers_507_when_the_tasks_directory_is_out_of_room(served_model, tmp_path):
+@pytest.mark.parametrize("where", WHERE)
+def test_serve_answers_507_when_the_tasks_directory_is_out_of_room(where, served_model, tmp_path):
     """Under a file-size limit that a 3-class task fits in and a 40-class one does not: the
     small task is 201, the large one 507 with a message, and nothing of it is kept; after
     a restart without the limit, the small task is there and classifies as before."""
@@ -125,26 +167,18 @@ def test_serve_answers_507_when_the_tasks_directory_is_out_of_room(served_model,
     assert largest[small_dir] < largest[large_dir]
     file_limit = (largest[small_dir] + largest[large_dir]) // 2
 
-    process, url = _serve(served_model, tasks, file_limit)
-    try:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            small = http.post("/tasks", json={"examples": EXAMPLES})
-            assert small.status_code == 201, small.text
-            task_id = small.json()["task_id"]
-            before = http.post(f"/tasks/{task_id}/classify", json={"texts": QUERIES}).json()
-            large = http.post("/tasks", json={"examples": many})
-            assert large.status_code == 507, large.text
-            detail = large.json()["detail"]
-            assert "could not save" in detail and "File too large" in detail
-            assert [t["task_id"] for t in http.get("/tasks").json()["tasks"]] == [task_id]
-    finally:
-        _stop(process)
+    with _serving(where, served_model, tasks, file_limit) as http:
+        small = http.post("/tasks", json={"examples": EXAMPLES})
+        assert small.status_code == 201, small.text
+        task_id = small.json()["task_id"]
+        before = http.post(f"/tasks/{task_id}/classify", json={"texts": QUERIES}).json()
+        large = http.post("/tasks", json={"examples": many})
+        assert large.status_code == 507, large.text
+        detail = large.json()["detail"]
+        assert "could not save" in detail and "File too large" in detail
+        assert [t["task_id"] for t in http.get("/tasks").json()["tasks"]] == [task_id]
     assert sorted(p.name for p in tasks.iterdir()) == [task_id]
 
-    process, url = _serve(served_model, tasks, None)
-    try:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            after = http.post(f"/tasks/{task_id}/classify", json={"texts": QUERIES}).json()
-    finally:
-        _stop(process)
+    with _serving(where, served_model, tasks, None) as http:
+        after = http.post(f"/tasks/{task_id}/classify", json={"texts": QUERIES}).json()
     assert after == before
