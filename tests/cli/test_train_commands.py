@@ -5,7 +5,9 @@ BANKING77 data."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -191,18 +193,20 @@ def test_sample_from_csv(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
-    """One tiny `metalm train` run, shared; returns (run_dir, overrides, report.json)."""
+    """One tiny `metalm -q train` run (in this process), shared; returns (run_dir,
+    overrides, report.json, what it printed)."""
     work = tmp_path_factory.mktemp("cli-train")
     overrides = tiny_overrides(tiny_model_dir, work / "runs")
-    result = run_cli("train", *overrides, cwd=work)
-    assert result.returncode == 0, result.stderr
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["-q", "train", *overrides]) == 0
     run_dir = work / "runs" / "run"
     report = json.loads((run_dir / "report.json").read_text())
-    return run_dir, overrides, report, result
+    return run_dir, overrides, report, printed.getvalue()
 
 
 def test_train_writes_a_complete_run(trained):
-    run_dir, _, _, result = trained
+    run_dir, _, _, printed = trained
     for name in RUN_FILES:
         assert (run_dir / name).is_file(), name
         assert (run_dir / name).stat().st_size > 0, name
@@ -210,9 +214,9 @@ def test_train_writes_a_complete_run(trained):
     assert any((run_dir / "checkpoint").iterdir())
     assert not (run_dir / "tensorboard").exists()  # train.tensorboard=False
     # the table is printed
-    assert "| protonet | 3-way 1-shot |" in result.stdout
-    assert "| frozen | 3-way 1-shot |" in result.stdout
-    assert str(run_dir / "report.md") in result.stdout
+    assert "| protonet | 3-way 1-shot |" in printed
+    assert "| frozen | 3-way 1-shot |" in printed
+    assert str(run_dir / "report.md") in printed
 
 
 def test_train_report_contents(trained):
