@@ -53,7 +53,7 @@ SLOW_DOCTESTS = {
     "metalm.tune.tuner",
     "metalm.tune.objective",
     "metalm.compare",
-    "metalm.run.run_on_both_splits",
+    "metalm.runs.recipe.run_on_both_splits",
 }
 
 

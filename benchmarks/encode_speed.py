@@ -37,9 +37,9 @@ import torch
 
 from metalm.classifier import FewShotClassifier
 from metalm.data import builtin_dataset
-from metalm.evaluate import mean_ci95
 from metalm.models.encoder import EncoderConfig, TextEncoder, quantize_int8
 from metalm.pretrained import export_untrained
+from metalm.runs.accuracy import mean_ci95
 
 
 def embed_by_characters(encoder: TextEncoder, texts: list[str], batch_size: int) -> None:

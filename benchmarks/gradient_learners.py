@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import metalm
-from metalm.evaluate import Z95, critical_value
+from metalm.runs.accuracy import Z95, critical_value
 
 LEARNERS = ["maml", "fomaml", "anil", "metasgd", "reptile", "proximal"]
 

@@ -37,12 +37,12 @@ import torch
 from metalm.config import load_config
 from metalm.data import builtin_dataset
 from metalm.data.episodes import EpisodeSampler
-from metalm.evaluate import mean_ci95
 from metalm.learners import ICLConfig, build_learner
 from metalm.models.base import build_model
 from metalm.models.encoder import EncoderConfig
 from metalm.models.prompting import PromptScorer
-from metalm.run import run
+from metalm.runs.accuracy import mean_ci95
+from metalm.runs.recipe import run
 
 DIRECTIONS = {"clinc150": "banking77", "banking77": "clinc150"}
 SETTINGS = ((5, 1), (5, 5))

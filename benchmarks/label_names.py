@@ -29,12 +29,12 @@ import torch
 
 from metalm.config import load_config
 from metalm.data import builtin_dataset
-from metalm.evaluate import MethodResult, mean_ci95
 from metalm.label_names import name_texts
 from metalm.learners import MetaLearner, build_learner
 from metalm.learners.protonet import FrozenConfig
-from metalm.protocols import evaluate_learner
-from metalm.runs import load_trained_learner
+from metalm.runs.accuracy import MethodResult, mean_ci95
+from metalm.runs.existing import load_trained_learner
+from metalm.runs.protocols import evaluate_learner
 from metalm.tasks import build_pools
 
 TRAINED = {  # meta-trained without the target's labels (the leaderboard's protonet runs)

@@ -28,8 +28,8 @@ import json
 import shutil
 from pathlib import Path
 
-from metalm.evaluate import MethodResult
-from metalm.report import paired_difference
+from metalm.runs.accuracy import MethodResult
+from metalm.runs.report import paired_difference
 
 
 def cell(row: dict, key: str) -> str:

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from metalm.data import builtin_dataset, full_way_episode
-from metalm.evaluate import mean_ci95
 from metalm.learners import FrozenConfig, build_learner
 from metalm.learners.heads import L2_GRID, fit_logreg, loo_scores, prototype_head
 from metalm.models.encoder import EncoderConfig, TextEncoder
+from metalm.runs.accuracy import mean_ci95
 
 FIXED_L2 = (1e-5, *L2_GRID, 1e-3)
 

@@ -38,9 +38,9 @@ import torch
 
 from metalm.data import EpisodeSampler, builtin_dataset, full_way_episode
 from metalm.data.episodes import Episode
-from metalm.evaluate import mean_ci95
 from metalm.learners.heads import FIT_ITER, LBFGS_TOL, fit_logreg
 from metalm.models.encoder import EncoderConfig, TextEncoder
+from metalm.runs.accuracy import mean_ci95
 
 DEFAULT_RULES = [
     "fixed:1e-5",

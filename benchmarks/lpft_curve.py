@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 
 from metalm.data import builtin_dataset, full_way_episode
-from metalm.evaluate import mean_ci95
 from metalm.learners.base import encoder_params, head_logits
 from metalm.learners.lpft import TopBlockInputs
-from metalm.runs import load_trained_learner
+from metalm.runs.accuracy import mean_ci95
+from metalm.runs.existing import load_trained_learner
 
 RUNS = {
     "banking77": "runs/leaderboard/clinc150-valid/learners/protonet",  # CLINC150 labels

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 from metalm.config import RunConfig, load_config
-from metalm.evaluate import MethodResult, mean_ci95
 from metalm.learners import MetaLearner, build_learner
 from metalm.models.encoder import TextEncoder
-from metalm.run import evaluate_learner
+from metalm.runs.accuracy import MethodResult, mean_ci95
+from metalm.runs.recipe import evaluate_learner
 from metalm.tasks import build_pools, validation_sampler
 from metalm.trainer import MetaTrainer
 

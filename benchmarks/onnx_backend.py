@@ -35,8 +35,8 @@ import torch
 
 from metalm import FewShotClassifier
 from metalm.data import builtin_dataset
-from metalm.evaluate import mean_ci95
 from metalm.pretrained import export_untrained
+from metalm.runs.accuracy import mean_ci95
 
 VARIANTS = {  # name: (backend, quantize, threads or None for the machine's)
     "pytorch fp32": ("torch", "none", None),

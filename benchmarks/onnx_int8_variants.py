@@ -31,10 +31,10 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from metalm import FewShotClassifier
 from metalm.data import builtin_dataset
-from metalm.evaluate import mean_ci95
 from metalm.layout import ONNX_DIR
 from metalm.models.onnx_runtime import FP32_FILE, OnnxTransformer
 from metalm.pretrained import export_untrained
+from metalm.runs.accuracy import mean_ci95
 
 LAYERS = 6
 

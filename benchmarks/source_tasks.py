@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from label_names import parse_variant, variant_learner
 
 from metalm.config import RunConfig, load_config
-from metalm.evaluate import mean_ci95
 from metalm.label_names import name_texts
 from metalm.learners import MetaLearner, build_learner
 from metalm.models.base import build_model
-from metalm.protocols import evaluate_learner
-from metalm.run import RunRecipe
+from metalm.runs.accuracy import mean_ci95
+from metalm.runs.protocols import evaluate_learner
+from metalm.runs.recipe import RunRecipe
 from metalm.tasks import build_pools
 
 SOURCE_OF = {"banking77": "clinc150", "clinc150": "banking77"}  # target -> labeled source

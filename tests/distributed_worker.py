@@ -94,7 +94,7 @@ def tune_with_pruning(model_dir: Path, out_dir: Path) -> None:
     validation: every rank stops it and goes on to the third. Rank 0 writes the states."""
     import optuna
 
-    from metalm.trial import meta_train
+    from metalm.runs.trial import meta_train
     from metalm.tune import parse_space
     from metalm.tune.objective import Objective
 

@@ -28,7 +28,7 @@ from metalm.config import TrainConfig, parse_learner_config
 from metalm.learners import LEARNERS, build_learner
 from metalm.models.base import build_model
 from metalm.models.encoder import EncoderConfig
-from metalm.rundir import find_checkpoint
+from metalm.runs.directory import find_checkpoint
 from metalm.scoring import ScoreResult
 from metalm.trainer import lr_lambda
 

@@ -7,7 +7,7 @@ above it. A table number matches a file's number, ×100 (fractions shown as perc
 what the tables derive from a file's lists of per-episode (or per-text) scores: the mean
 and 95% interval of a list or of its first 10/15/20/30/40/100 values, and the paired
 difference of two lists over the values both have (or their first 10/15/30), with the
-intervals of `metalm.evaluate.mean_ci95` (Student's t below 30 values). Numbers are
+intervals of `metalm.runs.accuracy.mean_ci95` (Student's t below 30 values). Numbers are
 compared at the precision shown (±half a unit of the last digit)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metalm.evaluate import Z95, critical_value, mean_ci95
+from metalm.runs.accuracy import Z95, critical_value, mean_ci95
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"

@@ -23,7 +23,7 @@ from metalm.checkpoint import (
     save_weights_atomic,
 )
 from metalm.errors import MetalmError
-from metalm.rundir import find_checkpoint
+from metalm.runs.directory import find_checkpoint
 
 
 def _assert_same_optimizer_state(a: dict, b: dict) -> None:
@@ -108,7 +108,7 @@ def test_resume_reads_onto_the_cpu_and_skips_a_cuda_state_without_a_gpu(
     one: everything is read with map_location="cpu", and the CUDA state is skipped with a
     warning instead of failing."""
     import metalm.checkpoint as checkpoint
-    from metalm.rundir import OPTIMIZER_STATE
+    from metalm.runs.directory import OPTIMIZER_STATE
 
     net, optimizer, scheduler = toy(seed=0)
     toy_step(net, optimizer, scheduler)

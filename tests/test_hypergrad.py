@@ -13,7 +13,7 @@ from conftest import tiny_overrides
 from metalm.config import load_config
 from metalm.errors import MetalmError
 from metalm.hypergrad import HypergradientLR
-from metalm.run import run
+from metalm.runs.recipe import run
 
 
 def _descend(

@@ -14,12 +14,12 @@ from metalm.config import parse_learner_config
 from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.data.episodes import Episode
 from metalm.errors import MetalmError
-from metalm.evaluate import episode_correct
 from metalm.label_names import is_meaningless, meaningless_names, usable_names
 from metalm.learners import FrozenCentroids, FrozenConfig, ProtoNet, ProtoNetConfig, build_learner
 from metalm.learners.heads import fit_logreg
 from metalm.learners.protonet import weighted_means
 from metalm.models import EncoderConfig, TextEncoder
+from metalm.runs.accuracy import episode_correct
 
 
 @pytest.fixture(scope="module")

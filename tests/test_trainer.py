@@ -32,13 +32,13 @@ from metalm.config import TrainConfig, load_config, save_config
 from metalm.errors import MetalmError
 from metalm.learners import build_learner
 from metalm.models.encoder import TextEncoder
-from metalm.rundir import find_checkpoint
+from metalm.runs.directory import find_checkpoint
 from metalm.tasks import build_pools
 from metalm.trainer import MetaTrainer, lr_lambda
 
 
 def _trainer(model_dir: Path, output_dir: Path, **extra: object) -> MetaTrainer:
-    """A MetaTrainer on the tiny model, built the way `metalm.run.run` builds it."""
+    """A MetaTrainer on the tiny model, built the way `metalm.runs.recipe.run` builds it."""
     config = load_config(None, tiny_overrides(model_dir, output_dir, **extra))
     torch.manual_seed(config.seed)
     learner = build_learner(TextEncoder.from_config(config.model), config.learner)

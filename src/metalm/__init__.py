@@ -18,13 +18,13 @@ else:
     from metalm.classifier import FewShotClassifier
     from metalm.config import RunConfig, load_config
     from metalm.data import DataSource, Episode, EpisodeSampler, LabeledTextDataset
-    from metalm.evaluate import MethodResult
     from metalm.learners import LEARNERS, LearnerConfig, MetaLearner, build_learner
     from metalm.models import EncoderConfig, TextEncoder
     from metalm.pretrained import from_pretrained, save_pretrained
-    from metalm.report import EvalReport
-    from metalm.run import run
-    from metalm.runs import evaluate_run, resume_run
+    from metalm.runs.accuracy import MethodResult
+    from metalm.runs.existing import evaluate_run, resume_run
+    from metalm.runs.recipe import run
+    from metalm.runs.report import EvalReport
     from metalm.trainer import MetaTrainer
 
     del _torch

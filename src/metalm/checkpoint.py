@@ -17,7 +17,7 @@ from torch import nn
 
 from metalm.atomic import out_of_room, replace_dir, write_failed
 from metalm.errors import MetalmError, first_line
-from metalm.rundir import (
+from metalm.runs.directory import (
     LEARNER_WEIGHTS,
     OPTIMIZER_STATE,
     PROGRESS_STATE,
@@ -80,7 +80,7 @@ def save_checkpoint(
 
     The new checkpoint is written beside the old one and swapped in by
     `metalm.atomic.replace_dir`: a crash at any moment leaves either the old or the new
-    checkpoint whole (see `metalm.rundir.find_checkpoint`).
+    checkpoint whole (see `metalm.runs.directory.find_checkpoint`).
     """
     blob = {
         "optimizer": optimizer.state_dict(),

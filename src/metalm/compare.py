@@ -1,7 +1,7 @@
 """`metalm compare`: meta-train several learners on the same tasks, test them all on the
 same fixed test tasks, each beside the untrained encoder under the same head; one report.
 
-Every learner is run as an ordinary metalm run (`metalm.run.run`) in
+Every learner is run as an ordinary metalm run (`metalm.runs.recipe.run`) in
 `OUT/learners/<label>/`, and tested twice: with its own test-time adaptation (`own`)
 and, where it has an encoder, with the logistic-regression head on its meta-trained
 encoder (`logreg`). Its baselines are the same two heads without meta-training: the
@@ -39,7 +39,6 @@ from metalm.config import (
     to_dict,
 )
 from metalm.errors import MetalmError
-from metalm.evaluate import MethodResult
 from metalm.learners import (
     EmbeddingHeadConfig,
     FrozenConfig,
@@ -50,10 +49,17 @@ from metalm.learners import (
 )
 from metalm.models.base import build_model
 from metalm.parsing import from_dict
-from metalm.protocols import baseline_model, evaluate_learner
-from metalm.report import EvalReport, paired_difference
-from metalm.run import run
-from metalm.rundir import CONFIG_FILE, LOG_FILE, REPORT_JSON, has_checkpoint, trained_weights
+from metalm.runs.accuracy import MethodResult
+from metalm.runs.directory import (
+    CONFIG_FILE,
+    LOG_FILE,
+    REPORT_JSON,
+    has_checkpoint,
+    trained_weights,
+)
+from metalm.runs.protocols import baseline_model, evaluate_learner
+from metalm.runs.recipe import run
+from metalm.runs.report import EvalReport, paired_difference
 from metalm.tasks import build_pools, pools_overlap
 
 COMPARE_FILE = "compare.yaml"

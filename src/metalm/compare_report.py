@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metalm.evaluate import MethodResult
 from metalm.learners import learner_class
-from metalm.report import _pyplot
+from metalm.runs.accuracy import MethodResult
+from metalm.runs.report import _pyplot
 
 REPORT_NAME = "compare"
 HEAD_NAMES = {"own": "its own", "logreg": "logreg on its encoder"}

@@ -122,7 +122,7 @@ def save_pretrained(
     atomically: a crash at any point leaves the old or the new one whole (`metalm.atomic`).
 
     Example:
-        >>> from metalm.runs import load_trained_learner
+        >>> from metalm.runs.existing import load_trained_learner
         >>> config, learner = load_trained_learner(trained_run)   # e.g. "runs/protonet-demo"
         >>> save_pretrained(learner, "protonet-minilm", run_config=config)
         PosixPath('protonet-minilm')

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from metalm.errors import MetalmError
-from metalm.evaluate import mean_ci95
+from metalm.runs.accuracy import mean_ci95
 
 Label = str | int
 SCORE_JSON = "score.json"
@@ -231,7 +231,7 @@ def _confused_pairs(confusion: np.ndarray, classes: list[Label], top: int) -> li
 def plot_confusion(result: ScoreResult, path: str | Path) -> None:
     """The confusion matrix as an image: rows = true labels, columns = predictions,
     colour = share of the row (counts written in the cells up to 25 classes)."""
-    from metalm.report import _pyplot
+    from metalm.runs.report import _pyplot
 
     plt = _pyplot()
     counts = np.asarray(result.confusion, dtype=float)

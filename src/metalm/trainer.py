@@ -27,10 +27,16 @@ from metalm.checkpoint import (
 from metalm.config import TrainConfig
 from metalm.data.episodes import TaskSampler
 from metalm.errors import MetalmError
-from metalm.evaluate import validation_accuracy
 from metalm.hypergrad import HypergradientLR
 from metalm.learners.base import MetaLearner
-from metalm.rundir import BEST_WEIGHTS, CHECKPOINT_DIR, LOG_FILE, TENSORBOARD_DIR, find_checkpoint
+from metalm.runs.accuracy import validation_accuracy
+from metalm.runs.directory import (
+    BEST_WEIGHTS,
+    CHECKPOINT_DIR,
+    LOG_FILE,
+    TENSORBOARD_DIR,
+    find_checkpoint,
+)
 
 ValidationCallback = Callable[[int, float], None]
 

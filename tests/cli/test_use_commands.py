@@ -55,7 +55,7 @@ def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
     metadata = json.loads((exported / METADATA).read_text())
     assert metadata["meta_trained"] and metadata["run"]["train"]["steps"] == 6
     # the exported weights are the run's best weights
-    from metalm.runs import load_trained_learner
+    from metalm.runs.existing import load_trained_learner
 
     _, trained = load_trained_learner(exported.parent / "run")
     np.testing.assert_array_equal(

@@ -294,7 +294,7 @@ def test_meta_pretraining_on_unlabeled_texts_alone_then_adapting(tiny_model_dir,
 
     import metalm
     from metalm import FewShotClassifier
-    from metalm.runs import export_run
+    from metalm.runs.existing import export_run
 
     tickets = tmp_path / "tickets.txt"
     tickets.write_text("\n".join(_texts(20)))

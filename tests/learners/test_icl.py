@@ -23,7 +23,7 @@ from metalm.models.base import build_model
 from metalm.models.causal import CausalLM
 from metalm.models.encoder import EncoderConfig
 from metalm.models.prompting import PromptScorer
-from metalm.runs import export_run
+from metalm.runs.existing import export_run
 
 TEXTS = ["will it rain today", "set an alarm for 7", "play some jazz", "is it sunny out"]
 LABELS = [0, 1, 2, 0]

@@ -19,7 +19,7 @@ from metalm.errors import MetalmError
 from metalm.learners import LSTMMetaConfig, MetaNetConfig, build_learner
 from metalm.learners.model_based import FeatureLearner
 from metalm.models import EncoderConfig, TextEncoder
-from metalm.runs import load_trained_learner
+from metalm.runs.existing import load_trained_learner
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

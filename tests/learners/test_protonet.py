@@ -12,7 +12,6 @@ from learner_tools import sampler
 from metalm.config import load_config
 from metalm.data import EpisodeSampler, builtin_dataset
 from metalm.errors import MetalmError
-from metalm.evaluate import evaluate_episodes
 from metalm.learners import (
     FrozenCentroids,
     FrozenConfig,
@@ -22,6 +21,7 @@ from metalm.learners import (
 )
 from metalm.learners.protonet import ridge_logits
 from metalm.models import EncoderConfig, TextEncoder
+from metalm.runs.accuracy import evaluate_episodes
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`metalm <command>`: a thin shell over the Python API (`metalm.run` and friends).
+"""`metalm <command>`: a thin shell over the Python API (`metalm.runs.recipe` and friends).
 
 `main` runs one command and turns errors users can fix into exit codes; `parser` builds
 the arguments, `train_commands` and `use_commands` hold the commands themselves.

@@ -117,7 +117,7 @@ def _launch_train(args: argparse.Namespace) -> None:
     from metalm import distributed
     from metalm.config import load_config
     from metalm.learners import learner_class
-    from metalm.rundir import CONFIG_FILE, require_run_dir
+    from metalm.runs.directory import CONFIG_FILE, require_run_dir
 
     if distributed.launched():
         raise MetalmError("--nproc starts the processes itself: drop it under torchrun")
@@ -154,8 +154,8 @@ def _relaunch(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from metalm import distributed
-    from metalm.run import run
-    from metalm.runs import resume_run
+    from metalm.runs.existing import resume_run
+    from metalm.runs.recipe import run
 
     if args.resume and (args.config or args.overrides):
         raise MetalmError("--resume continues a run with its saved config; drop -c/overrides")
@@ -175,8 +175,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from metalm.run import run
-    from metalm.runs import evaluate_run
+    from metalm.runs.existing import evaluate_run
+    from metalm.runs.recipe import run
 
     if args.run:
         report = evaluate_run(args.run, args.overrides, progress=not args.quiet, name=args.name)
@@ -191,7 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from metalm.config import DEMO_CONFIG, load_config
-    from metalm.run import run_on_both_splits
+    from metalm.runs.recipe import run_on_both_splits
 
     print(
         "metalm demo: meta-train protonet on CLINC150's labeled intents and BANKING77's "
@@ -235,8 +235,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from metalm import distributed
-    from metalm.run import run
-    from metalm.trial import meta_train
+    from metalm.runs.recipe import run
+    from metalm.runs.trial import meta_train
     from metalm.tune import load_tune, tune
     from metalm.tune.arch import arch_space
 

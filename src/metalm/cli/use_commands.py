@@ -53,7 +53,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _export_metalm(args: argparse.Namespace, out: str | Path) -> Path:
     from metalm.pretrained import export_untrained
-    from metalm.runs import export_run
+    from metalm.runs.existing import export_run
 
     quiet = args.format != "metalm"  # only the last step of the export speaks
     run_dir, items = args.run, list(args.items)

@@ -24,8 +24,8 @@ import optuna
 from metalm import distributed
 from metalm.config import RunConfig
 from metalm.errors import MetalmError
-from metalm.rundir import remove_weights
-from metalm.trial import meta_train
+from metalm.runs.directory import remove_weights
+from metalm.runs.trial import meta_train
 from metalm.tune.space import SearchSpace, apply_params
 from metalm.tune.study import mark_worker
 

@@ -1,5 +1,5 @@
 """`tune(...)`: the search end to end. Trials meta-train on meta-train classes and are
-scored on meta-val episodes; the best config is then re-run by `metalm.run` and
+scored on meta-val episodes; the best config is then re-run by `metalm.runs.recipe` and
 evaluated on the meta-test episodes, which the search never sees.
 
 Example:
@@ -26,8 +26,8 @@ from optuna.trial import TrialState
 from metalm import distributed
 from metalm.config import RunConfig
 from metalm.errors import MetalmError
-from metalm.report import EvalReport
-from metalm.rundir import REPORT_MD
+from metalm.runs.directory import REPORT_MD
+from metalm.runs.report import EvalReport
 from metalm.tune.objective import Objective
 from metalm.tune.options import TuneOptions
 from metalm.tune.outputs import ProgressLine, write_outputs
@@ -132,7 +132,7 @@ def finish(
     printer(f"best: trial {best.number}, val accuracy {best.value:.4f}, {best.params}")
     if final:
         shutil.rmtree(study_dir / BEST_RUN, ignore_errors=True)
-        from metalm.run import run
+        from metalm.runs.recipe import run
 
         printer("re-running the best config and testing it on the meta-test episodes")
         distributed.announce("run", config)  # under torchrun: every rank trains it

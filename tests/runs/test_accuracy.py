@@ -1,4 +1,4 @@
-"""`metalm.evaluate`: accuracy with 95% intervals over episodes and over full-way queries."""
+"""`metalm.runs.accuracy`: accuracy with 95% intervals over episodes and over full-way queries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.evaluate import Z95, critical_value, evaluate_episodes, mean_ci95
+from metalm.runs.accuracy import Z95, critical_value, evaluate_episodes, mean_ci95
 from metalm.learners import (
     FrozenCentroids,
     FrozenConfig,

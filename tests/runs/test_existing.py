@@ -1,4 +1,4 @@
-"""`metalm.runs`: evaluating an existing run directory again (`metalm eval --run`)."""
+"""`metalm.runs.existing`: evaluating an existing run directory again (`metalm eval --run`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from metalm.learners import (
     HEADS,
     ProtoNetConfig,
 )
-from metalm.runs import evaluate_run, load_trained_learner
+from metalm.runs.existing import evaluate_run, load_trained_learner
 
 
 def _other_head(config_class) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from metalm.config import RunConfig
 from metalm.learners import MetaLearner
-from metalm.run import RunRecipe
+from metalm.runs.recipe import RunRecipe
 from metalm.trainer import TrainResult, ValidationCallback
 
 

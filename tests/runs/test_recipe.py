@@ -1,4 +1,4 @@
-"""`metalm.run`: evaluating on own files beside the baselines, the README's commands,
+"""`metalm.runs.recipe`: evaluating on own files beside the baselines, the README's commands,
 and a hand-made loop on the real MiniLM."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`metalm.rundir`: finding a run's checkpoint, also after an interrupted swap."""
+"""`metalm.runs.directory`: finding a run's checkpoint, also after an interrupted swap."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from run_tools import assert_same_tensors, checkpoint_twice, toy, weights_of
 
 from metalm.atomic import new_path, old_path
 from metalm.checkpoint import load_checkpoint, save_checkpoint
-from metalm.rundir import find_checkpoint
+from metalm.runs.directory import find_checkpoint
 
 
 def test_find_checkpoint_restores_a_swap_cut_short(tmp_path: Path):

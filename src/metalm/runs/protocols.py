@@ -9,7 +9,7 @@ from pathlib import Path
 from metalm.config import RunConfig, SettingConfig
 from metalm.data.episodes import Episode, EpisodeSampler, SettingNames
 from metalm.errors import MetalmError
-from metalm.evaluate import MethodResult, evaluate_episodes
+from metalm.runs.accuracy import MethodResult, evaluate_episodes
 from metalm.learners import (
     LearnerConfig,
     MetaLearner,

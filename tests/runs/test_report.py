@@ -1,4 +1,4 @@
-"""`metalm.report`: method labels, paired differences and the report's files."""
+"""`metalm.runs.report`: method labels, paired differences and the report's files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from metalm.config import load_config
 from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.evaluate import Z95, MethodResult, evaluate_episodes, mean_ci95
+from metalm.runs.accuracy import Z95, MethodResult, evaluate_episodes, mean_ci95
 from metalm.learners import (
     HEADS,
     Finetune,
@@ -18,7 +18,7 @@ from metalm.learners import (
     build_learner,
     method_label,
 )
-from metalm.report import EvalReport
+from metalm.runs.report import EvalReport
 
 
 def test_report_paired_difference_and_files(tiny_encoder, tmp_path):

@@ -1,4 +1,4 @@
-"""`metalm.protocols`: which baselines a run evaluates beside its learner."""
+"""`metalm.runs.protocols`: which baselines a run evaluates beside its learner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from metalm.learners import (
     FrozenConfig,
     method_label,
 )
-from metalm.protocols import baselines
+from metalm.runs.protocols import baselines
 
 
 def _other_head(config_class) -> str:

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from metalm.evaluate import MethodResult, mean_ci95
-from metalm.rundir import ACCURACY_PLOT, LOG_FILE, REPORT_JSON, REPORT_MD, TRAINING_PLOT
+from metalm.runs.accuracy import MethodResult, mean_ci95
+from metalm.runs.directory import ACCURACY_PLOT, LOG_FILE, REPORT_JSON, REPORT_MD, TRAINING_PLOT
 
 BASELINE = "frozen"
 

@@ -2,8 +2,8 @@
 the benchmarks and the tests all go through here.
 
 `RunRecipe` holds a run's stages (setup, train, evaluate, report) and their timings;
-a tuning trial (`metalm.trial.meta_train`) and `compare` use it too. What else works
-on a run directory (resume, reload, re-evaluate, export) is in `metalm.runs`.
+a tuning trial (`metalm.runs.trial.meta_train`) and `compare` use it too. What else works
+on a run directory (resume, reload, re-evaluate, export) is in `metalm.runs.existing`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from metalm import distributed
 from metalm.config import RunConfig, save_config
 from metalm.data.episodes import TaskSampler
 from metalm.errors import MetalmError
-from metalm.evaluate import MethodResult, validation_accuracy
+from metalm.runs.accuracy import MethodResult, validation_accuracy
 from metalm.learners import build_learner
 from metalm.models.base import build_model
-from metalm.protocols import evaluate_with_baselines, fixed_test_samplers
-from metalm.report import EvalReport
-from metalm.rundir import CONFIG_FILE, new_run_dir
+from metalm.runs.protocols import evaluate_with_baselines, fixed_test_samplers
+from metalm.runs.report import EvalReport
+from metalm.runs.directory import CONFIG_FILE, new_run_dir
 from metalm.tasks import build_pools, validation_sampler
 from metalm.trainer import MetaTrainer, TrainResult, ValidationCallback
 
@@ -36,7 +36,7 @@ __all__ = ["RunRecipe", "run", "run_on_both_splits"]
 @dataclass
 class RunRecipe:
     """One run's life in four stages, shared by `run`, a tuning trial
-    (`metalm.trial.meta_train`), `compare` and the benchmarks: `setup` (model, learner,
+    (`metalm.runs.trial.meta_train`), `compare` and the benchmarks: `setup` (model, learner,
     task pools and samplers, the run directory and its config), `train` (the outer loop
     when the learner meta-trains, else one validation for a trial), `evaluate` (the
     learner beside the baselines on the test tasks) and `write_report`. `seconds` holds

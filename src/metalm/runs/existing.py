@@ -1,5 +1,5 @@
 """Working with a run directory once it exists: resume it, load its trained learner,
-evaluate it again, export it as a model directory (its layout: `metalm.rundir`)."""
+evaluate it again, export it as a model directory (its layout: `metalm.runs.directory`)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from metalm.errors import MetalmError, first_line
 from metalm.learners import MetaLearner, build_learner
 from metalm.models.base import build_model
 from metalm.pretrained import save_pretrained
-from metalm.protocols import evaluate_with_baselines, fixed_test_samplers
-from metalm.report import EvalReport
-from metalm.run import run
-from metalm.rundir import (
+from metalm.runs.protocols import evaluate_with_baselines, fixed_test_samplers
+from metalm.runs.report import EvalReport
+from metalm.runs.recipe import run
+from metalm.runs.directory import (
     CONFIG_FILE,
     REPORT_JSON,
     has_checkpoint,
