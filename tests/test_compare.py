@@ -3,13 +3,16 @@ errors. On the tiny BERT (the real leaderboard's commands are in BENCHMARKS.md).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,11 +23,31 @@ from run_tools import logged_steps, one_thread_env
 from metalm.cli import main
 from metalm.compare import CompareEntry, compare, load_compare_config
 from metalm.errors import MetalmError
+from metalm.models.base import EncoderConfig
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def shared(model_dir: Path, out: Path, **extra: object) -> list[str]:
     values = {"eval.full_way_shots": "[5]", "data.classes.name_similarity": "null", **extra}
     return tiny_overrides(model_dir, out, **values)
+
+
+def no_full_way(model_dir: Path, out: Path, **extra: object) -> list[str]:
+    """`shared` without the full-way protocol (all of BANKING77's test texts), for tests
+    that look at something else."""
+    return shared(model_dir, out, **{"eval.full_way_shots": "[]", **extra})
+
+
+def run_benchmark(monkeypatch, capsys, script: str, *args: str) -> str:
+    """`python benchmarks/<script> args` in this process (its folder first on sys.path,
+    as the interpreter puts it); what it printed."""
+    path = BENCHMARKS / script
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    capsys.readouterr()
+    runpy.run_path(str(path), run_name="__main__")
+    return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +127,7 @@ def test_a_compare_section_gives_each_learner_its_own_settings(tiny_model_dir, t
     anil = {"name": "anil", "label": "anil-3", "learner": {"inner_steps": 3},
             "overrides": ["train.steps=2"]}  # fmt: skip
     config_file.write_text(yaml.safe_dump({"compare": {"learners": ["protonet", anil]}}))
-    overrides = shared(tiny_model_dir, tmp_path / "runs")
+    overrides = no_full_way(tiny_model_dir, tmp_path / "runs")
     config, entries = load_compare_config(config_file, overrides)
     assert [e.label for e in entries] == ["protonet", "anil-3"]
     report = compare(config, entries[1:], tmp_path / "out", progress=False)
@@ -149,7 +172,8 @@ def test_one_failing_learner_does_not_stop_the_others(tiny_model_dir, tmp_path, 
         CompareEntry("protonet"),
         CompareEntry("anil", label="bad", learner={"head_lr": float("nan")}),
     ]
-    config, _ = load_compare_config(None, shared(tiny_model_dir, tmp_path / "runs"), ["frozen"])
+    overrides = no_full_way(tiny_model_dir, tmp_path / "runs")
+    config, _ = load_compare_config(None, overrides, ["frozen"])
     with pytest.raises(MetalmError, match=r"1 of 2 learners failed \(bad\)"):
         compare(config, entries, tmp_path / "out", progress=False)
     err = capsys.readouterr().err
@@ -260,7 +284,7 @@ def test_overrides_after_the_learner_names_are_overrides(tiny_model_dir, tmp_pat
 
 def test_a_strict_comparison_reports_the_classes_it_removed(tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
-    overrides = shared(tiny_model_dir, tmp_path / "runs", **{"data.classes.strict": "true"})
+    overrides = no_full_way(tiny_model_dir, tmp_path / "runs", **{"data.classes.strict": "true"})
     assert main(["-q", "compare", "--out", str(out), "--learners", "protonet", *overrides]) == 0
     report = json.loads((out / "compare.json").read_text())
     assert report["strict"] is True
@@ -273,13 +297,29 @@ def test_a_strict_comparison_reports_the_classes_it_removed(tiny_model_dir, tmp_
     assert "* change_pin ~ pin_change (same words)" in text
 
 
-def test_in_context_learners_are_compared_beside_frozen_minilm(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("frozen_on", ["tiny", pytest.param("minilm", marks=pytest.mark.slow)])
+def test_in_context_learners_are_compared_beside_frozen_minilm(
+    frozen_on, tiny_llama_dir, tiny_model_dir, tmp_path, monkeypatch
+):
     """On a causal LM: `metaicl` beside itself untrained (`icl` with the same scoring),
-    `icl` as its own baseline (evaluated once), `frozen` on the shipped MiniLM."""
-    overrides = shared(
-        tiny_llama_dir, tmp_path / "runs", **{"model.kind": "causal", "eval.full_way_shots": "[]",
-                                              "model.max_length": 64}
-    )  # fmt: skip
+    `icl` as its own baseline (evaluated once), `frozen` on the shipped MiniLM (or, in
+    the fast lane, given the shipped MiniLM and run on the tiny BERT instead)."""
+    module = importlib.import_module("metalm.compare")
+    shipped_model, chosen = module.baseline_model, []
+
+    def baseline_model(config, kind):
+        model = shipped_model(config, kind)
+        chosen.append((kind, model))
+        if frozen_on == "tiny" and kind == "encoder":
+            return replace(model, name_or_path=str(tiny_model_dir), max_length=16)
+        return model
+
+    monkeypatch.setattr(module, "baseline_model", baseline_model)
+    # each episode scores every label's tokens over the tiny Llama's 30k-word vocabulary:
+    # one validation of one episode, two test episodes
+    causal = {"model.kind": "causal", "model.max_length": 64, "train.eval_every": 6,
+              "train.val_episodes": 1, "eval.episodes": 2}  # fmt: skip
+    overrides = no_full_way(tiny_llama_dir, tmp_path / "runs", **causal)
     config, entries = load_compare_config(None, overrides, ["icl", "metaicl"])
     report = compare(config, entries, tmp_path / "out", progress=False)
     assert {(r.label, r.head) for r in report.rows} == {("icl", "own"), ("metaicl", "own")}
@@ -288,6 +328,8 @@ def test_in_context_learners_are_compared_beside_frozen_minilm(tiny_llama_dir, t
     assert not (tmp_path / "out" / "baselines" / "icl").exists()
     saved = yaml.safe_load((tmp_path / "out" / "baselines" / "frozen" / "config.yaml").read_text())
     assert saved["model"]["kind"] == "encoder"
+    shipped = EncoderConfig().name_or_path  # all-MiniLM-L6-v2
+    assert [m.name_or_path for kind, m in chosen if kind == "encoder"] == [shipped]
     untrained = yaml.safe_load(
         (tmp_path / "out" / "baselines" / "metaicl" / "config.yaml").read_text()
     )
@@ -297,14 +339,13 @@ def test_in_context_learners_are_compared_beside_frozen_minilm(tiny_llama_dir, t
     assert "* **metaicl**: learner `metaicl`; 6 steps × meta-batch 1" in text
 
 
-def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path):
+def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path, monkeypatch, capsys):
     """benchmarks/leaderboard.py: --choose keeps the better head per learner and protocol;
     --readme prints its accuracy and paired Δ per report, `not run` where a report lacks it."""
-    script = Path(__file__).parents[1] / "benchmarks" / "leaderboard.py"
     report = json.loads((compared / "compare.json").read_text())
     choices = tmp_path / "choices.json"
-    run = [sys.executable, str(script)]
-    subprocess.run([*run, "--choose", str(compared / "compare.json"), str(choices)], check=True)
+    run = [monkeypatch, capsys, "leaderboard.py"]
+    run_benchmark(*run, "--choose", str(compared / "compare.json"), str(choices))
     heads = json.loads(choices.read_text())["heads"]
     for label, protocol_heads in heads.items():
         for protocol, head in protocol_heads.items():
@@ -318,10 +359,9 @@ def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path):
     partial.write_text(
         json.dumps({**report, "rows": [r for r in report["rows"] if r["label"] != "anil"]})
     )
-    printed = subprocess.run(
-        [*run, "--readme", str(compared / "compare.json"), str(partial), "--targets", str(choices)],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+    printed = run_benchmark(
+        *run, "--readme", str(compared / "compare.json"), str(partial), "--targets", str(choices)
+    )
     lines = {line.split(" | ")[0]: line for line in printed.splitlines()}
     anil = [
         r
@@ -332,10 +372,9 @@ def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path):
     assert f"| anil | {100 * first['result']['accuracy']:.2f} (" in lines["| anil"]
     assert lines["| anil"].count("not run") == 2 and "not run" not in lines["| protonet"]
     assert lines["| frozen (logreg)"].count("|") == 6  # 2 reports × 2 protocols
-    printed = subprocess.run(
-        [*run, str(compared / "compare.json"), "--paired", "anil", "baseline:frozen"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+    printed = run_benchmark(
+        *run, str(compared / "compare.json"), "--paired", "anil", "baseline:frozen"
+    )
     own = next(
         r["vs_frozen"]
         for r in report["rows"]
@@ -346,15 +385,15 @@ def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path):
     assert expected in printed
 
 
-def test_a_fix_is_paired_with_its_original_on_the_same_episodes(compared, tmp_path):
+def test_a_fix_is_paired_with_its_original_on_the_same_episodes(
+    compared, tmp_path, monkeypatch, capsys
+):
     """benchmarks/leaderboard_fix_ablation.py on anil against itself: no difference, and
     its difference to frozen is the one compare reports."""
-    script = Path(__file__).parents[1] / "benchmarks" / "leaderboard_fix_ablation.py"
     out = tmp_path / "ablation.json"
-    subprocess.run(
-        [sys.executable, str(script), "--fix", str(compared), "anil",
-         "--original", str(compared), "anil", "--out", str(out)],
-        check=True, capture_output=True,
+    run_benchmark(
+        monkeypatch, capsys, "leaderboard_fix_ablation.py", "--fix", str(compared), "anil",
+        "--original", str(compared), "anil", "--out", str(out),
     )  # fmt: skip
     rows = {(r["head"], r["protocol"]): r for r in json.loads(out.read_text())["rows"]}
     report = json.loads((compared / "compare.json").read_text())
