@@ -9,7 +9,6 @@ from pathlib import Path
 from metalm.config import RunConfig, SettingConfig
 from metalm.data.episodes import Episode, EpisodeSampler, SettingNames
 from metalm.errors import MetalmError
-from metalm.runs.accuracy import MethodResult, evaluate_episodes
 from metalm.learners import (
     LearnerConfig,
     MetaLearner,
@@ -18,12 +17,13 @@ from metalm.learners import (
     method_label,
 )
 from metalm.models.base import EncoderConfig, build_model
+from metalm.runs.accuracy import MethodResult, evaluate_episodes
 from metalm.tasks import TaskPools
 
+TestSamplers = list[tuple[SettingConfig, EpisodeSampler]]  # one per eval.settings entry
 
-def fixed_test_samplers(
-    config: RunConfig, pools: TaskPools
-) -> list[tuple[SettingConfig, EpisodeSampler]]:
+
+def fixed_test_samplers(config: RunConfig, pools: TaskPools) -> TestSamplers:
     """One fixed episode sampler per `eval.settings` entry; building them checks N, K and
     Q against the test classes (data-dependent, so not a config check)."""
     if pools.test is None:
@@ -58,16 +58,20 @@ def evaluate_learner(
     config: RunConfig,
     pools: TaskPools,
     progress: bool = True,
+    samplers: TestSamplers | None = None,
 ) -> list[MethodResult]:
     """Every test protocol of `config` for one learner, on the same fixed tasks.
 
     `method` is the learner's label in the report (see `method_label`); its episode
     count is `eval.episodes_by_method[method]`, else that of its learner name (the label
-    before any `/head`), else `eval.episodes`."""
+    before any `/head`), else `eval.episodes`. `samplers`: `fixed_test_samplers` of
+    `config` and `pools`, if already built."""
     by_method = config.eval.episodes_by_method
     episodes = by_method.get(method, by_method.get(method.split("/")[0], config.eval.episodes))
     results = []
-    for setting, sampler in fixed_test_samplers(config, pools):
+    if samplers is None:
+        samplers = fixed_test_samplers(config, pools)
+    for setting, sampler in samplers:
         chosen: list[Episode] = [sampler.sample(i) for i in range(episodes)]
         protocol = f"{setting.n_way}-way {setting.k_shot}-shot"
         results.append(
@@ -97,15 +101,23 @@ def baselines(config: RunConfig) -> list[LearnerConfig]:
 
 
 def evaluate_with_baselines(
-    learner: MetaLearner, config: RunConfig, pools: TaskPools, progress: bool = True
+    learner: MetaLearner,
+    config: RunConfig,
+    pools: TaskPools,
+    progress: bool = True,
+    samplers: TestSamplers | None = None,
 ) -> list[MethodResult]:
     """The learner, then each baseline on a fresh pretrained encoder, on the same tasks;
     each is reported under its `method_label` (`frozen`, `frozen/logreg`, ...). With
     `model.backend=onnx`, sentence encoders run on ONNX Runtime here (exported from
-    their current weights into a temporary folder)."""
+    their current weights into a temporary folder). The test samplers are built once
+    (or given as `samplers`) and shared by all."""
+    if samplers is None:
+        samplers = fixed_test_samplers(config, pools)
     with tempfile.TemporaryDirectory(prefix="metalm-onnx-") as tmp:
         _inference_backend(learner.encoder, config, Path(tmp) / "learner")
-        results = evaluate_learner(learner, method_label(config.learner), config, pools, progress)
+        label = method_label(config.learner)
+        results = evaluate_learner(learner, label, config, pools, progress, samplers)
         fresh: dict[str, object] = {}
         for baseline in baselines(config):
             kind = learner_class(baseline.name).model_kind
@@ -118,6 +130,7 @@ def evaluate_with_baselines(
                 config,
                 pools,
                 progress,
+                samplers,
             )
     return results
 

@@ -21,12 +21,12 @@ from metalm import distributed
 from metalm.config import RunConfig, save_config
 from metalm.data.episodes import TaskSampler
 from metalm.errors import MetalmError
-from metalm.runs.accuracy import MethodResult, validation_accuracy
 from metalm.learners import build_learner
 from metalm.models.base import build_model
-from metalm.runs.protocols import evaluate_with_baselines, fixed_test_samplers
-from metalm.runs.report import EvalReport
+from metalm.runs.accuracy import MethodResult, validation_accuracy
 from metalm.runs.directory import CONFIG_FILE, new_run_dir
+from metalm.runs.protocols import TestSamplers, evaluate_with_baselines, fixed_test_samplers
+from metalm.runs.report import EvalReport
 from metalm.tasks import build_pools, validation_sampler
 from metalm.trainer import MetaTrainer, TrainResult, ValidationCallback
 
@@ -59,6 +59,7 @@ class RunRecipe:
     val_sampler: TaskSampler | None = None
     run_dir: Path | None = None
     trainer: MetaTrainer | None = None
+    test_samplers: TestSamplers | None = None
     resume: bool = False
 
     @contextlib.contextmanager
@@ -87,8 +88,9 @@ class RunRecipe:
             else:
                 self.pools = build_pools(config.data, config.eval.full_way_shots)
                 # the config checked its own values when it was loaded; what depends on
-                # the data (N, K, Q against the classes) is checked before anything is written
-                fixed_test_samplers(config, self.pools)
+                # the data (N, K, Q against the classes) is checked before anything is
+                # written, by building the test samplers (kept for `evaluate`)
+                self.test_samplers = fixed_test_samplers(config, self.pools)
             if run_dir is None:
                 run_dir = distributed.broadcast_object(new_run_dir(config))
             self.run_dir = Path(run_dir)
@@ -136,7 +138,9 @@ class RunRecipe:
     def evaluate(self) -> list[MethodResult]:
         """The learner and the baselines on the same test tasks (rank 0 only)."""
         with self._timed("evaluate"):
-            return evaluate_with_baselines(self.learner, self.config, self.pools, self.progress)
+            return evaluate_with_baselines(
+                self.learner, self.config, self.pools, self.progress, self.test_samplers
+            )
 
     def write_report(self, results: list[MethodResult], train: TrainResult | None) -> EvalReport:
         with self._timed("report"):
