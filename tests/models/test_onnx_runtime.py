@@ -145,7 +145,7 @@ def test_a_run_evaluates_on_onnx_runtime_as_on_pytorch(tiny_model_dir, tmp_path)
     assert reports["onnx"].keys() == reports["torch"].keys() and len(reports["onnx"]) >= 2
     for key, accuracy in reports["torch"].items():
         assert reports["onnx"][key] == pytest.approx(accuracy, abs=1e-9), key
-    with pytest.raises(MetalmError, match=r"model\.backend must be torch or onnx"):
+    with pytest.raises(MetalmError, match=r"model\.backend must be one of torch, onnx"):
         load_config(None, ["model.backend=tensorrt"])
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.runs.accuracy import Z95, critical_value, evaluate_episodes, mean_ci95
 from metalm.learners import (
     FrozenCentroids,
     FrozenConfig,
 )
+from metalm.runs.accuracy import Z95, critical_value, evaluate_episodes, mean_ci95
 
 
 @pytest.fixture(scope="module")

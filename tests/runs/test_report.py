@@ -7,7 +7,6 @@ import pytest
 
 from metalm.config import load_config
 from metalm.data import EpisodeSampler, builtin_dataset
-from metalm.runs.accuracy import Z95, MethodResult, evaluate_episodes, mean_ci95
 from metalm.learners import (
     HEADS,
     Finetune,
@@ -18,6 +17,7 @@ from metalm.learners import (
     build_learner,
     method_label,
 )
+from metalm.runs.accuracy import Z95, MethodResult, evaluate_episodes, mean_ci95
 from metalm.runs.report import EvalReport
 
 

@@ -71,7 +71,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
-        choices=("torch", "onnx"),  # metalm.models.encoder.BACKENDS
+        choices=("torch", "onnx"),  # metalm.models.base.Backend (no torch import here)
         default="torch",
         help="onnx: the encoder on ONNX Runtime (exported once into the model's onnx/ "
         "folder; needs metalm[onnx])",

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from metalm.choices import check_choices
 from metalm.errors import MetalmError
 
 if TYPE_CHECKING:
@@ -50,9 +52,13 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-POOLINGS = ("mean", "cls")
-BACKENDS = ("torch", "onnx")  # where the encoder runs at inference (see use_onnx)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+Pooling = Literal["mean", "cls"]
+Backend = Literal["torch", "onnx"]  # where the encoder runs at inference (see use_onnx)
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+ModelKind = Literal["encoder", "causal"]  # the keys of MODEL_CLASSES (a test checks)
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
 
 
 def device_type(name: str) -> str:
@@ -92,9 +98,9 @@ class EncoderConfig:
     meta-training, which stays in PyTorch; CPU only; see `metalm.models.onnx_runtime`).
     """
 
-    kind: str = "encoder"
+    kind: ModelKind = "encoder"
     name_or_path: str = ""
-    pooling: str = "mean"
+    pooling: Pooling = "mean"
     normalize: bool = True
     max_length: int = 64
     batch_size: int = 64
@@ -102,24 +108,17 @@ class EncoderConfig:
     num_layers: int = 0
     num_heads: int = 0
     device: str = "auto"
-    dtype: str = "auto"
-    backend: str = "torch"
+    dtype: Dtype = "auto"
+    backend: Backend = "torch"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise MetalmError(f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        check_choices(self, "model")
         if self.kind == "encoder" and self.dtype not in ("auto", "float32"):
             raise MetalmError(
                 f"model.dtype={self.dtype} is for causal LMs (model.kind=causal); sentence "
                 "encoders meta-train in float32: leave model.dtype=auto"
             )
 
-        if self.kind not in MODEL_KINDS:
-            raise MetalmError(
-                f"model.kind must be one of {', '.join(MODEL_KINDS)}; got {self.kind!r}"
-            )
-        if self.pooling not in POOLINGS:
-            raise MetalmError(f"model.pooling must be 'mean' or 'cls', got {self.pooling!r}")
         for name in ("max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise MetalmError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -128,8 +127,6 @@ class EncoderConfig:
                 raise MetalmError(f"model.{name} must be >= 0 (0: all), got {getattr(self, name)}")
         if self.device != "auto":
             device_type(self.device)  # whether CUDA is there is checked when loading
-        if self.backend not in BACKENDS:
-            raise MetalmError(f"model.backend must be torch or onnx; got {self.backend!r}")
         if self.backend == "onnx" and self.kind != "encoder":
             raise MetalmError("model.backend=onnx is for sentence encoders (model.kind=encoder)")
 

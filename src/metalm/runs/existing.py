@@ -15,9 +15,6 @@ from metalm.errors import MetalmError, first_line
 from metalm.learners import MetaLearner, build_learner
 from metalm.models.base import build_model
 from metalm.pretrained import save_pretrained
-from metalm.runs.protocols import evaluate_with_baselines, fixed_test_samplers
-from metalm.runs.report import EvalReport
-from metalm.runs.recipe import run
 from metalm.runs.directory import (
     CONFIG_FILE,
     REPORT_JSON,
@@ -26,6 +23,9 @@ from metalm.runs.directory import (
     require_run_dir,
     trained_weights,
 )
+from metalm.runs.protocols import evaluate_with_baselines, fixed_test_samplers
+from metalm.runs.recipe import run
+from metalm.runs.report import EvalReport
 from metalm.tasks import build_pools
 
 
