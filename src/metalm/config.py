@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from metalm.choices import check_choices
 from metalm.data.episodes import _range
 from metalm.data.overlap import DEFAULT_SIMILARITY
 from metalm.data.sources import DataSource, EvalSource
@@ -57,7 +58,6 @@ __all__ = [
     "to_dict",
 ]
 
-SCHEDULES = ("linear", "cosine", "constant")
 DEMO_CONFIG = Path(__file__).parent / "recipes" / "demo.yaml"
 """The recipe `metalm demo` runs (the best one measured in BENCHMARKS.md)."""
 TUNE_SECTIONS = ("search", "tune")
@@ -192,7 +192,7 @@ class TrainConfig:
     lr: float = 2e-5
     weight_decay: float = 0.01
     warmup_steps: int = 30
-    schedule: str = "linear"
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
     grad_clip: float = 1.0
     eval_every: int = 50
     val_episodes: int = 100
@@ -214,12 +214,13 @@ class TrainConfig:
     # multiplicative: rate *= 1 + β·cos(g_t, u_{t-1}) (β relative, e.g. 0.01);
     # additive: rate += β·g_t·u_{t-1} (β's scale depends on the model's size)
     hypergradient_lr: float = 0.0
-    hypergradient_rule: str = "multiplicative"
+    hypergradient_rule: Literal["additive", "multiplicative"] = "multiplicative"
     # seconds a rank of a data-parallel run waits for the others (the process group's
     # timeout): long enough for rank 0 to evaluate alone while the others wait
     dist_timeout: float = 7200.0
 
     def __post_init__(self) -> None:
+        check_choices(self, "train")
         if not self.dist_timeout > 0:
             raise MetalmError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.steps < 0:
@@ -230,10 +231,6 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "warmup_steps", "patience"):
             if getattr(self, name) < 0:
                 raise MetalmError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.schedule not in SCHEDULES:
-            raise MetalmError(
-                f"train.schedule must be linear, cosine or constant, got {self.schedule!r}"
-            )
         _range("train.val_n_way", self.val_n_way, 2)
         _range("train.val_k_shot", self.val_k_shot, 1)
         _range("train.val_q_queries", self.val_q_queries, 1)

@@ -24,10 +24,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from metalm.choices import check_choices
 from metalm.data.dataset import (
     BUILTIN_DATASETS,
     LabeledTextDataset,
@@ -44,7 +46,6 @@ from metalm.errors import MetalmError
 
 TASK_KINDS = ("cluster", "neighbours", "instance")
 TEXTS_PER_CLUSTER = 30  # the default number of clusters: one per 30 texts
-AUGMENTATIONS = ("words", "none")
 
 
 @dataclass
@@ -78,20 +79,17 @@ class UnlabeledConfig:
     clusters: int = 0
     neighbours: int = 10
     refresh_every: int = 100
-    augment: str = "words"
+    augment: Literal["words", "none"] = "words"
     word_dropout: float = 0.1
     max_texts: int = 20000
 
     def __post_init__(self) -> None:
+        check_choices(self, "data.unlabeled")
         kinds = self.task_kinds
         if not kinds or any(k not in TASK_KINDS for k in kinds) or len(set(kinds)) < len(kinds):
             raise MetalmError(
                 f"data.unlabeled.tasks must be one of {TASK_KINDS} or several joined by '+', "
                 f"got {self.tasks!r}"
-            )
-        if self.augment not in AUGMENTATIONS:
-            raise MetalmError(
-                f"data.unlabeled.augment must be one of {AUGMENTATIONS}, got {self.augment!r}"
             )
         if not 0.0 <= self.word_dropout < 1.0:
             raise MetalmError(
