@@ -50,11 +50,25 @@ def run_benchmark(monkeypatch, capsys, script: str, *args: str) -> str:
     return capsys.readouterr().out
 
 
+FULL_WAY = ["[]", pytest.param("[5]", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module", params=FULL_WAY, ids=["3-way", "full-way"])
+def full_way(request) -> str:
+    """`eval.full_way_shots` of the shared comparison: none in the fast lane (full-way
+    tests on all of BANKING77's test texts: seconds per learner), 5-shot in the slow tests."""
+    return request.param
+
+
+def protocols(full_way: str) -> list[str]:
+    return ["3-way 1-shot"] + (["full-way 5-shot"] if full_way == "[5]" else [])
+
+
 @pytest.fixture(scope="module")
-def compared(tiny_model_dir, tmp_path_factory):
+def compared(full_way, tiny_model_dir, tmp_path_factory):
     """protonet (head logreg) and anil (its own head) compared once."""
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    overrides = shared(tiny_model_dir, out.parent / "runs")
+    overrides = shared(tiny_model_dir, out.parent / "runs", **{"eval.full_way_shots": full_way})
     assert (
         main(["-q", "compare", "--learners", "protonet", "anil", "--out", str(out), *overrides])
         == 0
@@ -62,18 +76,12 @@ def compared(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_every_learner_is_tested_on_the_same_tasks_beside_its_baselines(compared):
+def test_every_learner_is_tested_on_the_same_tasks_beside_its_baselines(compared, full_way):
     report = json.loads((compared / "compare.json").read_text())
     rows = {(r["label"], r["head"], r["result"]["protocol"]): r for r in report["rows"]}
     # protonet's own head is the logreg head: no second row; anil has both
-    assert sorted(rows) == [
-        ("anil", "logreg", "3-way 1-shot"),
-        ("anil", "logreg", "full-way 5-shot"),
-        ("anil", "own", "3-way 1-shot"),
-        ("anil", "own", "full-way 5-shot"),
-        ("protonet", "own", "3-way 1-shot"),
-        ("protonet", "own", "full-way 5-shot"),
-    ]
+    heads = [("anil", "logreg"), ("anil", "own"), ("protonet", "own")]
+    assert sorted(rows) == [(*head, protocol) for head in heads for protocol in protocols(full_way)]
     frozen = {r["protocol"]: r for r in report["baselines"]["frozen"]}
     untrained = {r["protocol"]: r for r in report["baselines"]["anil"]}
     for (label, head, protocol), row in rows.items():
@@ -95,16 +103,19 @@ def test_every_learner_is_tested_on_the_same_tasks_beside_its_baselines(compared
     assert {"test_class": "change_pin", "train_class": "pin_change", "reason": "same words",
             "similarity": None} in report["overlap"]  # fmt: skip
     text = (compared / "compare.md").read_text()
-    assert "| anil | own |" in text and "## full-way 5-shot" in text and "## Settings" in text
+    assert "| anil | own |" in text and "## Settings" in text
+    assert all(f"## {protocol}" in text for protocol in protocols(full_way))
     assert (compared / "compare.png").stat().st_size > 0
     for label in ("protonet", "anil"):
         assert (compared / "learners" / label / "report.json").exists()
 
 
-def test_a_finished_comparison_is_read_back_not_run_again(compared, tiny_model_dir):
+def test_a_finished_comparison_is_read_back_not_run_again(compared, full_way, tiny_model_dir):
     before = {p: p.stat().st_mtime_ns for p in compared.rglob("*.safetensors")}
     reports = {p: p.read_bytes() for p in (compared / "learners").rglob("report.json")}
-    overrides = shared(tiny_model_dir, compared.parent / "runs")
+    overrides = shared(
+        tiny_model_dir, compared.parent / "runs", **{"eval.full_way_shots": full_way}
+    )
     assert (
         main(
             ["-q", "compare", "--learners", "protonet", "anil", "--out", str(compared), *overrides]
@@ -115,8 +126,9 @@ def test_a_finished_comparison_is_read_back_not_run_again(compared, tiny_model_d
     assert {p: p.read_bytes() for p in reports} == reports
 
 
-def test_another_shared_config_in_the_same_folder_is_refused(compared, tiny_model_dir):
-    overrides = shared(tiny_model_dir, compared.parent / "runs", **{"eval.episodes": 3})
+def test_another_shared_config_in_the_same_folder_is_refused(compared, full_way, tiny_model_dir):
+    same_but = {"eval.full_way_shots": full_way, "eval.episodes": 3}
+    overrides = shared(tiny_model_dir, compared.parent / "runs", **same_but)
     with pytest.raises(MetalmError, match="holds another comparison"):
         config, entries = load_compare_config(None, overrides, ["protonet"])
         compare(config, entries, compared, progress=False)
@@ -217,10 +229,13 @@ def test_an_interrupted_learner_resumes_from_its_checkpoint(tiny_model_dir, tmp_
     assert (out / "compare.json").exists()
 
 
-def test_trained_learners_are_tested_again_without_training(compared, tiny_model_dir, tmp_path):
+def test_trained_learners_are_tested_again_without_training(
+    compared, full_way, tiny_model_dir, tmp_path
+):
     """`--trained-in`: the learners of another comparison, trained the same way, are
     tested on other test tasks (here `valid`) with other test-time settings."""
-    valid = shared(tiny_model_dir, tmp_path / "runs", **{"data.test.split": "valid"})
+    valid = {"data.test.split": "valid", "eval.full_way_shots": full_way}
+    valid = shared(tiny_model_dir, tmp_path / "runs", **valid)
     config, _ = load_compare_config(None, valid, ["protonet"])
     entries = [CompareEntry("anil", learner={"eval_inner_steps": 2})]
     out = tmp_path / "valid"
@@ -240,13 +255,14 @@ def test_trained_learners_are_tested_again_without_training(compared, tiny_model
 
 
 def test_an_untrained_baseline_is_shared_by_labels_that_differ_in_training(
-    compared, tiny_model_dir, tmp_path
+    compared, full_way, tiny_model_dir, tmp_path
 ):
     """`anil` trained longer under another label: its untrained self is `anil`'s,
     copied (timings and all), not evaluated again."""
     out = tmp_path / "cmp"
     shutil.copytree(compared, out)
-    config, _ = load_compare_config(None, shared(tiny_model_dir, compared.parent / "runs"), [])
+    same = shared(tiny_model_dir, compared.parent / "runs", **{"eval.full_way_shots": full_way})
+    config, _ = load_compare_config(None, same, [])
     longer = CompareEntry("anil", label="anil-long", overrides=["train.steps=3"])
     report = compare(config, [longer], out, progress=False)
     twin, copy = out / "baselines" / "anil", out / "baselines" / "anil-long"
@@ -339,7 +355,9 @@ def test_in_context_learners_are_compared_beside_frozen_minilm(
     assert "* **metaicl**: learner `metaicl`; 6 steps × meta-batch 1" in text
 
 
-def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path, monkeypatch, capsys):
+def test_leaderboard_tables_use_the_heads_chosen_on_valid(
+    compared, full_way, tmp_path, monkeypatch, capsys
+):
     """benchmarks/leaderboard.py: --choose keeps the better head per learner and protocol;
     --readme prints its accuracy and paired Δ per report, `not run` where a report lacks it."""
     report = json.loads((compared / "compare.json").read_text())
@@ -370,8 +388,9 @@ def test_leaderboard_tables_use_the_heads_chosen_on_valid(compared, tmp_path, mo
     ]
     first = next(r for r in anil if r["result"]["protocol"] == "3-way 1-shot")
     assert f"| anil | {100 * first['result']['accuracy']:.2f} (" in lines["| anil"]
-    assert lines["| anil"].count("not run") == 2 and "not run" not in lines["| protonet"]
-    assert lines["| frozen (logreg)"].count("|") == 6  # 2 reports × 2 protocols
+    n = len(protocols(full_way))
+    assert lines["| anil"].count("not run") == n and "not run" not in lines["| protonet"]
+    assert lines["| frozen (logreg)"].count("|") == 2 * n + 2  # 2 reports × n protocols
     printed = run_benchmark(
         *run, str(compared / "compare.json"), "--paired", "anil", "baseline:frozen"
     )
