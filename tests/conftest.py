@@ -14,7 +14,6 @@ import pytest
 from metalm import save_pretrained
 from metalm.cli import main
 from metalm.models import EncoderConfig, TextEncoder
-from metalm.models.tiny import save_tiny_bert, save_tiny_llama
 
 # the helpers' asserts explain their failures as a test's do (before its first import)
 pytest.register_assert_rewrite("run_tools")
@@ -22,15 +21,18 @@ from run_tools import read_log, tiny_learner  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer, saved locally."""
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+def tiny_model_dir(_tiny_bert: Path) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer, saved locally
+    (`save_tiny_bert`, seeded: the very directory the doctests of the root conftest.py
+    use, written once a session)."""
+    return _tiny_bert
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-wide Llama causal LM with random weights and MiniLM's tokenizer."""
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+def tiny_llama_dir(_tiny_llama: Path) -> Path:
+    """A 2-layer, 32-wide Llama causal LM with random weights and MiniLM's tokenizer
+    (`save_tiny_llama`, the doctests' directory too)."""
+    return _tiny_llama
 
 
 @pytest.fixture
