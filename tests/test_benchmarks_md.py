@@ -30,6 +30,7 @@ NUMBER = re.compile(r"(?<![\w.])[-+−]?\d+(?:,\d{3})*(?:\.\d+)?(?![\w.])")
 CITED = re.compile(r"benchmarks/results/[\w.\-*{},]+\.(?:json|md|txt|log)")
 SOURCES = re.compile(r"<!--\s*sources:(.*?)-->")
 TRUNCATIONS = (10, 15, 20, 30, 40, 100)
+PAIRED = (10, 15, 30)  # paired differences also over these first values
 
 
 @dataclass
@@ -126,14 +127,24 @@ def derived(lists: list[np.ndarray]) -> set[float]:
         for n in {len(values), *TRUNCATIONS}:
             if 2 <= n <= len(values):
                 out.update(mean_ci95(values[:n]))
-    scores = [v for v in lists if len(v) >= 5]
-    for i, a in enumerate(scores):
-        for b in scores[i + 1 :]:
-            shared = min(len(a), len(b))
-            for n in {shared, 10, 15, 30}:
-                if n <= shared:
-                    mean, ci = mean_ci95(a[:n] - b[:n])
-                    out.update((mean, -mean, ci))
+    # the paired differences `a[:n] - b[:n]` of every two lists a (first) and b over the
+    # n values both have and their first 10/15/30 (when both have them): `mean_ci95` of
+    # each, for all the pairs of one n at once (tens of thousands of pairs per section)
+    scores = [np.asarray(v, dtype=float) for v in lists if len(v) >= 5]
+    lengths = np.array([len(v) for v in scores])
+    for n in {*lengths.tolist(), *PAIRED}:
+        rows = np.flatnonzero(lengths >= n)
+        heads = np.stack([scores[r][:n] for r in rows]) if len(rows) > 1 else None
+        for k in range(len(rows) - 1):
+            later = heads[k + 1 :]
+            if n not in PAIRED:  # only the pairs that share exactly n values
+                later = later[np.minimum(lengths[rows[k + 1 :]], lengths[rows[k]]) == n]
+            if not len(later):
+                continue
+            diffs = heads[k] - later
+            means = diffs.mean(axis=1)
+            cis = critical_value(n) * (diffs.std(axis=1, ddof=1) / math.sqrt(n))
+            out.update(means.tolist(), (-means).tolist(), cis.tolist())
     return out
 
 
