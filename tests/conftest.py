@@ -13,7 +13,7 @@ import pytest
 
 from metalm import save_pretrained
 from metalm.cli import main
-from metalm.models import EncoderConfig, TextEncoder
+from metalm.models import TextEncoder
 
 # the helpers' asserts explain their failures as a test's do (before its first import)
 pytest.register_assert_rewrite("run_tools")
@@ -36,9 +36,10 @@ def tiny_llama_dir(_tiny_llama: Path) -> Path:
 
 
 @pytest.fixture
-def tiny_encoder(tiny_model_dir: Path) -> TextEncoder:
-    """A fresh encoder over the tiny BERT (each test may change its weights)."""
-    return TextEncoder.from_config(EncoderConfig(name_or_path=str(tiny_model_dir), max_length=16))
+def tiny_encoder(_new_tiny_encoder) -> TextEncoder:
+    """A fresh encoder over the tiny BERT, `max_length` 16 (each test may change its
+    weights): a copy of one loaded once a session (the root conftest.py's)."""
+    return _new_tiny_encoder()
 
 
 @pytest.fixture(scope="module")
