@@ -1,13 +1,17 @@
 """Shared fixtures and helpers: a tiny random BERT and Llama (fast unit tests), the
 overrides of a fast run, a brief run on the real MiniLM; frozen models saved from the
-tiny BERT and a tiny finished run (each built once per test module that uses it).
+tiny BERT (built once per test module that uses them) and a tiny finished run (once a
+session).
 
 Plain helpers of the top-level tests stand in `run_tools.py`."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -85,13 +89,28 @@ def tiny_overrides(model_dir: Path, output_dir: Path, **extra: object) -> list[s
     return [f"{k}={v}" for k, v in values.items()]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny meta-training run (CLINC150 -> BANKING77), named as in the README."""
+class TinyTrain(NamedTuple):
+    run_dir: Path
+    overrides: list[str]  # the run's config: tiny_overrides
+    printed: str  # what `metalm -q train` printed
+
+
+@pytest.fixture(scope="session")
+def tiny_train(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyTrain:
+    """A tiny meta-training run (CLINC150 -> BANKING77) of `metalm -q train`, named as in
+    the README; one for the session: tests read it or add their own `evals/<name>`."""
     root = tmp_path_factory.mktemp("own-files")
     overrides = tiny_overrides(tiny_model_dir, root / "runs", run_name="protonet-20261123-120000")
-    assert main(["-q", "train", *overrides]) == 0
-    return root / "runs" / "protonet-20261123-120000"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["-q", "train", *overrides]) == 0
+    return TinyTrain(root / "runs" / "protonet-20261123-120000", overrides, printed.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_train: TinyTrain) -> Path:
+    """The directory of `tiny_train`'s run."""
+    return tiny_train.run_dir
 
 
 def run_real_minilm_briefly(name: str, extra: list[str], tmp_path: Path) -> None:

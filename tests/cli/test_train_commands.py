@@ -5,9 +5,7 @@ BANKING77 data."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -192,17 +190,11 @@ def test_sample_from_csv(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """One tiny `metalm -q train` run (in this process), shared; returns (run_dir,
-    overrides, report.json, what it printed)."""
-    work = tmp_path_factory.mktemp("cli-train")
-    overrides = tiny_overrides(tiny_model_dir, work / "runs")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["-q", "train", *overrides]) == 0
-    run_dir = work / "runs" / "run"
-    report = json.loads((run_dir / "report.json").read_text())
-    return run_dir, overrides, report, printed.getvalue()
+def trained(tiny_train):
+    """conftest's tiny `metalm -q train` run: (run_dir, overrides, report.json, what it
+    printed)."""
+    report = json.loads((tiny_train.run_dir / "report.json").read_text())
+    return tiny_train.run_dir, tiny_train.overrides, report, tiny_train.printed
 
 
 def test_train_writes_a_complete_run(trained):

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 from run_tools import (
     LABELS,
     QUERIES,
@@ -35,19 +34,18 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "intents.csv"
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model_dir, tmp_path_factory) -> Path:
-    """A protonet meta-trained for a few steps by `metalm train`, then `metalm export`."""
-    root = tmp_path_factory.mktemp("export")
-    overrides = tiny_overrides(tiny_model_dir, root, **{"learner.name": "protonet"})
-    assert main(["-q", "train", *overrides]) == 0
-    assert main(["export", "--run", str(root / "run"), "--out", str(root / "model")]) == 0
-    return root / "model"
+def exported(tiny_run, tmp_path_factory) -> Path:
+    """conftest's protonet meta-trained for a few steps by `metalm train`, then `metalm
+    export`."""
+    out = tmp_path_factory.mktemp("export") / "model"
+    assert main(["export", "--run", str(tiny_run), "--out", str(out)]) == 0
+    return out
 
 
 @pytest.mark.slow
-def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
+def test_export_writes_a_model_card_with_accuracy_and_licenses(exported, tiny_run):
     card = (exported / "README.md").read_text()
-    report = json.loads((exported.parent / "run" / "report.json").read_text())
+    report = json.loads((tiny_run / "report.json").read_text())
     first = report["results"][0]
     assert f"{100 * first['accuracy']:.2f} ± {100 * first['ci95']:.2f}" in card
     assert "Meta-trained for 6 steps" in card
@@ -57,7 +55,7 @@ def test_export_writes_a_model_card_with_accuracy_and_licenses(exported):
     # the exported weights are the run's best weights
     from metalm.runs.existing import load_trained_learner
 
-    _, trained = load_trained_learner(exported.parent / "run")
+    _, trained = load_trained_learner(tiny_run)
     np.testing.assert_array_equal(
         probabilities(from_pretrained(exported), QUERIES), probabilities(trained.eval(), QUERIES)
     )
