@@ -1,7 +1,6 @@
 """Shared fixtures and helpers: a tiny random BERT and Llama (fast unit tests), the
 overrides of a fast run, a brief run on the real MiniLM; frozen models saved from the
-tiny BERT (built once per test module that uses them) and a tiny finished run (once a
-session).
+tiny BERT and a tiny finished run (each built once a session: tests only read them).
 
 Plain helpers of the top-level tests stand in `run_tools.py`."""
 
@@ -46,14 +45,14 @@ def tiny_encoder(_new_tiny_encoder) -> TextEncoder:
     return _new_tiny_encoder()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def frozen_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`save_pretrained` of a frozen learner on the tiny BERT, its weights nudged."""
     out = tmp_path_factory.mktemp("frozen") / "model"
     return save_pretrained(tiny_learner(tiny_model_dir, "frozen"), out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def frozen_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`metalm export --learner frozen` on the tiny BERT, without a run."""
     out = tmp_path_factory.mktemp("untrained") / "model"
