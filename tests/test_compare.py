@@ -39,6 +39,13 @@ def no_full_way(model_dir: Path, out: Path, **extra: object) -> list[str]:
     return shared(model_dir, out, **{"eval.full_way_shots": "[]", **extra})
 
 
+def brief(model_dir: Path, out: Path, **extra: object) -> list[str]:
+    """`no_full_way` with 2 training steps, 1 validation episode and 2 test episodes, for
+    tests that look at neither the numbers nor the steps."""
+    fewer = {"train.steps": 2, "train.eval_every": 2, "train.val_episodes": 1}
+    return no_full_way(model_dir, out, **{**fewer, "eval.episodes": 2, **extra})
+
+
 def run_benchmark(monkeypatch, capsys, script: str, *args: str) -> str:
     """`python benchmarks/<script> args` in this process (its folder first on sys.path,
     as the interpreter puts it); what it printed."""
@@ -139,7 +146,8 @@ def test_a_compare_section_gives_each_learner_its_own_settings(tiny_model_dir, t
     anil = {"name": "anil", "label": "anil-3", "learner": {"inner_steps": 3},
             "overrides": ["train.steps=2"]}  # fmt: skip
     config_file.write_text(yaml.safe_dump({"compare": {"learners": ["protonet", anil]}}))
-    overrides = no_full_way(tiny_model_dir, tmp_path / "runs")
+    fewer = {"train.val_episodes": 1, "eval.episodes": 2}  # 6 steps but anil-3's 2
+    overrides = no_full_way(tiny_model_dir, tmp_path / "runs", **fewer)
     config, entries = load_compare_config(config_file, overrides)
     assert [e.label for e in entries] == ["protonet", "anil-3"]
     report = compare(config, entries[1:], tmp_path / "out", progress=False)
@@ -184,7 +192,7 @@ def test_one_failing_learner_does_not_stop_the_others(tiny_model_dir, tmp_path, 
         CompareEntry("protonet"),
         CompareEntry("anil", label="bad", learner={"head_lr": float("nan")}),
     ]
-    overrides = no_full_way(tiny_model_dir, tmp_path / "runs")
+    overrides = brief(tiny_model_dir, tmp_path / "runs")
     config, _ = load_compare_config(None, overrides, ["frozen"])
     with pytest.raises(MetalmError, match=r"1 of 2 learners failed \(bad\)"):
         compare(config, entries, tmp_path / "out", progress=False)
@@ -300,7 +308,7 @@ def test_overrides_after_the_learner_names_are_overrides(tiny_model_dir, tmp_pat
 
 def test_a_strict_comparison_reports_the_classes_it_removed(tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
-    overrides = no_full_way(tiny_model_dir, tmp_path / "runs", **{"data.classes.strict": "true"})
+    overrides = brief(tiny_model_dir, tmp_path / "runs", **{"data.classes.strict": "true"})
     assert main(["-q", "compare", "--out", str(out), "--learners", "protonet", *overrides]) == 0
     report = json.loads((out / "compare.json").read_text())
     assert report["strict"] is True
