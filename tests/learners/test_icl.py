@@ -280,7 +280,7 @@ def test_smollm2_metaicl_meta_trains_two_steps(tmp_path):
 @pytest.mark.slow
 def test_metalm_serve_answers_from_an_in_context_model(tiny_llama_dir, tmp_path):
     import httpx
-    from test_serve import Server
+    from run_tools import Server
 
     model_dir = tmp_path / "metaicl-model"
     main(
