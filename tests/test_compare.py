@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -262,6 +261,7 @@ def test_trained_learners_are_tested_again_without_training(
         compare(config, other, tmp_path / "other", progress=False, trained_in=compared)
 
 
+@pytest.mark.slow
 def test_an_untrained_baseline_is_shared_by_labels_that_differ_in_training(
     compared, full_way, tiny_model_dir, tmp_path
 ):
@@ -306,6 +306,7 @@ def test_overrides_after_the_learner_names_are_overrides(tiny_model_dir, tmp_pat
     assert {r["train_steps"] for r in report["rows"]} == {4}
 
 
+@pytest.mark.slow
 def test_a_strict_comparison_reports_the_classes_it_removed(tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
     overrides = brief(tiny_model_dir, tmp_path / "runs", **{"data.classes.strict": "true"})
@@ -321,21 +322,18 @@ def test_a_strict_comparison_reports_the_classes_it_removed(tiny_model_dir, tmp_
     assert "* change_pin ~ pin_change (same words)" in text
 
 
-@pytest.mark.parametrize("frozen_on", ["tiny", pytest.param("minilm", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_in_context_learners_are_compared_beside_frozen_minilm(
-    frozen_on, tiny_llama_dir, tiny_model_dir, tmp_path, monkeypatch
+    tiny_llama_dir, tmp_path, monkeypatch
 ):
     """On a causal LM: `metaicl` beside itself untrained (`icl` with the same scoring),
-    `icl` as its own baseline (evaluated once), `frozen` on the shipped MiniLM (or, in
-    the fast lane, given the shipped MiniLM and run on the tiny BERT instead)."""
+    `icl` as its own baseline (evaluated once), `frozen` on the shipped MiniLM."""
     module = importlib.import_module("metalm.compare")
     shipped_model, chosen = module.baseline_model, []
 
     def baseline_model(config, kind):
         model = shipped_model(config, kind)
         chosen.append((kind, model))
-        if frozen_on == "tiny" and kind == "encoder":
-            return replace(model, name_or_path=str(tiny_model_dir), max_length=16)
         return model
 
     monkeypatch.setattr(module, "baseline_model", baseline_model)

@@ -10,6 +10,7 @@ submodule `package.name` when there is one, else to the package.
 from __future__ import annotations
 
 import ast
+import functools
 import graphlib
 import subprocess
 import sys
@@ -57,31 +58,81 @@ def _imported(node: ast.AST, package: str, modules: dict[str, Path]) -> set[str]
     return found & set(modules)
 
 
-def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The metalm modules that module `name` imports, anywhere but under TYPE_CHECKING."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
+def _import_statements(path: Path, module_level: bool) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements of a module, but those under `if TYPE_CHECKING:`; with
+    `module_level`, only those run on import (not inside a function or class body's
+    functions)."""
+    found: list[ast.Import | ast.ImportFrom] = []
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _type_checking(child):
                 for other in child.orelse:
                     visit_statement(other)
-            else:
+            elif not (module_level and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)):
                 visit_statement(child)
 
     def visit_statement(node: ast.AST) -> None:
         if isinstance(node, ast.Import | ast.ImportFrom):
-            found.update(_imported(node, package, modules))
+            found.append(node)
         visit(node)
 
     visit(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+    return found
+
+
+def imports_of(
+    name: str, path: Path, modules: dict[str, Path], module_level: bool = False
+) -> set[str]:
+    """The metalm modules that module `name` imports, anywhere (or, with `module_level`,
+    on import) but under TYPE_CHECKING."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _import_statements(path, module_level):
+        found.update(_imported(node, package, modules))
     return found - {name}
 
 
-def import_graph() -> dict[str, set[str]]:
+def outside_imports(path: Path) -> set[str]:
+    """The top-level names of the other packages a module imports on import."""
+    names = set()
+    for node in _import_statements(path, module_level=True):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names - {"metalm"}
+
+
+@functools.cache
+def _graph(module_level: bool) -> dict[str, frozenset[str]]:
     modules = module_files()
-    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+    return {
+        name: frozenset(imports_of(name, path, modules, module_level))
+        for name, path in modules.items()
+    }
+
+
+def import_graph(module_level: bool = False) -> dict[str, set[str]]:
+    """Module -> the metalm modules it imports (a fresh copy: callers may edit it)."""
+    return {name: set(targets) for name, targets in _graph(module_level).items()}
+
+
+def loaded_on_import(name: str) -> set[str]:
+    """The metalm modules that `import name` runs: its packages, what they import on
+    import, and so on."""
+    graph = import_graph(module_level=True)
+    loaded: set[str] = set()
+    todo = [name]
+    while todo:
+        module = todo.pop()
+        if module in loaded:
+            continue
+        loaded.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # its packages
+        todo += graph[module]
+    return loaded
 
 
 def two_cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
@@ -127,6 +178,24 @@ def test_former_circles_stay_open(importer, imported):
     assert imported not in import_graph()[importer]
 
 
+def test_the_module_level_graph_leaves_out_function_imports():
+    graph = import_graph(module_level=True)
+    assert "metalm.models.base" in graph["metalm.models.causal"]  # module level
+    assert "metalm.models.onnx_runtime" not in graph["metalm.models.encoder"]  # in a function
+    assert "optuna" in outside_imports(module_files()["metalm.tune.study"])
+
+
+def test_tune_options_do_not_import_optuna_on_import():
+    """Read from the source: nothing `import metalm.tune.options` runs imports Optuna
+    (the subprocess test below imports it for real)."""
+    modules = module_files()
+    loaded = loaded_on_import("metalm.tune.options")
+    assert {"metalm", "metalm.tune", "metalm.tune.options"} <= loaded
+    importers = sorted(m for m in loaded if "optuna" in outside_imports(modules[m]))
+    assert not importers, f"these import optuna on import: {importers}"
+
+
+@pytest.mark.slow
 def test_tune_options_do_not_import_optuna():
     code = (
         "import sys\n"

@@ -42,7 +42,7 @@ def test_the_numpy_head_is_the_torch_head():
     assert got["head.l2"].tolist() == pytest.approx([1e-4])
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", pytest.param("int8", marks=pytest.mark.slow)])
 def test_adapts_without_torch_as_the_classifier_does(frozen_dir, tmp_path, quantize):
     model = Path(shutil.copytree(frozen_dir, tmp_path / "model"))
     clf = FewShotClassifier.from_pretrained(model, device="cpu", backend="onnx", quantize=quantize)

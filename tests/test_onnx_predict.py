@@ -22,7 +22,12 @@ pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'metalm[o
 NO_TORCH = "import sys; sys.modules['torch'] = None; "  # any import of torch now fails
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", "int8-static"])
+SLOW = pytest.mark.slow  # a subprocess each: the quantized ones in the slow lane
+
+
+@pytest.mark.parametrize(
+    "quantize", ["none", pytest.param("int8", marks=SLOW), pytest.param("int8-static", marks=SLOW)]
+)
 def test_predicts_without_torch_as_the_onnx_backend(frozen_dir, tmp_path, quantize):
     model = Path(shutil.copytree(frozen_dir, tmp_path / "model"))
     clf = FewShotClassifier.from_pretrained(model, device="cpu", backend="onnx", quantize=quantize)

@@ -48,7 +48,7 @@ from metalm.learners import (
     method_label,
 )
 from metalm.models.base import build_model
-from metalm.parsing import from_dict
+from metalm.parsing import from_dict, safe_load
 from metalm.runs.accuracy import MethodResult
 from metalm.runs.directory import (
     CONFIG_FILE,
@@ -214,7 +214,7 @@ def _claim(out: Path, config: RunConfig, entries: list[CompareEntry]) -> None:
     record = {"config": to_dict(config), "learners": [asdict(e) for e in entries]}
     path = out / COMPARE_FILE
     if path.exists():
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        saved = safe_load(path.read_text(encoding="utf-8")) or {}
         if saved.get("config") != json.loads(json.dumps(record["config"])):
             raise MetalmError(
                 f"{out} holds another comparison (its shared config differs); "

@@ -128,6 +128,7 @@ def test_real_minilm_on_onnx_runtime(tmp_path):
     assert float(gap) < 1e-4
 
 
+@pytest.mark.slow  # a whole run
 def test_a_run_evaluates_on_onnx_runtime_as_on_pytorch(tiny_model_dir, tmp_path):
     """`model.backend=onnx`: the run's evaluation (learner and baseline) on ONNX Runtime
     gives the accuracies of the same run on PyTorch."""
@@ -194,6 +195,7 @@ def test_static_int8_is_calibrated_once_on_the_first_texts_and_then_reused(
         again.calibrate([])
 
 
+@pytest.mark.slow  # the fast lane calibrates in the test above
 def test_static_int8_through_the_classifier_and_the_cli(
     frozen_dir, tiny_model_dir, tmp_path, capsys
 ):

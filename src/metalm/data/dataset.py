@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class LabeledTextDataset:
 
     def __init__(self, texts: Sequence[str], labels: Sequence[Any], name: str = "dataset"):
         texts = tuple(texts)
-        labels = tuple(str(label) for label in labels)
+        labels = tuple(map(str, labels))
         if len(texts) != len(labels):
             raise MetalmError(f"{name}: {len(texts)} texts but {len(labels)} labels")
         if not texts:
@@ -80,9 +81,11 @@ class LabeledTextDataset:
                 f"valid classes are e.g. {self.classes[:5]}"
             )
         keep = [i for i, label in enumerate(self.labels) if label in wanted]
-        return LabeledTextDataset(
-            [self.texts[i] for i in keep], [self.labels[i] for i in keep], name or self.name
-        )
+        name = name or self.name
+        if not keep:
+            raise MetalmError(f"{name}: the dataset is empty; give it at least one labeled text")
+        texts, labels = tuple(self.texts[i] for i in keep), tuple(self.labels[i] for i in keep)
+        return _valid_rows(texts, labels, name)
 
     def drop_small_classes(self, minimum: int) -> tuple[LabeledTextDataset, list[str]]:
         """Drop classes with fewer than `minimum` rows; returns the dataset and the dropped."""
@@ -93,6 +96,14 @@ class LabeledTextDataset:
         if not kept:
             raise MetalmError(f"{self.name}: every class has fewer than {minimum} examples")
         return self.subset(kept), small
+
+
+def _valid_rows(texts: tuple[str, ...], labels: tuple[str, ...], name: str) -> LabeledTextDataset:
+    """A dataset of rows already checked (a subset of a dataset), without checking again."""
+    dataset = object.__new__(LabeledTextDataset)
+    for field, value in (("texts", texts), ("labels", labels), ("name", name)):
+        object.__setattr__(dataset, field, value)
+    return dataset
 
 
 def builtin_dataset(name: str, split: str = "train") -> LabeledTextDataset:
@@ -109,6 +120,11 @@ def builtin_dataset(name: str, split: str = "train") -> LabeledTextDataset:
         )
     if split not in BUILTIN_SPLITS:
         raise MetalmError(f"unknown split {split!r} of {name}; valid splits are {BUILTIN_SPLITS}")
+    return _read_builtin(name, split)
+
+
+@cache  # ten files, read once per process (a dataset is immutable)
+def _read_builtin(name: str, split: str) -> LabeledTextDataset:
     folder = resources.files("metalm.data").joinpath("builtin", BUILTIN_DATASETS[name], split)
     texts = folder.joinpath("seq.in").read_text(encoding="utf-8").splitlines()
     labels = folder.joinpath("label").read_text(encoding="utf-8").splitlines()

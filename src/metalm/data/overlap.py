@@ -64,15 +64,20 @@ def name_words(name: str) -> tuple[str, ...]:
                  for w in words)  # fmt: skip
 
 
+@lru_cache(maxsize=4096)  # class names: compared pairwise, each name many times
+def _word_set(name: str) -> frozenset[str]:
+    return frozenset(name_words(name))
+
+
 def _name_reason(test: str, train: str) -> str | None:
     if test == train:
         return "same name"
-    a, b = name_words(test), name_words(train)
+    a, b = _word_set(test), _word_set(train)
     if not a or not b:
         return None
-    if set(a) == set(b):
+    if a == b:
         return "same words"
-    if set(a) <= set(b) or set(b) <= set(a):
+    if a <= b or b <= a:
         return "contains"
     return None
 
@@ -103,11 +108,11 @@ def class_overlap(
     train, test = list(dict.fromkeys(train_classes)), list(dict.fromkeys(test_classes))
     scores = None
     if similarity is not None and train and test:
-        scores = embed(test) @ embed(train).T
+        scores = (embed(test) @ embed(train).T).tolist()
     found = []
     for i, test_class in enumerate(test):
         for j, train_class in enumerate(train):
-            score = None if scores is None else float(scores[i, j])
+            score = None if scores is None else scores[i][j]
             reason = _name_reason(test_class, train_class)
             if reason is None and score is not None and score >= similarity:
                 reason = "similar"
