@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -53,13 +55,21 @@ TEST_TEXTS = ["alarm at noon please", "is it sunny", "play a song", "rain in lon
 TEST_LABELS = ["alarm", "weather", "music", "weather", "music"]
 
 
+@functools.cache
+def _loaded_model(kind: str, model_dir: str, num_layers: int):
+    """The model in `model_dir` (`max_length` 16), loaded once a process: `tiny_learner`
+    takes a copy of it, sharing the tokenizer (which nothing changes)."""
+    return build_model(
+        EncoderConfig(kind=kind, name_or_path=model_dir, max_length=16, num_layers=num_layers)
+    )
+
+
 def tiny_learner(model_dir: Path, name: str, num_layers: int = 0, **config):
     """Learner `name` on the model in `model_dir`, with weights nudged away from any fresh
     load (a causal LM's own weights stay: only its adapters are saved), in eval mode."""
     kind = LEARNERS[name].model_kind
-    model = build_model(
-        EncoderConfig(kind=kind, name_or_path=str(model_dir), max_length=16, num_layers=num_layers)
-    )
+    loaded = _loaded_model(kind, str(model_dir), num_layers)
+    model = copy.deepcopy(loaded, {id(loaded.tokenizer): loaded.tokenizer})
     learner = build_learner(model, parse_learner_config({"name": name, **config}))
     name_of = {id(p): n for n, p in learner.named_parameters()}
     torch.manual_seed(1)
