@@ -25,15 +25,15 @@ from run_tools import read_log, tiny_learner  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(_tiny_bert: Path) -> Path:
-    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer, saved locally
-    (`save_tiny_bert`, seeded: the very directory the doctests of the root conftest.py
-    use, written once a session)."""
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer cut to 5,000
+    wordpieces, saved locally (`save_tiny_bert`, seeded: the very directory the doctests
+    of the root conftest.py use, written once a session)."""
     return _tiny_bert
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(_tiny_llama: Path) -> Path:
-    """A 2-layer, 32-wide Llama causal LM with random weights and MiniLM's tokenizer
+    """A 2-layer, 32-wide Llama causal LM with random weights and the same cut tokenizer
     (`save_tiny_llama`, the doctests' directory too)."""
     return _tiny_llama
 

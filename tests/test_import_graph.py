@@ -58,10 +58,14 @@ def _imported(node: ast.AST, package: str, modules: dict[str, Path]) -> set[str]
     return found & set(modules)
 
 
+@functools.cache
+def _parsed(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
 def _import_statements(path: Path, module_level: bool) -> list[ast.Import | ast.ImportFrom]:
     """The import statements of a module, but those under `if TYPE_CHECKING:`; with
-    `module_level`, only those run on import (not inside a function or class body's
-    functions)."""
+    `module_level`, only those run on import (none inside a function)."""
     found: list[ast.Import | ast.ImportFrom] = []
 
     def visit(node: ast.AST) -> None:
@@ -77,7 +81,7 @@ def _import_statements(path: Path, module_level: bool) -> list[ast.Import | ast.
             found.append(node)
         visit(node)
 
-    visit(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+    visit(_parsed(path))
     return found
 
 

@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,11 +39,23 @@ def test_the_numpy_head_is_the_torch_head():
     mine = x.numpy() @ got["head.weight"].T + got["head.bias"]
     np.testing.assert_allclose(mine, logits.numpy(), atol=2e-3)
     assert got["head.l2"].tolist() == pytest.approx([1e-4])
+    # at the shipped tolerance they stop at slightly different points; where the problem
+    # is well conditioned (l2 1e-2) and the tolerance tight, at the same head: an exact port
+    tight = {"tol": 1e-7, "max_iter": 1000}
+    expected = torch_fit_logreg(x, y, 20, l2=1e-2, sample_weight=weight, prior=prior, **tight)
+    got = fit_logreg(x.numpy(), y.numpy(), 20, 1e-2, weight.numpy(), prior.numpy(), **tight)
+    logits = x @ expected["head.weight"].T + expected["head.bias"]
+    mine = x.numpy() @ got["head.weight"].T + got["head.bias"]
+    np.testing.assert_allclose(mine, logits.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("quantize", ["none", pytest.param("int8", marks=pytest.mark.slow)])
-def test_adapts_without_torch_as_the_classifier_does(frozen_dir, tmp_path, quantize):
-    model = Path(shutil.copytree(frozen_dir, tmp_path / "model"))
+def test_adapts_without_torch_as_the_classifier_does(tiny_model_dir, tmp_path, quantize):
+    # an L2 of 1e-2 (the default 1e-4 lets the random tiny BERT's heads grow large, where
+    # the two L-BFGS' stops at the same gradient tolerance lie ~1e-2 apart in probability;
+    # at 1e-2 they agree to 1e-6)
+    learner = tiny_learner(tiny_model_dir, "frozen", logreg_l2=1e-2)
+    model = save_pretrained(learner, tmp_path / "model")
     clf = FewShotClassifier.from_pretrained(model, device="cpu", backend="onnx", quantize=quantize)
     expected = clf.adapt(TEXTS, LABELS).predict_proba(QUERIES)
     support = write_csv(tmp_path / "support.csv", list(zip(TEXTS, LABELS, strict=True)))
@@ -61,7 +72,7 @@ def test_adapts_without_torch_as_the_classifier_does(frozen_dir, tmp_path, quant
     assert "3 classes from 6 examples" in done.stdout
     got = OnnxTaskPredictor(tmp_path / "task", quantize=quantize).predict_proba(QUERIES)
     assert list(got.argmax(1)) == list(expected.argmax(1))
-    np.testing.assert_allclose(got, expected, atol=5e-3)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
     # the task directory is save_task's: metalm's own loader reads it, same answers
     loaded = FewShotClassifier.load_task(
         tmp_path / "task", device="cpu", backend="onnx", quantize=quantize

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
@@ -104,10 +105,14 @@ def _parse(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+@functools.cache  # a config class's fields and their types, resolved once a process
+def _fields(cls: type) -> tuple[list[str], dict[str, Any]]:
+    return [f.name for f in dataclasses.fields(cls)], typing.get_type_hints(cls)
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types raise."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names, hints = _fields(cls)
     unknown = [k for k in data if k not in names]
     if unknown:
         raise MetalmError(f"{where}: unknown key {unknown[0]!r}; valid keys are {names}")

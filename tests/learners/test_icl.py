@@ -113,7 +113,8 @@ def test_metaicl_trains_lora_adapters_only_and_its_loss_falls(tiny_llama_dir, sc
     state = learner.adapt_named(TEXTS, LABELS, NAMES)
     torch.testing.assert_close(learner.eval().predict(state, QUERIES), icl_logits)
     learner.train()
-    optimizer = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=1e-2)
+    # (at 1e-2 the choice loss oscillates around log 3 on the tiny Llama; 3e-3 descends)
+    optimizer = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(8):
         loss_value = learner.meta_loss(episode())
