@@ -184,6 +184,7 @@ def test_no_learners_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     assert "no learners" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_one_failing_learner_does_not_stop_the_others(tiny_model_dir, tmp_path, capsys):
     """A learner that fails at run time (here: a NaN loss) is reported on one line; the
     others are run and in the report."""

@@ -4,6 +4,7 @@ to its most frequent wordpieces."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,14 @@ TEXTS = [
 ]
 
 
-def test_the_tests_tokenizer_is_minilms_cut(tiny_model_dir):
+def test_the_tests_tokenizer_is_minilms_cut(tiny_model_dir, tiny_llama_dir):
     full = AutoTokenizer.from_pretrained(default_model_path())
     cut = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert cut.vocab_size == 5000 < full.vocab_size
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["vocab_size"] == cut.vocab_size  # the embedding table has one row each
+    llama = json.loads((tiny_llama_dir / "config.json").read_text())
+    assert llama["vocab_size"] == AutoTokenizer.from_pretrained(tiny_llama_dir).vocab_size == 5000
     for text in TEXTS:
         ids = cut(text)["input_ids"]
         assert ids[0] == cut.cls_token_id and ids[-1] == cut.sep_token_id
@@ -39,8 +42,10 @@ def test_the_tests_tokenizer_is_minilms_cut(tiny_model_dir):
     assert len(cut.tokenize("cryptocurrency")) > len(full.tokenize("cryptocurrency"))
 
 
-def test_a_vocabulary_too_small_for_every_character_is_refused(tmp_path: Path):
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    tokenizer.save_pretrained(tmp_path)
+def test_a_vocabulary_too_small_for_every_character_is_refused(tiny_model_dir, tmp_path: Path):
+    tokenizer_file = tmp_path / "tokenizer.json"
+    shutil.copy(tiny_model_dir / "tokenizer.json", tokenizer_file)
     with pytest.raises(ValueError, match="vocab_size must be at least"):
-        cut_vocabulary(tmp_path / "tokenizer.json", 100)
+        cut_vocabulary(tokenizer_file, 100)
+    cut_vocabulary(tokenizer_file, 4000)  # cut again: the 4,000 first of the 5,000
+    assert AutoTokenizer.from_pretrained(tmp_path).vocab_size == 4000

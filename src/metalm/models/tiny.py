@@ -6,8 +6,11 @@ saving, copying and exporting the model then take a fraction of the time (the fu
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -60,11 +63,10 @@ def _save_tiny(
     from metalm.models.encoder import default_model_path
 
     directory = Path(directory)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    if vocab_size is not None:
-        tokenizer.save_pretrained(directory)
-        cut_vocabulary(directory / "tokenizer.json", vocab_size)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+    if vocab_size is None:
+        tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    else:
+        tokenizer = _cut_tokenizer(vocab_size)
     torch.manual_seed(seed)
     config = config_class(
         vocab_size=tokenizer.vocab_size,
@@ -76,6 +78,19 @@ def _save_tiny(
     model_class(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@functools.cache  # the same for every tiny model of a process (tests write two or more)
+def _cut_tokenizer(vocab_size: int) -> Any:
+    """MiniLM's tokenizer cut to `vocab_size` wordpieces (`cut_vocabulary`), loaded."""
+    from transformers import AutoTokenizer
+
+    from metalm.models.encoder import default_model_path
+
+    with tempfile.TemporaryDirectory() as folder:
+        AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
+        cut_vocabulary(Path(folder) / "tokenizer.json", vocab_size)
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def cut_vocabulary(tokenizer_file: Path, size: int) -> None:
