@@ -71,7 +71,9 @@ def train(model_dir: Path, out_dir: Path, cases: list[str]) -> None:
         if extra.get("model.kind") == "causal":  # rank 0 writes it (seeded), all load it
             extra["model.name_or_path"] = out_dir / "llama"
             if world.is_main:
-                save_tiny_llama(out_dir / "llama", vocab_size=5000)
+                # the tokenizer of the tiny BERT it was given, cut to the same size
+                vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+                save_tiny_llama(out_dir / "llama", vocab_size=vocab)
             if world.distributed:
                 torch.distributed.barrier()
         config = load_config(None, tiny_overrides(model_dir, out_dir / case, **extra))

@@ -49,9 +49,7 @@ class LabeledTextDataset:
                 )
             if labels[i].strip() in ("", "None", "nan"):
                 raise MetalmError(f"{name}: row {i} has no label; every text needs one")
-        object.__setattr__(self, "texts", texts)
-        object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "name", name)
+        _set_rows(self, texts, labels, name)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -98,11 +96,17 @@ class LabeledTextDataset:
         return self.subset(kept), small
 
 
+def _set_rows(
+    dataset: LabeledTextDataset, texts: tuple[str, ...], labels: tuple[str, ...], name: str
+) -> None:
+    for field, value in (("texts", texts), ("labels", labels), ("name", name)):
+        object.__setattr__(dataset, field, value)  # a frozen dataclass
+
+
 def _valid_rows(texts: tuple[str, ...], labels: tuple[str, ...], name: str) -> LabeledTextDataset:
     """A dataset of rows already checked (a subset of a dataset), without checking again."""
     dataset = object.__new__(LabeledTextDataset)
-    for field, value in (("texts", texts), ("labels", labels), ("name", name)):
-        object.__setattr__(dataset, field, value)
+    _set_rows(dataset, texts, labels, name)
     return dataset
 
 

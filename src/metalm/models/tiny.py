@@ -100,8 +100,9 @@ def cut_vocabulary(tokenizer_file: Path, size: int) -> None:
     data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     vocab: dict[str, int] = data["model"]["vocab"]
     by_rank = sorted(vocab, key=vocab.__getitem__)
-    singles = [t for t in by_rank if len(t) == 1 or (t.startswith("##") and len(t) == 3)]
-    words = [t for t in by_rank if not t.startswith("[") and t not in set(singles)]
+    single = {t for t in by_rank if len(t) == 1 or (t.startswith("##") and len(t) == 3)}
+    singles = [t for t in by_rank if t in single]
+    words = [t for t in by_rank if not t.startswith("[") and t not in single]
     if size < len(SPECIAL_TOKENS) + len(singles):
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + len(singles)}")
     kept = [*SPECIAL_TOKENS, *singles, *words][:size]
